@@ -1,0 +1,86 @@
+"""`actdistill bench`: teacher vs routed student at batch 1, measured in one run.
+
+Without weights it builds a random `--size` teacher and derives a student whose router keeps
+`--keep` of the layers: routing cost and skip savings do not depend on trained weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from actdistill_ros.policy import Policy, create_untrained_policy
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="teacher vs student latency and FLOPs at batch 1")
+    p.add_argument("--teacher", type=Path, help="teacher weights directory (default: random --size model)")
+    p.add_argument("--student", type=Path, help="student weights directory (default: derived, --keep)")
+    p.add_argument("--size", default="bench", choices=["tiny", "bench", "default"])
+    p.add_argument("--keep", type=float, default=0.5, help="layer fraction an untrained router keeps")
+    p.add_argument("--threshold", type=float, help="router threshold for the student (default: its card's)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--json", action="store_true", help="print one JSON object only")
+    p.set_defaults(func=run)
+
+
+def _time(policy: Policy, image, instruction, state) -> tuple[float, float, float]:
+    out = policy.predict(image, instruction, state)
+    return out.timings_ms["total"], out.timings_ms["backbone"], out.backbone_gflops
+
+
+def measure(teacher: Policy, student: Policy, iters: int = 50, warmup: int = 10, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    size = teacher.vla.config.image_size
+    image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    state = np.zeros(teacher.vla.config.state_dim, np.float32) if teacher.vla.config.state_dim else None
+    instruction = "push the puck to the goal"
+    for _ in range(warmup):
+        _time(teacher, image, instruction, state)
+        _time(student, image, instruction, state)
+    samples = {"teacher": [], "student": []}
+    for _ in range(iters):  # interleaved, so drifts in machine load hit both equally
+        samples["teacher"].append(_time(teacher, image, instruction, state))
+        samples["student"].append(_time(student, image, instruction, state))
+    med = {k: [statistics.median(col) for col in zip(*v)] for k, v in samples.items()}
+    (t_total, t_backbone, t_gflops), (s_total, s_backbone, s_gflops) = med["teacher"], med["student"]
+    return {
+        "device": str(student.device), "dtype": str(student.dtype).replace("torch.", ""),
+        "num_layers": student.num_layers, "threshold": student.threshold,
+        "teacher_ms": round(t_total, 3), "student_ms": round(s_total, 3),
+        "end_to_end_speedup": round(t_total / s_total, 3),
+        "teacher_backbone_ms": round(t_backbone, 3), "student_backbone_ms": round(s_backbone, 3),
+        "backbone_speedup": round(t_backbone / s_backbone, 3) if s_backbone > 0 else float("inf"),
+        "teacher_backbone_gflops": round(t_gflops, 4), "student_backbone_gflops": round(s_gflops, 4),
+        "flops_ratio": round(t_gflops / s_gflops, 3) if s_gflops > 0 else float("inf"),
+        "executed_layer_fraction": round(s_gflops / t_gflops, 4),
+        "iters": iters, "torch_threads": torch.get_num_threads(),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher_dir = args.teacher or create_untrained_policy(Path(tmp, "teacher"), args.size, student=False)
+        student_dir = args.student or create_untrained_policy(Path(tmp, "student"), args.size, student=True,
+                                                              keep=args.keep)
+        teacher = Policy.load(teacher_dir, args.device, args.dtype)
+        student = Policy.load(student_dir, args.device, args.dtype)
+    if args.threshold is not None:
+        student.threshold = args.threshold
+    result = measure(teacher, student, args.iters, args.warmup)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        width = max(map(len, result))
+        for key, value in result.items():
+            print(f"{key:<{width}}  {value}")
+    return 0

@@ -1,0 +1,37 @@
+"""Configuration of the ActDistill router (METHOD.md, "Router")."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass
+class RouterConfig:
+    # Projection width r of the visual / language pooling branches (the paper: 512 at width 4096).
+    width: int = 128
+    dropout: float = 0.1
+    # Router threshold tau: layer l runs when its gate g_l >= tau. The run-time accuracy/compute knob.
+    default_threshold: float = 0.5
+    # Initial gate logit of every layer. A large value starts the student as the teacher
+    # (every gate ~ sigmoid(3) = 0.95); the compute-budget loss then learns what to skip.
+    init_gate_logit: float = 3.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.width, int) or self.width <= 0:
+            raise ValueError(f"RouterConfig.width must be a positive integer, got {self.width!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"RouterConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not 0.0 <= self.default_threshold <= 1.0:
+            raise ValueError(f"RouterConfig.default_threshold must be in [0, 1], got {self.default_threshold!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RouterConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown RouterConfig fields {unknown}")
+        return cls(**data)

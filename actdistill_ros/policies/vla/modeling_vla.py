@@ -1,0 +1,183 @@
+"""Reference VLA: patch-embedded image + hashed-word instruction + robot state + an action query
+token, an L-layer pre-norm transformer backbone, and a regression head that reads the action
+query's final hidden state as an H x D action chunk.
+
+It implements the :class:`~actdistill_ros.policies.teacher.DistillableVLA` protocol, which is all
+that distillation and routed inference need from a teacher.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from actdistill_ros.policies.vla.configuration_vla import VLAConfig
+from actdistill_ros.policies.vla.tokenizer import PAD_ID, tokenize_batch
+
+VISUAL, LANGUAGE, STATE, ACTION_QUERY = 0, 1, 2, 3
+
+
+@dataclass
+class EncodedObservation:
+    """Layer-0 input of the backbone for a batch."""
+
+    tokens: Tensor  # (B, N, W)
+    valid: Tensor  # (B, N) bool: False for padding tokens
+    segment: Tensor  # (N,) long: VISUAL / LANGUAGE / STATE / ACTION_QUERY per position
+    action_index: int  # position of the action-query token
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.shape[1]
+
+    def attention_mask(self) -> Tensor:
+        """(B, 1, 1, N) bool: True where a key may be attended to."""
+        return self.valid[:, None, None, :]
+
+    def modality_mask(self, segment: int) -> Tensor:
+        """(B, N) bool: valid tokens of one modality."""
+        return self.valid & (self.segment == segment)[None, :]
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: h + Attn(LN(h)), then h + MLP(LN(h))."""
+
+    def __init__(self, config: VLAConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.norm1 = nn.LayerNorm(config.width)
+        self.qkv = nn.Linear(config.width, 3 * config.width)
+        self.proj = nn.Linear(config.width, config.width)
+        self.norm2 = nn.LayerNorm(config.width)
+        self.fc1 = nn.Linear(config.width, config.mlp_width)
+        self.fc2 = nn.Linear(config.mlp_width, config.width)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, hidden: Tensor, attn_mask: Tensor) -> Tensor:
+        b, n, w = hidden.shape
+        q, k, v = self.qkv(self.norm1(hidden)).view(b, n, 3, self.num_heads, w // self.num_heads).unbind(2)
+        attended = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask,
+            dropout_p=self.dropout.p if self.training else 0.0)
+        hidden = hidden + self.dropout(self.proj(attended.transpose(1, 2).reshape(b, n, w)))
+        return hidden + self.dropout(self.fc2(F.gelu(self.fc1(self.norm2(hidden)))))
+
+
+class ReferenceVLA(nn.Module):
+    def __init__(self, config: VLAConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.patch_embed = nn.Conv2d(3, c.width, kernel_size=c.patch_size, stride=c.patch_size)
+        self.visual_pos = nn.Parameter(torch.zeros(1, c.num_patches, c.width))
+        self.word_embed = nn.Embedding(c.text_vocab_size, c.width, padding_idx=PAD_ID)
+        self.text_pos = nn.Parameter(torch.zeros(1, c.max_text_tokens, c.width))
+        self.state_embed = nn.Linear(c.state_dim, c.width) if c.state_dim else None
+        self.action_query = nn.Parameter(torch.zeros(1, 1, c.width))
+        self.layers = nn.ModuleList(TransformerBlock(c) for _ in range(c.num_layers))
+        self.final_norm = nn.LayerNorm(c.width)
+        self.action_head = nn.Sequential(
+            nn.Linear(c.width, c.head_hidden), nn.GELU(), nn.Linear(c.head_hidden, c.chunk_size * c.action_dim))
+        segments = [VISUAL] * c.num_patches + [LANGUAGE] * c.max_text_tokens
+        segments += ([STATE] if c.state_dim else []) + [ACTION_QUERY]
+        self.register_buffer("segment", torch.tensor(segments), persistent=False)
+        # Normalisation statistics live in the model card, not in the weights file.
+        self.register_buffer("action_mean", torch.zeros(c.action_dim), persistent=False)
+        self.register_buffer("action_std", torch.ones(c.action_dim), persistent=False)
+        self.register_buffer("state_mean", torch.zeros(c.state_dim), persistent=False)
+        self.register_buffer("state_std", torch.ones(c.state_dim), persistent=False)
+        self.apply(self._init_weights)
+        for param in (self.visual_pos, self.text_pos, self.action_query):
+            nn.init.normal_(param, std=0.02)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    # ---- normalisation -------------------------------------------------------------------
+    def set_normalization(self, stats: dict) -> None:
+        """Load action/state mean and std (lists, as stored in the card)."""
+        for name in ("action_mean", "action_std", "state_mean", "state_std"):
+            buffer = getattr(self, name)
+            value = torch.as_tensor(stats.get(name, buffer.tolist()), dtype=torch.float32)
+            if value.shape != buffer.shape:
+                raise ValueError(f"normalisation {name} has shape {tuple(value.shape)}, expected {tuple(buffer.shape)}")
+            buffer.copy_(value)
+
+    def normalize_actions(self, actions: Tensor) -> Tensor:
+        return (actions - self.action_mean) / self.action_std
+
+    def unnormalize_actions(self, actions: Tensor) -> Tensor:
+        return actions * self.action_std + self.action_mean
+
+    # ---- DistillableVLA protocol ---------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    def preprocess_images(self, images: Tensor) -> Tensor:
+        """uint8 (B, H, W, 3) RGB on any device -> float (B, 3, S, S) in [-1, 1]."""
+        if images.dim() != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images must be (B, H, W, 3) RGB, got shape {tuple(images.shape)}")
+        pixels = images.permute(0, 3, 1, 2).to(self.action_query.dtype) / 255.0
+        size = self.config.image_size
+        if pixels.shape[-2:] != (size, size):
+            pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        return pixels * 2.0 - 1.0
+
+    def encode(self, images: Tensor, instructions: list[str], states: Tensor | None = None) -> EncodedObservation:
+        c = self.config
+        batch, device, dtype = images.shape[0], self.action_query.device, self.action_query.dtype
+        if len(instructions) != batch:
+            raise ValueError(f"got {len(instructions)} instructions for {batch} images")
+        visual = self.patch_embed(self.preprocess_images(images.to(device))).flatten(2).transpose(1, 2)
+        visual = visual + self.visual_pos
+        text_ids = tokenize_batch(instructions, c.text_vocab_size, c.max_text_tokens).to(device)
+        language = self.word_embed(text_ids) + self.text_pos
+        parts = [visual, language]
+        valid = [torch.ones(batch, c.num_patches, dtype=torch.bool, device=device), text_ids != PAD_ID]
+        if self.state_embed is not None:
+            if states is None or states.shape != (batch, c.state_dim):
+                got = None if states is None else tuple(states.shape)
+                raise ValueError(f"states must have shape ({batch}, {c.state_dim}), got {got}")
+            normalized = (states.to(device=device, dtype=torch.float32) - self.state_mean) / self.state_std
+            parts.append(self.state_embed(normalized.to(dtype))[:, None])
+            valid.append(torch.ones(batch, 1, dtype=torch.bool, device=device))
+        parts.append(self.action_query.expand(batch, -1, -1))
+        valid.append(torch.ones(batch, 1, dtype=torch.bool, device=device))
+        return EncodedObservation(torch.cat(parts, 1), torch.cat(valid, 1), self.segment, c.num_tokens - 1)
+
+    def run_layer(self, index: int, hidden: Tensor, attn_mask: Tensor) -> Tensor:
+        return self.layers[index](hidden, attn_mask)
+
+    def predict_chunk(self, hidden: Tensor, encoded: EncodedObservation) -> Tensor:
+        """Final hidden states -> normalised action chunk (B, H, D)."""
+        query = self.final_norm(hidden[:, encoded.action_index])
+        return self.action_head(query).view(-1, self.config.chunk_size, self.config.action_dim)
+
+    def layer_flops(self, num_tokens: int) -> float:
+        """Matmul FLOPs of one backbone layer for one sample (multiply-add = 2 FLOPs)."""
+        n, w, m = num_tokens, self.config.width, self.config.mlp_width
+        projections = 2 * n * w * (3 * w) + 2 * n * w * w + 2 * (2 * n * w * m)
+        attention = 2 * (2 * n * n * w)  # scores and weighted sum
+        return float(projections + attention)
+
+    # ---- plain full-depth use (teacher training) -----------------------------------------
+    def forward(self, images: Tensor, instructions: list[str], states: Tensor | None = None) -> Tensor:
+        encoded = self.encode(images, instructions, states)
+        hidden, mask = encoded.tokens, encoded.attention_mask()
+        for index in range(self.num_layers):
+            hidden = self.run_layer(index, hidden, mask)
+        return self.predict_chunk(hidden, encoded)

@@ -1,0 +1,230 @@
+"""Runtime policy: load a teacher or student weights directory and turn observations into
+un-normalised, clamped action chunks, reporting what the backbone executed and what it cost.
+
+This is what the ROS node, the simulator evaluation and the benchmarks call.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from actdistill_ros import __version__
+from actdistill_ros.policies.actdistill import RouterConfig, RoutedStudent, run_backbone
+from actdistill_ros.policies.vla import ReferenceVLA, VLAConfig
+from actdistill_ros.weights import (ActionSpace, ModelCard, WeightsError, identity_norm_stats, load_state_into,
+                                    read_card, read_weights, resolve_weights_path, save_policy)
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> cuda if available else cpu; "cuda" without a GPU -> cpu with one warning."""
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        log.warning("device %r requested but CUDA is not available: running on CPU", device)
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if device.type == "cpu" and dtype != "float32":
+        log.warning("dtype %s is for CUDA; using float32 on CPU", dtype)
+        return torch.float32
+    return DTYPES[dtype]
+
+
+def build_model(card: ModelCard) -> ReferenceVLA | RoutedStudent:
+    """The (randomly initialised) module a card describes, with its normalisation loaded."""
+    vla = ReferenceVLA(VLAConfig.from_dict(card.vla_config))
+    vla.set_normalization(card.norm_stats)
+    if card.is_student:
+        student = RoutedStudent(vla, RouterConfig.from_dict(card.router_config))
+        student.threshold = card.default_threshold
+        return student
+    return vla
+
+
+@dataclass
+class PolicyOutput:
+    actions: np.ndarray  # (H, D) float32, un-normalised and clamped to the action space
+    executed_layers: list[int]
+    executed_fraction: float
+    backbone_gflops: float  # what this sample's backbone cost
+    full_backbone_gflops: float  # what running every layer would cost
+    timings_ms: dict[str, float]  # encode, backbone, head, total (for the whole call)
+    gates: list[float] | None = None  # router gates (students only)
+
+
+class Policy:
+    def __init__(self, model: ReferenceVLA | RoutedStudent, card: ModelCard, device: torch.device,
+                 dtype: torch.dtype = torch.float32):
+        self.card = card
+        self.device = device
+        self.dtype = dtype
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.student = model if isinstance(model, RoutedStudent) else None
+        self.vla: ReferenceVLA = model.vla if self.student else model
+        # Normalisation buffers stay float32 for accuracy whatever the compute dtype.
+        for name in ("action_mean", "action_std", "state_mean", "state_std"):
+            setattr(self.vla, name, getattr(self.vla, name).float())
+        space = card.action_space
+        self._low = np.asarray(space.low, dtype=np.float32)
+        self._high = np.asarray(space.high, dtype=np.float32)
+        self._layer_gflops = self.vla.layer_flops(self.vla.config.num_tokens) / 1e9
+
+    @classmethod
+    def load(cls, weights_path: str | Path, device: str = "auto", dtype: str = "float32") -> "Policy":
+        weights_file, card_file = resolve_weights_path(weights_path)
+        card = read_card(card_file)
+        try:
+            model = build_model(card)
+        except (TypeError, ValueError) as err:
+            raise WeightsError(f"{card_file}: invalid architecture in card: {err}") from None
+        load_state_into(model, read_weights(weights_file), weights_file)
+        torch_device = resolve_device(device)
+        return cls(model, card, torch_device, resolve_dtype(dtype, torch_device))
+
+    # ---- run-time knobs ------------------------------------------------------------------
+    @property
+    def threshold(self) -> float:
+        return self.student.threshold if self.student else 0.0
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        value = float(value)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"router threshold must be in [0, 1], got {value}")
+        if self.student:
+            self.student.threshold = value
+
+    @property
+    def num_layers(self) -> int:
+        return self.vla.num_layers
+
+    # ---- inference -----------------------------------------------------------------------
+    def _sync(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    @torch.inference_mode()
+    def predict_batch(self, images, instructions: list[str], states=None) -> list[PolicyOutput]:
+        """images: (B, h, w, 3) uint8 RGB array or a list of such frames (sizes may differ)."""
+        t0 = self._sync()
+        frames = _stack_images(images, self.vla.config.image_size)
+        pixels = torch.from_numpy(frames).to(self.device, non_blocking=True)
+        state_tensor = self._state_tensor(states, len(frames))
+        encoded = self.vla.encode(pixels, list(instructions), state_tensor)
+        if self.student:
+            gates, execute = self.student.execute_mask(encoded)
+        else:
+            gates, execute = None, None
+        t1 = self._sync()
+        hidden = run_backbone(self.vla, encoded, execute)
+        t2 = self._sync()
+        chunk = self.vla.unnormalize_actions(self.vla.predict_chunk(hidden, encoded).float())
+        actions = np.clip(chunk.cpu().numpy(), self._low, self._high)
+        t3 = self._sync()
+        timings = {"encode": (t1 - t0) * 1e3, "backbone": (t2 - t1) * 1e3, "head": (t3 - t2) * 1e3,
+                   "total": (t3 - t0) * 1e3}
+        num_layers = self.num_layers
+        execute_np = (np.ones((len(frames), num_layers), bool) if execute is None else execute.cpu().numpy())
+        gates_np = None if gates is None else gates.float().cpu().numpy()
+        outputs = []
+        for row in range(len(frames)):
+            layers = np.flatnonzero(execute_np[row]).tolist()
+            outputs.append(PolicyOutput(
+                actions=actions[row], executed_layers=layers, executed_fraction=len(layers) / num_layers,
+                backbone_gflops=len(layers) * self._layer_gflops,
+                full_backbone_gflops=num_layers * self._layer_gflops, timings_ms=timings,
+                gates=None if gates_np is None else gates_np[row].tolist()))
+        return outputs
+
+    def predict(self, image: np.ndarray, instruction: str, state: np.ndarray | None = None) -> PolicyOutput:
+        states = None if state is None else np.asarray(state, dtype=np.float32)[None]
+        return self.predict_batch([image], [instruction], states)[0]
+
+    def _state_tensor(self, states, batch: int) -> torch.Tensor | None:
+        state_dim = self.vla.config.state_dim
+        if state_dim == 0:
+            return None
+        if states is None:
+            raise ValueError(f"this policy needs a robot state of {state_dim} values per observation")
+        array = np.asarray(states, dtype=np.float32)
+        if array.shape != (batch, state_dim):
+            raise ValueError(f"state must have shape ({batch}, {state_dim}), got {array.shape}")
+        if not np.isfinite(array).all():
+            raise ValueError("state contains NaN or inf")
+        return torch.from_numpy(array).to(self.device)
+
+
+def _stack_images(images, size: int) -> np.ndarray:
+    """Frames of any size -> one (B, h, w, 3) uint8 array; resized on the CPU only if sizes differ."""
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        frames = images
+    else:
+        frames = list(images)
+        shapes = {f.shape for f in frames}
+        if len(shapes) > 1:
+            import cv2
+            frames = [cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in frames]
+        frames = np.stack(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"images must be uint8 (h, w, 3) RGB, got {frames.dtype} {frames.shape[1:]}")
+    return np.ascontiguousarray(frames)
+
+
+def make_card(model: ReferenceVLA | RoutedStudent, action_space: ActionSpace, norm_stats: dict | None = None,
+              state_names: list[str] | None = None, provenance: dict | None = None,
+              metrics: dict | None = None) -> ModelCard:
+    student = model if isinstance(model, RoutedStudent) else None
+    vla = student.vla if student else model
+    config = vla.config
+    if action_space.dim != config.action_dim:
+        raise ValueError(f"action space has {action_space.dim} dimensions, the model predicts {config.action_dim}")
+    return ModelCard(
+        kind="student" if student else "teacher", vla_config=config.to_dict(), action_space=action_space,
+        norm_stats=norm_stats or identity_norm_stats(config.action_dim, config.state_dim),
+        router_config=student.router_config.to_dict() if student else None,
+        default_threshold=student.threshold if student else 0.5, state_names=list(state_names or []),
+        provenance={"actdistill_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    **(provenance or {})},
+        metrics=metrics or {})
+
+
+def save_model(out_dir: str | Path, model: ReferenceVLA | RoutedStudent, card: ModelCard) -> Path:
+    return save_policy(out_dir, model.state_dict(), card)
+
+
+def create_untrained_policy(out_dir: str | Path, size: str = "tiny", student: bool = True, keep: float = 0.5,
+                            action_space: ActionSpace | None = None, state_dim: int = 4, seed: int = 0,
+                            router_weight_std: float = 0.0) -> Path:
+    """A randomly initialised teacher or student weights directory (tests, benchmarks, smoke runs).
+
+    A student's router is biased to keep about ``keep`` of the layers at threshold 0.5;
+    ``router_weight_std`` > 0 makes its gates depend on the input, so samples route differently.
+    """
+    action_space = action_space or ActionSpace.metaworld()
+    torch.manual_seed(seed)
+    vla = ReferenceVLA(VLAConfig.sized(size, state_dim=state_dim, action_dim=action_space.dim))
+    model: ReferenceVLA | RoutedStudent = vla
+    if student:
+        model = RoutedStudent.derive_from(vla, RouterConfig())
+        model.router.bias_to_keep(keep)
+        if router_weight_std > 0:
+            torch.nn.init.normal_(model.router.gate.weight, std=router_weight_std)
+    card = make_card(model, action_space, provenance={"source": f"untrained ({size}, seed {seed}, keep {keep})"})
+    return save_model(out_dir, model, card)

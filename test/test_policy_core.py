@@ -1,0 +1,246 @@
+"""Policy core: routed student vs teacher, routing semantics, FLOPs accounting, weights I/O."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from actdistill_ros.policies.actdistill import RouterConfig, RoutedStudent, run_backbone
+from actdistill_ros.policies.actdistill.modeling_actdistill import straight_through_mask
+from actdistill_ros.policies.vla import ReferenceVLA, VLAConfig
+from actdistill_ros.policy import Policy, create_untrained_policy, make_card, resolve_device, save_model
+from actdistill_ros.weights import ActionSpace, WeightsError
+
+INSTRUCTIONS = ["push the puck to the goal", "open the drawer", "reach the target", "press the button"]
+
+
+def _observations(config: VLAConfig, batch: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (batch, 40, 56, 3), dtype=np.uint8)  # not the model's size: resized inside
+    states = rng.normal(size=(batch, config.state_dim)).astype(np.float32)
+    return images, [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(batch)], states
+
+
+def _teacher_and_student(keep=None, router_weight_std=0.0, seed=0):
+    torch.manual_seed(seed)
+    teacher = ReferenceVLA(VLAConfig.tiny(num_layers=6)).eval()
+    student = RoutedStudent.derive_from(teacher, RouterConfig()).eval()
+    if keep is not None:
+        student.router.bias_to_keep(keep)
+    if router_weight_std:
+        torch.nn.init.normal_(student.router.gate.weight, std=router_weight_std)
+    space = ActionSpace.metaworld()
+    return (Policy(teacher, make_card(teacher, space), torch.device("cpu")),
+            Policy(student, make_card(student, space), torch.device("cpu")))
+
+
+def test_student_at_threshold_zero_runs_every_layer_and_reproduces_the_teacher():
+    teacher, student = _teacher_and_student(keep=0.5)
+    student.threshold = 0.0
+    images, instructions, states = _observations(teacher.vla.config, 3)
+    t_out = teacher.predict_batch(images, instructions, states)
+    s_out = student.predict_batch(images, instructions, states)
+    for t, s in zip(t_out, s_out):
+        assert s.executed_layers == list(range(6)) and s.executed_fraction == 1.0
+        np.testing.assert_allclose(s.actions, t.actions, atol=1e-6)
+        assert s.backbone_gflops == pytest.approx(t.backbone_gflops)
+
+
+def test_threshold_above_every_gate_runs_no_layer_and_count_is_monotone():
+    _, student = _teacher_and_student(keep=0.5, router_weight_std=0.1)
+    images, instructions, states = _observations(student.vla.config, 4)
+    gates = np.array([o.gates for o in student.predict_batch(images, instructions, states)])
+    student.threshold = (float(gates.max()) + 1.0) / 2  # above every gate
+    assert all(o.executed_layers == [] and o.backbone_gflops == 0.0
+               for o in student.predict_batch(images, instructions, states))
+    counts = []
+    for tau in np.linspace(0.0, 1.0, 21):
+        student.threshold = float(tau)
+        counts.append(sum(len(o.executed_layers) for o in student.predict_batch(images, instructions, states)))
+    assert counts[0] == 4 * 6
+    assert all(a >= b for a, b in zip(counts, counts[1:])), counts
+    assert counts[0] > counts[10] > 0, "keep=0.5 should leave about half the layers at tau=0.5"
+
+
+def test_mixed_route_batch_equals_each_sample_alone():
+    _, student = _teacher_and_student(keep=0.5, router_weight_std=2.0, seed=3)
+    images, instructions, states = _observations(student.vla.config, 6, seed=1)
+    batch = student.predict_batch(images, instructions, states)
+    routes = {tuple(o.executed_layers) for o in batch}
+    assert len(routes) > 1, "test needs samples that take different routes"
+    for i, out in enumerate(batch):
+        alone = student.predict(images[i], instructions[i], states[i])
+        assert alone.executed_layers == out.executed_layers
+        np.testing.assert_allclose(alone.actions, out.actions, atol=1e-5)
+
+
+def test_training_with_hard_gates_computes_the_inference_function():
+    _, student = _teacher_and_student(keep=0.5, router_weight_std=2.0, seed=3)
+    model: RoutedStudent = student.model
+    images, instructions, states = _observations(model.vla.config, 5)
+    with torch.no_grad():
+        encoded = model.vla.encode(torch.from_numpy(images), instructions, torch.from_numpy(states))
+        hiddens, gates = model.forward_train(encoded, gate_mode="hard")
+        trained = model.vla.predict_chunk(hiddens[-1], encoded)
+        execute = gates >= model.threshold
+        inferred = model.vla.predict_chunk(run_backbone(model.vla, encoded, execute), encoded)
+    assert 0 < int(execute.sum()) < execute.numel()
+    torch.testing.assert_close(trained, inferred, atol=1e-5, rtol=1e-5)
+
+
+def test_straight_through_mask_is_hard_forward_and_passes_gradient():
+    gates = torch.tensor([0.2, 0.5, 0.9], requires_grad=True)
+    mask = straight_through_mask(gates, 0.5)
+    assert mask.tolist() == [0.0, 1.0, 1.0]
+    (mask * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert gates.grad.tolist() == [1.0, 2.0, 3.0]
+
+
+def test_reported_backbone_flops_match_torch_flop_counter():
+    _, student = _teacher_and_student(keep=0.5)
+    model: RoutedStudent = student.model
+    images, instructions, states = _observations(model.vla.config, 1)
+    with torch.no_grad():
+        encoded = model.vla.encode(torch.from_numpy(images), instructions, torch.from_numpy(states))
+        _, execute = model.execute_mask(encoded)
+        counter = FlopCounterMode(display=False)
+        # The math SDPA kernel is made of matmuls the counter sees (the fused CPU kernel is not counted).
+        with counter, sdpa_kernel(SDPBackend.MATH):
+            run_backbone(model.vla, encoded, execute)
+    reported = student.predict(images[0], instructions[0], states[0]).backbone_gflops * 1e9
+    assert 0 < int(execute.sum()) < model.vla.num_layers
+    assert counter.get_total_flops() == pytest.approx(reported, rel=1e-6)
+
+
+def test_save_load_round_trip_gives_identical_actions(tmp_path):
+    path = create_untrained_policy(tmp_path / "student", size="tiny", keep=0.5, router_weight_std=0.3)
+    first = Policy.load(path, device="cpu")
+    second = Policy.load(path / "model.safetensors", device="cpu")  # the file works as well as the directory
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    a = first.predict(image, "open the drawer", np.ones(4))
+    b = second.predict(image, "open the drawer", np.ones(4))
+    np.testing.assert_array_equal(a.actions, b.actions)
+    assert a.executed_layers == b.executed_layers
+    assert first.card == second.card and first.card.is_student
+
+
+def test_actions_are_unnormalised_and_clamped_to_the_card_limits(tmp_path):
+    torch.manual_seed(0)
+    vla = ReferenceVLA(VLAConfig.tiny())
+    space = ActionSpace(kind="joint", names=["a", "b", "c", "d"], units=["rad"] * 4,
+                        low=[-0.1, -5, -5, -5], high=[0.1, 5, 5, 5])
+    stats = {"action_mean": [0.0, 1.0, 2.0, 3.0], "action_std": [10.0, 1e-3, 1e-3, 1e-3],
+             "state_mean": [0.0] * 4, "state_std": [1.0] * 4}
+    save_model(tmp_path / "t", vla, make_card(vla, space, norm_stats=stats))
+    policy = Policy.load(tmp_path / "t", device="cpu")
+    actions = policy.predict(np.zeros((32, 32, 3), np.uint8), "x", np.zeros(4)).actions
+    assert actions.shape == (4, 4)
+    assert np.all(np.abs(actions[:, 0]) <= 0.1)
+    np.testing.assert_allclose(actions[:, 1:], np.broadcast_to([1.0, 2.0, 3.0], (4, 3)), atol=0.05)
+
+
+@pytest.fixture
+def good_weights(tmp_path):
+    return create_untrained_policy(tmp_path / "good", size="tiny")
+
+
+def _expect_error(path, *needles):
+    with pytest.raises(WeightsError) as info:
+        Policy.load(path, device="cpu")
+    message = str(info.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message, message
+    return message
+
+
+def test_missing_path_is_a_clear_error(tmp_path):
+    _expect_error(tmp_path / "nope", "nope", "no such file")
+
+
+def test_missing_card_is_a_clear_error(good_weights):
+    (good_weights / "card.json").unlink()
+    _expect_error(good_weights, "card.json", "missing")
+
+
+def test_pickle_checkpoint_is_refused_by_name(tmp_path):
+    path = tmp_path / "policy.pt"
+    path.write_bytes(pickle.dumps({"weights": 1}))
+    _expect_error(path, "policy.pt", "pickle")
+
+
+def test_pickle_content_in_a_safetensors_name_is_refused(good_weights):
+    (good_weights / "model.safetensors").write_bytes(pickle.dumps({"weights": 1}))
+    _expect_error(good_weights, "model.safetensors", "pickle")
+
+
+def test_truncated_weights_are_a_clear_error(good_weights):
+    weights = good_weights / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    _expect_error(good_weights, "model.safetensors", "corrupt")
+
+
+def test_unreadable_card_is_a_clear_error(good_weights):
+    (good_weights / "card.json").write_text("{not json")
+    _expect_error(good_weights, "card.json", "JSON")
+
+
+def test_card_architecture_mismatch_names_the_tensor(good_weights):
+    card = json.loads((good_weights / "card.json").read_text())
+    card["vla_config"]["head_hidden"] = 64
+    (good_weights / "card.json").write_text(json.dumps(card))
+    _expect_error(good_weights, "model.safetensors", "action_head.0", "expects")
+
+
+def test_teacher_card_on_student_weights_is_a_clear_error(good_weights):
+    card = json.loads((good_weights / "card.json").read_text())
+    card["kind"], card["router_config"] = "teacher", None
+    (good_weights / "card.json").write_text(json.dumps(card))
+    _expect_error(good_weights, "does not match", "unexpected")
+
+
+def test_invalid_card_values_are_a_clear_error(good_weights):
+    card = json.loads((good_weights / "card.json").read_text())
+    card["vla_config"]["image_size"] = 30  # not a multiple of the patch size
+    (good_weights / "card.json").write_text(json.dumps(card))
+    _expect_error(good_weights, "card.json", "image_size")
+
+
+def test_config_validates_itself():
+    with pytest.raises(ValueError, match="num_heads"):
+        VLAConfig(width=130, num_heads=4)
+    with pytest.raises(ValueError, match="default_threshold"):
+        RouterConfig(default_threshold=1.5)
+    with pytest.raises(ValueError, match="gripper_index"):
+        ActionSpace(kind="joint", names=["a"], units=["rad"], low=[0], high=[1], gripper_index=3)
+
+
+def test_token_count_comes_from_the_encoders():
+    config = VLAConfig.tiny(image_size=48, patch_size=8, max_text_tokens=5, state_dim=0)
+    vla = ReferenceVLA(config)
+    encoded = vla.encode(torch.zeros(2, 48, 48, 3, dtype=torch.uint8), ["a b", ""], None)
+    assert encoded.num_tokens == config.num_tokens == 36 + 5 + 1
+    assert encoded.valid[0].sum() == 36 + 2 + 1 and encoded.valid[1].sum() == 36 + 0 + 1
+
+
+def test_cuda_request_without_gpu_falls_back_to_cpu_with_a_warning(caplog):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert resolve_device("cuda").type == "cpu"
+    assert "CUDA is not available" in caplog.text
+
+
+def test_bench_prints_the_promised_json(capsys):
+    from actdistill_ros.cli import main
+
+    assert main(["bench", "--size", "tiny", "--iters", "3", "--warmup", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("device", "teacher_ms", "student_ms", "end_to_end_speedup", "teacher_backbone_ms",
+                "student_backbone_ms", "backbone_speedup", "teacher_backbone_gflops",
+                "student_backbone_gflops", "flops_ratio", "executed_layer_fraction"):
+        assert key in result
+    assert result["flops_ratio"] == pytest.approx(1 / result["executed_layer_fraction"], rel=1e-3)
