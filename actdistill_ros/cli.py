@@ -14,6 +14,8 @@ import sys
 # the simulator or ROS.
 SUBCOMMANDS = {
     "bench": "actdistill_ros.bench",
+    "train-teacher": "actdistill_ros.distill.teacher_training",
+    "distill": "actdistill_ros.distill.distillation",
 }
 
 

@@ -103,7 +103,7 @@ class ModelCard:
         if not 0.0 <= float(self.default_threshold) <= 1.0:
             raise ValueError(f"default_threshold must be in [0, 1], got {self.default_threshold!r}")
         for name, values in self.norm_stats.items():
-            if not all(math.isfinite(v) for v in values):
+            if isinstance(values, list) and not all(math.isfinite(v) for v in values):
                 raise ValueError(f"norm_stats.{name} contains NaN or inf")
 
     @property

@@ -84,7 +84,7 @@ def test_training_with_hard_gates_computes_the_inference_function():
     images, instructions, states = _observations(model.vla.config, 5)
     with torch.no_grad():
         encoded = model.vla.encode(torch.from_numpy(images), instructions, torch.from_numpy(states))
-        hiddens, gates = model.forward_train(encoded, gate_mode="hard")
+        hiddens, gates, _ = model.forward_train(encoded, gate_mode="hard")
         trained = model.vla.predict_chunk(hiddens[-1], encoded)
         execute = gates >= model.threshold
         inferred = model.vla.predict_chunk(run_backbone(model.vla, encoded, execute), encoded)

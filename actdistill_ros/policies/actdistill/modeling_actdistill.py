@@ -125,11 +125,11 @@ class RoutedStudent(nn.Module):
         gates = self.router(encoded)
         return gates, gates >= (self.threshold if threshold is None else threshold)
 
-    def forward_train(self, encoded: EncodedObservation, gate_mode: str) -> tuple[list[Tensor], Tensor]:
+    def forward_train(self, encoded: EncodedObservation, gate_mode: str) -> tuple[list[Tensor], Tensor, Tensor]:
         """Every layer computed (for gradients), then gated residually.
 
-        Returns the hidden state after each layer and the gates (B, L). ``gate_mode`` is
-        "soft" (m = g) or "hard" (straight-through 1[g >= tau]).
+        Returns the hidden state after each layer, the gates g (B, L) and the masks m (B, L) that
+        were applied. ``gate_mode`` is "soft" (m = g) or "hard" (straight-through 1[g >= tau]).
         """
         if gate_mode not in ("soft", "hard"):
             raise ValueError(f"gate_mode must be 'soft' or 'hard', got {gate_mode!r}")
@@ -140,7 +140,7 @@ class RoutedStudent(nn.Module):
             update = self.vla.run_layer(layer, hidden, attn_mask) - hidden
             hidden = hidden + masks[:, layer, None, None].to(hidden.dtype) * update
             hiddens.append(hidden)
-        return hiddens, gates
+        return hiddens, gates, masks
 
     def forward(self, images: Tensor, instructions: list[str], states: Tensor | None = None) -> Tensor:
         """Routed inference with hard skips: normalised action chunk (B, H, D)."""

@@ -1,0 +1,82 @@
+"""Demonstrations for training: bags -> episodes (train / held-out) -> datasets, plus the action
+space a trained policy's card declares."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from actdistill_ros.data import Episode, NormStats, TopicConfig, compute_norm_stats, read_episodes
+from actdistill_ros.data.config import JOINT_STATE_TYPE
+from actdistill_ros.data.dataset import DemoDataset, split_episodes
+from actdistill_ros.weights import ActionSpace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Demonstrations:
+    train: DemoDataset
+    val: DemoDataset | None
+    stats: NormStats
+    action_names: list[str]
+    state_names: list[str]
+    bags: list[str]
+
+
+def load_demonstrations(paths: list[str | Path], topics: TopicConfig, image_size: int, chunk_size: int,
+                        val_fraction: float, seed: int, progress: bool = True) -> Demonstrations:
+    episodes: list[Episode] = read_episodes(paths, topics, image_size, progress=progress)
+    if not episodes:
+        raise ValueError(f"no rosbag2 directories found under {[str(p) for p in paths]}")
+    train, val = split_episodes(episodes, val_fraction, seed)
+    stats = compute_norm_stats(train)
+    log.info("demonstrations: %d episodes (%d frames) for training, %d held out", len(train),
+             sum(len(e) for e in train), len(val))
+    return Demonstrations(
+        train=DemoDataset(train, chunk_size), val=DemoDataset(val, chunk_size) if val else None, stats=stats,
+        action_names=list(episodes[0].action_names), state_names=list(episodes[0].state_names),
+        bags=sorted(e.key for e in episodes))
+
+
+def infer_action_space(preset: str, topics: TopicConfig, names: list[str], stats: NormStats) -> ActionSpace:
+    """The card's action space: a named preset, or inferred from the demonstrations.
+
+    Inferred limits are the demonstrated range widened by 10% on each side: the node clamps
+    to them, so a policy never commands far outside what it was shown.
+    """
+    if preset == "metaworld":
+        space = ActionSpace.metaworld()
+        if len(names) != space.dim:
+            raise ValueError(f"--action-space metaworld expects {space.dim} action dims, the demos have {len(names)}")
+        return space
+    if preset != "auto":
+        raise ValueError(f"--action-space must be 'auto' or 'metaworld', got {preset!r}")
+    low, high = np.asarray(stats.action_min), np.asarray(stats.action_max)
+    margin = 0.1 * np.maximum(high - low, 1e-3)
+    kind = "joint" if topics.action_type == JOINT_STATE_TYPE else "end_effector"
+    gripper = next((i for i, n in enumerate(names) if "gripper" in n.lower()), None)
+    units = ["rad" if kind == "joint" else "m"] * len(names)
+    return ActionSpace(kind=kind, names=list(names), units=units, low=(low - margin).tolist(),
+                       high=(high + margin).tolist(), gripper_index=gripper)
+
+
+def add_data_arguments(parser) -> None:
+    parser.add_argument("--data", nargs="+", required=True, type=Path,
+                        help="rosbag2 directories (one per episode) or directories holding them")
+    parser.add_argument("--topics", type=Path, help="topic config YAML (default: config/topics.yaml defaults)")
+    parser.add_argument("--camera-topic")
+    parser.add_argument("--command-topic")
+    parser.add_argument("--state-topic")
+    parser.add_argument("--action-topic")
+    parser.add_argument("--action-type", help="sensor_msgs/msg/JointState | geometry_msgs/msg/TwistStamped | "
+                                              "geometry_msgs/msg/PoseStamped")
+
+
+def topics_from_args(args) -> TopicConfig:
+    return TopicConfig.from_yaml(args.topics, camera_topic=args.camera_topic, command_topic=args.command_topic,
+                                 state_topic=args.state_topic, action_topic=args.action_topic,
+                                 action_type=args.action_type)

@@ -1,0 +1,93 @@
+"""`actdistill train-teacher`: behaviour cloning of the reference VLA on rosbag demonstrations,
+so that a real trained teacher exists to distil."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from actdistill_ros.distill.config import TrainConfig
+from actdistill_ros.distill.demos import (add_data_arguments, infer_action_space, load_demonstrations,
+                                          topics_from_args)
+from actdistill_ros.distill.evaluation import held_out_action_error
+from actdistill_ros.distill.losses import masked_mse
+from actdistill_ros.distill.plots import plot_losses
+from actdistill_ros.distill.runtime import RunLog, init_distributed
+from actdistill_ros.distill.training import train_stage, wrap_ddp
+from actdistill_ros.policies.vla import ReferenceVLA, VLAConfig
+from actdistill_ros.policy import make_card, save_model
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("train-teacher", help="behaviour-clone the reference VLA teacher on rosbags")
+    add_data_arguments(p)
+    p.add_argument("--out", type=Path, required=True, help="output directory (teacher/ is the weights)")
+    p.add_argument("--size", default="default", choices=["tiny", "default", "bench"], help="model size preset")
+    p.add_argument("--image-size", type=int, help="override the preset's input resolution")
+    p.add_argument("--chunk-size", type=int, help="override the preset's action chunk length H")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--action-space", default="auto", choices=["auto", "metaworld"])
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--resume", action="store_true", help="continue a killed run in --out")
+    p.set_defaults(func=run)
+
+
+def train_teacher(args: argparse.Namespace) -> Path:
+    ctx = init_distributed(args.device)
+    torch.manual_seed(args.seed)
+    overrides = {k: v for k, v in (("image_size", args.image_size), ("chunk_size", args.chunk_size)) if v}
+    probe_config = VLAConfig.sized(args.size, **overrides)
+    topics = topics_from_args(args)
+    demos = load_demonstrations(args.data, topics, probe_config.image_size, probe_config.chunk_size,
+                                args.val_fraction, args.seed, progress=ctx.is_main)
+    config = VLAConfig.sized(args.size, **overrides, action_dim=len(demos.action_names),
+                             state_dim=len(demos.state_names) if demos.stats.state_dim else 0)
+    model = ReferenceVLA(config)
+    model.set_normalization(demos.stats.to_dict())
+    model.to(ctx.device)
+    train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                               warmup_steps=min(200, args.steps // 10))
+
+    def loss_fn(wrapped, batch, step):
+        predicted = wrapped(batch["image"], batch["instruction"], batch["state"] if config.state_dim else None)
+        target = model.normalize_actions(batch["actions"])
+        loss = masked_mse(predicted.float(), target, batch["chunk_valid"])
+        return loss, {}
+
+    run_log = RunLog(args.out, ctx.is_main)
+    train_stage(stage="teacher", model=wrap_ddp(model, ctx), checkpoint_modules={"model": model},
+                parameters=list(model.parameters()), loss_fn=loss_fn, dataset=demos.train, config=train_config,
+                ctx=ctx, out_dir=args.out, run_log=run_log, resume=args.resume, seed=args.seed,
+                checkpoint_every=args.checkpoint_every, log_every=10)
+    out_dir = args.out / "teacher"
+    if ctx.is_main:
+        metrics = {"train_steps": args.steps, "train_frames": len(demos.train)}
+        if demos.val is not None:
+            metrics["held_out_action_mse"] = held_out_action_error(model, None, demos.val, ctx.device)
+        action_space = infer_action_space(args.action_space, topics, demos.action_names, demos.stats)
+        card = make_card(model, action_space, norm_stats=demos.stats.to_dict(), state_names=demos.state_names,
+                         provenance={"trained_by": "actdistill train-teacher", "bags": demos.bags,
+                                     "topics": topics.to_dict(), "train": vars(train_config)},
+                         metrics=metrics)
+        save_model(out_dir, model, card)
+        plot_losses(run_log.records(), args.out / "losses.png")
+        (args.out / "summary.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        log.info("teacher written to %s (%s)", out_dir, metrics)
+    run_log.close()
+    return out_dir
+
+
+def run(args: argparse.Namespace) -> int:
+    train_teacher(args)
+    return 0

@@ -1,0 +1,100 @@
+"""The training loop shared by teacher training and both ActDistill stages.
+
+Data-parallel (DDP) when started under torchrun, resumable from atomic checkpoints, with a
+progress bar and a JSONL log. What is trained and how its loss is computed is passed in.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from actdistill_ros.data.dataset import collate_samples
+from actdistill_ros.distill.config import TrainConfig
+from actdistill_ros.distill.runtime import (Checkpointer, DistContext, RunLog, batch_indices, lr_at, progress_bar,
+                                            shard)
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module, dict, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def wrap_ddp(module: nn.Module, ctx: DistContext, find_unused: bool = False) -> nn.Module:
+    if not ctx.distributed:
+        return module
+    return DistributedDataParallel(module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                                   find_unused_parameters=find_unused)
+
+
+def autocast(ctx: DistContext, enabled: bool):
+    if enabled and ctx.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _mean_over_processes(values: dict[str, torch.Tensor], ctx: DistContext) -> dict[str, float]:
+    names = sorted(values)
+    stacked = torch.stack([values[n].detach().float().reshape(()) for n in names]).to(ctx.device)
+    if ctx.distributed:
+        dist.all_reduce(stacked)
+        stacked /= ctx.world_size
+    return dict(zip(names, stacked.tolist()))
+
+
+def train_stage(*, stage: str, model: nn.Module, checkpoint_modules: dict[str, nn.Module],
+                parameters: Sequence[nn.Parameter], loss_fn: LossFn, dataset, config: TrainConfig,
+                ctx: DistContext, out_dir: Path, run_log: RunLog, resume: bool, seed: int,
+                checkpoint_every: int, log_every: int, amp_bf16: bool = True) -> None:
+    """Train ``model`` (already wrapped for DDP if distributed) for ``config.steps`` global steps.
+
+    ``checkpoint_modules`` are the unwrapped modules whose state a checkpoint holds.
+    """
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    checkpointer = Checkpointer(out_dir / "checkpoints", stage)
+    start = 0
+    if checkpointer.load_meta() is not None:
+        if not resume:
+            raise ValueError(f"{out_dir}: holds an unfinished '{stage}' run; pass --resume to continue it "
+                             f"or choose a new --out")
+        start = checkpointer.restore(checkpoint_modules, optimizer)["step"]
+        if ctx.is_main:
+            log.info("%s: resuming at step %d of %d", stage, start, config.steps)
+    run_log.truncate_after(stage, start)
+    model.train()
+    bar = progress_bar(stage, config.steps, start, ctx.is_main)
+    for step in range(start, config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config.lr, config.warmup_steps, config.steps)
+        indices = shard(batch_indices(step, len(dataset), config.batch_size, seed), ctx)
+        batch = to_device(collate_samples([dataset[int(i)] for i in indices]), ctx.device)
+        with autocast(ctx, amp_bf16):
+            loss, metrics = loss_fn(model, batch, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+        optimizer.step()
+        done = step + 1
+        if done % log_every == 0 or done == config.steps:
+            values = _mean_over_processes({"loss": loss, "grad_norm": grad_norm, **metrics}, ctx)
+            values["lr"] = optimizer.param_groups[0]["lr"]
+            run_log.write(stage, done, values)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k in ("loss", "task", "keep", "distill")},
+                            refresh=False)
+        if done % checkpoint_every == 0 or done == config.steps:
+            if ctx.is_main:
+                checkpointer.save(done, checkpoint_modules, optimizer)
+            if ctx.distributed:
+                dist.barrier()
+        bar.update(1)
+    bar.close()
