@@ -42,6 +42,8 @@ class DistillConfig:
     lambda_budget: float = 4.0  # (executed fraction - target_keep)^2
     target_keep: float = 0.5  # rho: fraction of backbone layers the student should execute
     # --- gating ---
+    router_lr_scale: float = 30.0  # the router is new (not from the teacher): it learns faster
+    router_dropout: float = 0.1  # dropout on the router's pooled features
     threshold: float = 0.5  # tau used in training (hard masks) and written as the card default
     soft_gate_fraction: float = 0.2  # first part of stage 2 uses soft gates m = g, then straight-through
     # --- stages ---

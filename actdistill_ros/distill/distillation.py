@@ -170,10 +170,15 @@ def probe_teacher(teacher: ReferenceVLA, demos: Demonstrations, config: DistillC
 
 
 # ---- stage 2 ---------------------------------------------------------------------------------
+def _is_router(param: nn.Parameter, student: RoutedStudent) -> bool:
+    return any(param is p for p in student.router.parameters())
+
+
 def distill_student(teacher: ReferenceVLA, teacher_heads: LayerHeads, demos: Demonstrations, config: DistillConfig,
                     ctx: DistContext, out_dir: Path, run_log: RunLog, resume: bool) -> RoutedStudent:
     torch.manual_seed(config.seed + 1)
-    student = RoutedStudent.derive_from(teacher, RouterConfig(default_threshold=config.threshold)).to(ctx.device)
+    student = RoutedStudent.derive_from(teacher, RouterConfig(default_threshold=config.threshold,
+                                                                 dropout=config.router_dropout)).to(ctx.device)
     student_heads = copy.deepcopy(teacher_heads).requires_grad_(True)
     if config.freeze_vision:
         student.vla.patch_embed.requires_grad_(False)
@@ -216,7 +221,9 @@ def distill_student(teacher: ReferenceVLA, teacher_heads: LayerHeads, demos: Dem
 
     train_stage(stage="distill", model=wrap_ddp(combined, ctx, find_unused=config.freeze_vision),
                 checkpoint_modules={"student": student, "heads": student_heads},
-                parameters=[p for p in combined.parameters() if p.requires_grad], loss_fn=loss_fn,
+                parameters=[{"params": [p for p in combined.parameters() if p.requires_grad and not _is_router(p, student)]},
+                            {"params": list(student.router.parameters()), "lr_scale": config.router_lr_scale}],
+                loss_fn=loss_fn,
                 dataset=demos.train, config=config.distill, ctx=ctx, out_dir=out_dir, run_log=run_log, resume=resume,
                 seed=config.seed + 1, checkpoint_every=config.checkpoint_every, log_every=config.log_every,
                 amp_bf16=config.amp_bf16)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from actdistill_ros.data.dataset import collate_samples
-from actdistill_ros.distill.losses import masked_mse
+from actdistill_ros.distill.losses import valid_step_mse
 from actdistill_ros.distill.training import to_device
 from actdistill_ros.policies.actdistill import RoutedStudent, run_backbone
 from actdistill_ros.policies.vla import ReferenceVLA
@@ -35,10 +35,9 @@ def evaluate_routing(vla: ReferenceVLA, student: RoutedStudent | None, dataset, 
         encoded = vla.encode(batch["image"], batch["instruction"], batch["state"] if vla.config.state_dim else None)
         execute = student.execute_mask(encoded)[1] if student else None
         predicted = vla.predict_chunk(run_backbone(vla, encoded, execute), encoded)
-        weight = float(batch["chunk_valid"].sum())
-        total_error += float(masked_mse(predicted.float(), vla.normalize_actions(batch["actions"]),
-                                        batch["chunk_valid"])) * weight
-        total_weight += weight
+        error, count = valid_step_mse(predicted.float(), vla.normalize_actions(batch["actions"]), batch["chunk_valid"])
+        total_error += error
+        total_weight += count
         usage += (execute.float().sum(0).cpu() if execute is not None else len(batch["key"]))
         samples += len(batch["key"])
     model.train(was_training)

@@ -16,9 +16,19 @@ def depth_weights(num_layers: int, gamma: float) -> Tensor:
 
 
 def masked_mse(prediction: Tensor, target: Tensor, chunk_valid: Tensor) -> Tensor:
-    """MSE over (B, H, D) action chunks, ignoring chunk steps padded past the episode end."""
+    """Training MSE over (B, H, D) action chunks; steps padded past the episode end count as zero.
+
+    Divided by the full B*H*D (not the number of real steps), so every sample weighs the same and
+    the mean over data-parallel shards equals the mean over the global batch.
+    """
     mask = chunk_valid.unsqueeze(-1).to(prediction.dtype)
-    return ((prediction - target) ** 2 * mask).sum() / (mask.sum() * prediction.shape[-1]).clamp_min(1.0)
+    return ((prediction - target) ** 2 * mask).mean()
+
+
+def valid_step_mse(prediction: Tensor, target: Tensor, chunk_valid: Tensor) -> tuple[float, float]:
+    """(sum of squared errors over real chunk steps, number of real values): for held-out metrics."""
+    mask = chunk_valid.unsqueeze(-1).to(prediction.dtype)
+    return float(((prediction - target) ** 2 * mask).sum()), float(mask.sum()) * prediction.shape[-1]
 
 
 def semantic_loss(student: Tensor, teacher: Tensor, eta: float) -> Tensor:

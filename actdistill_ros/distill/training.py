@@ -53,14 +53,18 @@ def _mean_over_processes(values: dict[str, torch.Tensor], ctx: DistContext) -> d
 
 
 def train_stage(*, stage: str, model: nn.Module, checkpoint_modules: dict[str, nn.Module],
-                parameters: Sequence[nn.Parameter], loss_fn: LossFn, dataset, config: TrainConfig,
+                parameters: Sequence[nn.Parameter] | Sequence[dict], loss_fn: LossFn, dataset, config: TrainConfig,
                 ctx: DistContext, out_dir: Path, run_log: RunLog, resume: bool, seed: int,
                 checkpoint_every: int, log_every: int, amp_bf16: bool = True) -> None:
     """Train ``model`` (already wrapped for DDP if distributed) for ``config.steps`` global steps.
 
     ``checkpoint_modules`` are the unwrapped modules whose state a checkpoint holds.
+    ``parameters`` may be optimizer groups with an ``lr_scale`` (relative to ``config.lr``).
     """
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    groups = [g if isinstance(g, dict) else {"params": [g]} for g in parameters]
+    groups = [{**g, "lr_scale": g.get("lr_scale", 1.0)} for g in groups]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    all_parameters = [p for g in groups for p in g["params"]]
     checkpointer = Checkpointer(out_dir / "checkpoints", stage)
     start = 0
     if checkpointer.load_meta() is not None:
@@ -75,14 +79,14 @@ def train_stage(*, stage: str, model: nn.Module, checkpoint_modules: dict[str, n
     bar = progress_bar(stage, config.steps, start, ctx.is_main)
     for step in range(start, config.steps):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config.lr, config.warmup_steps, config.steps)
+            group["lr"] = group["lr_scale"] * lr_at(step, config.lr, config.warmup_steps, config.steps)
         indices = shard(batch_indices(step, len(dataset), config.batch_size, seed), ctx)
         batch = to_device(collate_samples([dataset[int(i)] for i in indices]), ctx.device)
         with autocast(ctx, amp_bf16):
             loss, metrics = loss_fn(model, batch, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(all_parameters, config.grad_clip)
         optimizer.step()
         done = step + 1
         if done % log_every == 0 or done == config.steps:
