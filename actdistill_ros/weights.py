@@ -110,6 +110,26 @@ class ModelCard:
     def is_student(self) -> bool:
         return self.kind == "student"
 
+    @property
+    def image_size(self) -> int:
+        return int(self.vla_config["image_size"])
+
+    @property
+    def chunk_size(self) -> int:
+        return int(self.vla_config["chunk_size"])
+
+    @property
+    def action_dim(self) -> int:
+        return int(self.vla_config["action_dim"])
+
+    @property
+    def state_dim(self) -> int:
+        return int(self.vla_config["state_dim"])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.vla_config["num_layers"])
+
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["action_space"] = self.action_space.to_dict()

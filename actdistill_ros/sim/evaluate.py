@@ -1,0 +1,558 @@
+"""Closed-loop evaluation of a policy on Meta-World, and a sweep over the router threshold.
+
+The policy predicts a chunk of H actions; the first ``execute_steps`` of them are executed, then
+it re-plans from the new frame. Default ``execute_steps = max(1, H // 2)``: re-planning halfway
+keeps the loop closed against drift while halving policy calls compared with per-step planning.
+
+Evaluation seeds start at 10000 and never overlap the collection seeds (0 up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from .metaworld_env import EVAL_SEED_BASE, MetaWorldTask, parse_task_list
+
+DEFAULT_THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(10))
+GIF_FPS = 20  # playback rate of episode GIFs (the control loop runs at 80 Hz; every 4th frame kept)
+
+
+class ChunkPredictor(Protocol):
+    """What the loop needs from a policy: ``actions`` (H, D) plus accounting per call.
+
+    ``actdistill_ros.policy.Policy`` satisfies it in-process; the ROS mode adapts a node to it.
+    """
+
+    threshold: float
+
+    def predict(self, image: np.ndarray, instruction: str, state: np.ndarray | None = None) -> Any: ...
+
+
+@dataclass
+class EpisodeOutcome:
+    task: str
+    seed: int
+    success: bool
+    steps: int  # env steps executed
+    steps_to_success: int | None
+    policy_calls: int
+    predict_ms: list[float] = field(default_factory=list, repr=False)  # wall time of every call
+    executed_fraction: float = 1.0  # mean over calls
+    backbone_gflops: float = 0.0  # mean per call
+    full_backbone_gflops: float = 0.0
+
+
+def _check_eval_seeds(seed_base: int, episodes_per_task: int) -> list[int]:
+    seeds = list(range(seed_base, seed_base + episodes_per_task))
+    # Evaluation placements must be ones the demos never showed.
+    assert seed_base >= EVAL_SEED_BASE, (
+        f"evaluation seed_base {seed_base} overlaps the collection range: expected >= {EVAL_SEED_BASE}"
+    )
+    return seeds
+
+
+def _card_value(policy, name: str, default=None):
+    """A model-card figure (chunk_size, image_size, state_dim, ...), read from the card or its VLA config."""
+    card = getattr(policy, "card", None)
+    value = getattr(card, name, None)
+    if value is None and isinstance(getattr(card, "vla_config", None), dict):
+        value = card.vla_config.get(name)
+    return default if value is None else value
+
+
+def _policy_state_dim(policy) -> int:
+    return int(_card_value(policy, "state_dim", 0) or 0)
+
+
+def run_episode(
+    policy: ChunkPredictor,
+    task: MetaWorldTask,
+    seed: int,
+    execute_steps: int | None = None,
+    record_frames: bool = False,
+) -> tuple[EpisodeOutcome, list[np.ndarray]]:
+    """One closed-loop episode; returns the outcome and (optionally) the frames seen."""
+    task.reset(seed)
+    use_state = _policy_state_dim(policy) > 0
+    frames: list[np.ndarray] = []
+    predict_ms: list[float] = []
+    fractions: list[float] = []
+    gflops: list[float] = []
+    full_gflops = 0.0
+    success = False
+    while task.steps < task.horizon and not success:
+        image, state = task.observe()
+        if record_frames:
+            frames.append(image)
+        start = time.perf_counter()
+        out = policy.predict(image, task.instruction, state if use_state else None)
+        predict_ms.append((time.perf_counter() - start) * 1e3)
+        fractions.append(float(out.executed_fraction))
+        gflops.append(float(out.backbone_gflops))
+        full_gflops = float(out.full_backbone_gflops)
+        chunk = np.asarray(out.actions, dtype=np.float32)
+        if chunk.ndim != 2 or chunk.shape[1] != 4:
+            raise ValueError(f"policy actions {chunk.shape}: expected (H, 4) Meta-World actions")
+        k = chunk.shape[0] if execute_steps is None else min(execute_steps, chunk.shape[0])
+        for i in range(k):
+            if i > 0 and record_frames:
+                frames.append(task.observe()[0])
+            success, info = task.step(chunk[i])
+            if success or info.truncated:
+                break
+    if record_frames and success:
+        frames.append(task.observe()[0])  # the success frame
+    return (
+        EpisodeOutcome(
+            task=task.name,
+            seed=seed,
+            success=success,
+            steps=task.steps,
+            steps_to_success=task.success_step,
+            policy_calls=len(predict_ms),
+            predict_ms=predict_ms,
+            executed_fraction=float(np.mean(fractions)) if fractions else 0.0,
+            backbone_gflops=float(np.mean(gflops)) if gflops else 0.0,
+            full_backbone_gflops=full_gflops,
+        ),
+        frames,
+    )
+
+
+def _summarise(outcomes: list[EpisodeOutcome], execute_steps: int) -> dict[str, Any]:
+    ms = np.concatenate([o.predict_ms for o in outcomes]) if outcomes else np.zeros(0)
+    steps_ok = [o.steps_to_success for o in outcomes if o.success]
+    total_steps = sum(o.steps for o in outcomes)
+    calls = sum(o.policy_calls for o in outcomes)
+    weights = np.array([o.policy_calls for o in outcomes], dtype=np.float64)
+
+    def weighted(values):
+        return float(np.average(values, weights=weights)) if weights.sum() > 0 else 0.0
+
+    return {
+        "episodes": len(outcomes),
+        "successes": int(sum(o.success for o in outcomes)),
+        "success_rate": float(np.mean([o.success for o in outcomes])) if outcomes else 0.0,
+        "mean_steps_to_success": float(np.mean(steps_ok)) if steps_ok else None,
+        "policy_calls": int(calls),
+        "env_steps": int(total_steps),
+        "predict_ms_mean": float(ms.mean()) if ms.size else None,
+        "predict_ms_p50": float(np.percentile(ms, 50)) if ms.size else None,
+        "predict_ms_p95": float(np.percentile(ms, 95)) if ms.size else None,
+        # Policy time amortised over the env steps it drove (calls happen every execute_steps).
+        "policy_ms_per_env_step": float(ms.sum() / total_steps) if total_steps else None,
+        "executed_fraction": weighted([o.executed_fraction for o in outcomes]),
+        "backbone_gflops_per_call": weighted([o.backbone_gflops for o in outcomes]),
+        "full_backbone_gflops_per_call": max((o.full_backbone_gflops for o in outcomes), default=0.0),
+        "execute_steps": execute_steps,
+    }
+
+
+class _TaskCache:
+    """One MetaWorldTask per task name, reused across episodes and sweep points."""
+
+    def __init__(self, image_size: int, horizon: int, camera: str):
+        self.image_size, self.horizon, self.camera = image_size, horizon, camera
+        self.tasks: dict[str, MetaWorldTask] = {}
+
+    def get(self, name: str) -> MetaWorldTask:
+        if name not in self.tasks:
+            self.tasks[name] = MetaWorldTask(
+                name, image_size=self.image_size, camera=self.camera, horizon=self.horizon, seed=EVAL_SEED_BASE
+            )
+        return self.tasks[name]
+
+    def close(self) -> None:
+        for task in self.tasks.values():
+            task.close()
+        self.tasks.clear()
+
+
+def _resolve_execute_steps(policy, execute_steps: int | None) -> int:
+    chunk_size = int(_card_value(policy, "chunk_size", 1))
+    if execute_steps is None:
+        return max(1, chunk_size // 2)
+    if not 1 <= int(execute_steps) <= chunk_size:
+        raise ValueError(f"execute_steps {execute_steps}: expected 1..{chunk_size} (the policy's chunk size)")
+    return int(execute_steps)
+
+
+def _evaluate(
+    policy,
+    cache: _TaskCache,
+    task_names: list[str],
+    seeds: list[int],
+    execute_steps: int,
+    gif_dir: Path | None,
+    desc: str,
+    progress: bool,
+) -> tuple[dict[str, Any], list[EpisodeOutcome]]:
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(task_names) * len(seeds), unit="ep", desc=desc, dynamic_ncols=True, file=sys.stderr)
+    outcomes: list[EpisodeOutcome] = []
+    start = time.perf_counter()
+    try:
+        for name in task_names:
+            task = cache.get(name)
+            for i, seed in enumerate(seeds):
+                record = gif_dir is not None and i == 0
+                outcome, frames = run_episode(policy, task, seed, execute_steps, record_frames=record)
+                outcomes.append(outcome)
+                if record and frames:
+                    write_gif(gif_dir / f"{name}_s{seed:05d}.gif", frames)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(success=f"{np.mean([o.success for o in outcomes]):.2f}", refresh=False)
+    finally:
+        if bar is not None:
+            bar.close()
+    per_task = {n: _summarise([o for o in outcomes if o.task == n], execute_steps) for n in task_names}
+    overall = _summarise(outcomes, execute_steps)
+    overall["wall_s"] = round(time.perf_counter() - start, 2)
+    return {"overall": overall, "per_task": per_task}, outcomes
+
+
+def evaluate_policy(
+    policy,
+    tasks: str | Sequence[str],
+    episodes_per_task: int = 10,
+    horizon: int = 200,
+    seed_base: int = EVAL_SEED_BASE,
+    execute_steps: int | None = None,
+    image_size: int | None = None,
+    camera: str = "corner4",
+    out_dir: str | Path | None = None,
+    gif: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run ``policy`` closed loop on each task for ``episodes_per_task`` seeds from ``seed_base``.
+
+    ``image_size`` defaults to the policy's input size. With ``out_dir``: writes eval.json,
+    eval.md, success_per_task.png and (``gif=True``) one GIF per task. Returns the results dict.
+    """
+    task_names = parse_task_list(tasks)
+    if episodes_per_task < 1:
+        raise ValueError(f"episodes_per_task {episodes_per_task}: expected >= 1")
+    seeds = _check_eval_seeds(seed_base, episodes_per_task)
+    execute_steps = _resolve_execute_steps(policy, execute_steps)
+    image_size = int(image_size or _card_value(policy, "image_size", 96))
+    out = Path(out_dir) if out_dir is not None else None
+    if gif and out is None:
+        raise ValueError("gif=True needs an out_dir to write the GIFs into")
+    cache = _TaskCache(image_size, horizon, camera)
+    try:
+        summary, outcomes = _evaluate(
+            policy, cache, task_names, seeds, execute_steps, out / "gifs" if gif else None, "eval", progress
+        )
+    finally:
+        cache.close()
+    result = {
+        **_run_info(policy, task_names, seeds, horizon, image_size, camera),
+        "threshold": _threshold(policy),
+        **summary,
+        "episodes": [_episode_dict(o) for o in outcomes],
+    }
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "eval.json", result)
+        _write_text(out / "eval.md", eval_markdown(result))
+        plot_success_per_task(result, out / "success_per_task.png")
+    return result
+
+
+def sweep_threshold(
+    policy,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    tasks: str | Sequence[str] = "mt10",
+    episodes_per_task: int = 10,
+    horizon: int = 200,
+    seed_base: int = EVAL_SEED_BASE,
+    execute_steps: int | None = None,
+    image_size: int | None = None,
+    camera: str = "corner4",
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate the same seeds at each router threshold; success vs backbone GFLOPs.
+
+    With ``out_dir``: sweep.json, sweep.md, success_vs_gflops.png, success_per_task_by_threshold.png.
+    The policy's threshold is restored afterwards.
+    """
+    card = getattr(policy, "card", None)
+    if card is not None and not getattr(card, "is_student", True):
+        raise ValueError("threshold sweep: the policy is a teacher (no router); expected student weights")
+    thresholds = [float(t) for t in thresholds]
+    if not thresholds or any(not 0.0 <= t <= 1.0 for t in thresholds):
+        raise ValueError(f"thresholds {thresholds}: expected a non-empty list of values in [0, 1]")
+    task_names = parse_task_list(tasks)
+    seeds = _check_eval_seeds(seed_base, episodes_per_task)
+    execute_steps = _resolve_execute_steps(policy, execute_steps)
+    image_size = int(image_size or _card_value(policy, "image_size", 96))
+    original = policy.threshold
+    cache = _TaskCache(image_size, horizon, camera)
+    points = []
+    try:
+        for threshold in thresholds:
+            policy.threshold = threshold
+            summary, _ = _evaluate(
+                policy, cache, task_names, seeds, execute_steps, None, f"threshold {threshold:.2f}", progress
+            )
+            points.append({"threshold": threshold, **summary})
+    finally:
+        policy.threshold = original
+        cache.close()
+    result = {**_run_info(policy, task_names, seeds, horizon, image_size, camera), "points": points}
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "sweep.json", result)
+        _write_text(out / "sweep.md", sweep_markdown(result))
+        plot_success_vs_gflops(result, out / "success_vs_gflops.png")
+        plot_sweep_per_task(result, out / "success_per_task_by_threshold.png")
+    return result
+
+
+# ------------------------------------------------------------------------------------------ reports
+def _threshold(policy) -> float | None:
+    value = getattr(policy, "threshold", None)
+    return float(value) if value is not None else None
+
+
+def _run_info(policy, task_names, seeds, horizon, image_size, camera) -> dict[str, Any]:
+    card = getattr(policy, "card", None)
+    device = getattr(policy, "device", None)
+    return {
+        "benchmark": "metaworld-v3",
+        "tasks": task_names,
+        "seeds": seeds,
+        "horizon": horizon,
+        "image_size": image_size,
+        "camera": camera,
+        "device": str(device) if device is not None else None,
+        "chunk_size": _card_value(policy, "chunk_size"),
+        "num_layers": _card_value(policy, "num_layers"),
+        "is_student": bool(getattr(card, "is_student", False)),
+    }
+
+
+def _episode_dict(o: EpisodeOutcome) -> dict[str, Any]:
+    d = asdict(o)
+    ms = d.pop("predict_ms")
+    d["predict_ms_mean"] = float(np.mean(ms)) if ms else None
+    return d
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def eval_markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"# Meta-World closed-loop evaluation (threshold {_fmt(result.get('threshold'), '.2f')})",
+        "",
+        f"Seeds {result['seeds'][0]}..{result['seeds'][-1]} per task, horizon {result['horizon']}, "
+        f"{result['image_size']} px, execute {result['overall']['execute_steps']} actions per chunk, "
+        f"device {result['device']}.",
+        "",
+        "| task | success | episodes | steps to success | predict ms (mean / p95) | policy ms / env step "
+        "| executed layers | backbone GFLOPs / call |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    rows = list(result["per_task"].items()) + [("**all**", result["overall"])]
+    for name, s in rows:
+        lines.append(
+            f"| {name} | {s['success_rate']:.2f} | {s['episodes']} | {_fmt(s['mean_steps_to_success'], '.1f')} "
+            f"| {_fmt(s['predict_ms_mean'], '.1f')} / {_fmt(s['predict_ms_p95'], '.1f')} "
+            f"| {_fmt(s['policy_ms_per_env_step'], '.2f')} | {s['executed_fraction']:.2f} "
+            f"| {s['backbone_gflops_per_call']:.3f} / {s['full_backbone_gflops_per_call']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def sweep_markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "# Router threshold sweep on Meta-World",
+        "",
+        f"Tasks {', '.join(result['tasks'])}; seeds {result['seeds'][0]}..{result['seeds'][-1]} per task, "
+        f"horizon {result['horizon']}, {result['image_size']} px, device {result['device']}.",
+        "",
+        "| threshold | success | executed layers | backbone GFLOPs / call | predict ms (mean) | steps to success |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in result["points"]:
+        s = p["overall"]
+        lines.append(
+            f"| {p['threshold']:.2f} | {s['success_rate']:.2f} | {s['executed_fraction']:.2f} "
+            f"| {s['backbone_gflops_per_call']:.3f} | {_fmt(s['predict_ms_mean'], '.1f')} "
+            f"| {_fmt(s['mean_steps_to_success'], '.1f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(fig, path: Path) -> None:
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+
+
+def plot_success_per_task(result: dict[str, Any], path: str | Path) -> None:
+    plt = _pyplot()
+    names = list(result["per_task"])
+    rates = [result["per_task"][n]["success_rate"] for n in names]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(names) + 2), 3.6))
+    ax.bar(names, rates, color="tab:blue")
+    ax.axhline(result["overall"]["success_rate"], color="k", ls="--", lw=1,
+               label=f"all tasks {result['overall']['success_rate']:.2f}")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("success rate")
+    ax.set_title(f"Meta-World success per task (threshold {_fmt(result.get('threshold'), '.2f')})")
+    ax.legend(loc="lower right")
+    plt.setp(ax.get_xticklabels(), rotation=35, ha="right")
+    fig.tight_layout()
+    _save_figure(fig, Path(path))
+    plt.close(fig)
+
+
+def plot_success_vs_gflops(result: dict[str, Any], path: str | Path) -> None:
+    plt = _pyplot()
+    points = result["points"]
+    gflops = [p["overall"]["backbone_gflops_per_call"] for p in points]
+    success = [p["overall"]["success_rate"] for p in points]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.plot(gflops, success, "o-", color="tab:blue")
+    for p, x, y in zip(points, gflops, success):
+        ax.annotate(f"{p['threshold']:.1f}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    full = max((p["overall"]["full_backbone_gflops_per_call"] for p in points), default=0.0)
+    if full > 0:
+        ax.axvline(full, color="gray", ls=":", lw=1, label=f"all layers {full:.3f}")
+        ax.legend(loc="lower right")
+    ax.set_xlabel("backbone GFLOPs per policy call")
+    ax.set_ylabel("success rate")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Success vs backbone compute (labels: threshold)")
+    fig.tight_layout()
+    _save_figure(fig, Path(path))
+    plt.close(fig)
+
+
+def plot_sweep_per_task(result: dict[str, Any], path: str | Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 3.8))
+    thresholds = [p["threshold"] for p in result["points"]]
+    for name in result["tasks"]:
+        ax.plot(thresholds, [p["per_task"][name]["success_rate"] for p in result["points"]], "o-", label=name, ms=3)
+    ax.set_xlabel("router threshold")
+    ax.set_ylabel("success rate")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    _save_figure(fig, Path(path))
+    plt.close(fig)
+
+
+def write_gif(path: str | Path, frames: Sequence[np.ndarray], fps: int = GIF_FPS, control_hz: float = 80.0) -> None:
+    """Write frames (subsampled from the control rate to ``fps``) as a looping GIF."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stride = max(1, int(round(control_hz / fps)))
+    kept = list(frames[::stride])
+    if len(frames) and kept[-1] is not frames[-1]:
+        kept.append(frames[-1])  # always show the final (success) frame
+    tmp = path.with_name(path.stem + ".tmp.gif")
+    duration_ms = 1000.0 / fps
+    try:
+        import imageio.v3 as iio
+
+        iio.imwrite(tmp, np.stack(kept), extension=".gif", duration=duration_ms, loop=0)
+    except ImportError:
+        from PIL import Image  # matplotlib depends on pillow
+
+        images = [Image.fromarray(f) for f in kept]
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    _write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "eval-sim",
+        help="closed-loop Meta-World evaluation of policy weights",
+        description="Run a policy closed loop in Meta-World on evaluation seeds (10000 up) and write "
+        "eval.json, eval.md and plots; --sweep-threshold evaluates a student at several router thresholds.",
+    )
+    parser.add_argument("--policy", required=True, help="weights directory (model.safetensors + card.json)")
+    parser.add_argument("--tasks", default="mt10", help="comma-separated tasks or 'mt10' (default: mt10)")
+    parser.add_argument("--episodes", type=int, default=10, help="episodes per task (default: 10)")
+    parser.add_argument("--horizon", type=int, default=200, help="max steps per episode (default: 200)")
+    parser.add_argument("--execute-steps", type=int, default=None,
+                        help="actions executed from each predicted chunk before re-planning (default: chunk size // 2)")
+    parser.add_argument("--threshold", type=float, default=None, help="router threshold (default: the card's)")
+    parser.add_argument("--sweep-threshold", nargs="*", type=float, default=None, metavar="T",
+                        help="evaluate at these thresholds (no values: 0.0 0.1 ... 0.9)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="render size in px; use the demos' size so frames get the training resize "
+                        "(default: the policy's input size)")
+    parser.add_argument("--seed-base", type=int, default=EVAL_SEED_BASE, help="first evaluation seed (default: 10000)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
+    parser.add_argument("--out", default="eval_sim", help="output directory (default: ./eval_sim)")
+    parser.add_argument("--gif", action="store_true", help="write a GIF of the first episode of each task")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from actdistill_ros.policy import Policy
+    from actdistill_ros.weights import WeightsError
+
+    try:
+        policy = Policy.load(args.policy, device=args.device, dtype=args.dtype)
+        if args.threshold is not None:
+            policy.threshold = args.threshold
+        # In-process loop; a through-ROS mode would build a ChunkPredictor backed by the policy node here.
+        common = dict(tasks=args.tasks, episodes_per_task=args.episodes, horizon=args.horizon,
+                      seed_base=args.seed_base, execute_steps=args.execute_steps, image_size=args.image_size,
+                      out_dir=args.out)
+        if args.sweep_threshold is not None:
+            result = sweep_threshold(policy, thresholds=args.sweep_threshold or DEFAULT_THRESHOLDS, **common)
+            print(sweep_markdown(result))
+            print(f"wrote {Path(args.out) / 'sweep.json'}")
+        else:
+            result = evaluate_policy(policy, gif=args.gif, **common)
+            print(eval_markdown(result))
+            print(f"wrote {Path(args.out) / 'eval.json'}")
+    except (WeightsError, ValueError, AssertionError) as err:
+        print(f"actdistill eval-sim: {err}", file=sys.stderr)
+        return 2
+    return 0

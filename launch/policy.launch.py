@@ -1,0 +1,64 @@
+"""Launch the ActDistill policy node.
+
+    ros2 launch actdistill_ros policy.launch.py weights:=<weights dir> \
+        camera_topic:=/camera/image_raw command_topic:=/instruction device:=auto threshold:=0.5
+
+Every other parameter comes from params_file (default: the package's config/policy.yaml).
+Camera drivers that publish 640x480 or larger raw images must run with the Fast DDS profile
+config/fastdds_large_images.xml in THEIR environment (FASTRTPS_DEFAULT_PROFILES_FILE, and
+FASTDDS_DEFAULT_PROFILES_FILE on newer distros); Fast DDS's default 512 KiB shared-memory
+segment is smaller than one frame, so most frames are lost without it. It is set here for the
+policy node too, which does no harm.
+"""
+
+import os
+
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+from launch_ros.parameter_descriptions import ParameterValue
+
+
+def generate_launch_description():
+    share = get_package_share_directory("actdistill_ros")
+    fastdds_profile = os.path.join(share, "config", "fastdds_large_images.xml")
+    arguments = [
+        DeclareLaunchArgument("weights", description="weights directory (model.safetensors + card.json)"),
+        DeclareLaunchArgument("camera_topic", default_value="/camera/image_raw",
+                              description="camera topic (sensor_msgs/Image, or CompressedImage with "
+                                          "camera.transport: compressed in params_file)"),
+        DeclareLaunchArgument("command_topic", default_value="/instruction",
+                              description="instruction topic (std_msgs/String)"),
+        DeclareLaunchArgument("device", default_value="auto", description="auto, cpu, cuda or cuda:N"),
+        DeclareLaunchArgument("threshold", default_value="0.5",
+                              description="router threshold in [0, 1] (write a decimal point)"),
+        DeclareLaunchArgument("params_file", default_value=os.path.join(share, "config", "policy.yaml"),
+                              description="YAML with the remaining policy_node parameters"),
+    ]
+    policy_node = Node(
+        package="actdistill_ros",
+        executable="policy_node",
+        name="policy_node",
+        output="screen",
+        emulate_tty=True,
+        parameters=[
+            LaunchConfiguration("params_file"),
+            {
+                "weights_path": LaunchConfiguration("weights"),
+                "topics.camera": LaunchConfiguration("camera_topic"),
+                "topics.command": LaunchConfiguration("command_topic"),
+                "device": LaunchConfiguration("device"),
+                "router.threshold": ParameterValue(LaunchConfiguration("threshold"), value_type=float),
+            },
+        ],
+        # Topics can also be remapped here, e.g. [("/action", "/servo_node/delta_twist_cmds")].
+        remappings=[],
+    )
+    return LaunchDescription([
+        SetEnvironmentVariable("FASTRTPS_DEFAULT_PROFILES_FILE", fastdds_profile),
+        SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", fastdds_profile),
+        *arguments,
+        policy_node,
+    ])

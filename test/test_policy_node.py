@@ -1,0 +1,311 @@
+"""The policy node as a real process over Fast DDS (loopback), driven by this test process.
+
+One ee_twist node (Meta-World-like tiny untrained student, started from config/policy.yaml)
+serves most tests; a joint_trajectory node with compressed images gets its own short test.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from ros_harness import (RosSide, Streamer, compressed_msg, diagnostic_values, image_msg,
+                         load_router_stats_type, reserve_domain, serialized_string, start_policy_node)
+
+rclpy = pytest.importorskip("rclpy")
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from geometry_msgs.msg import TwistStamped  # noqa: E402
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
+from sensor_msgs.msg import CompressedImage, Image, JointState  # noqa: E402
+from std_msgs.msg import Float64, String  # noqa: E402
+from trajectory_msgs.msg import JointTrajectory  # noqa: E402
+
+from actdistill_ros.policy import create_untrained_policy  # noqa: E402
+from actdistill_ros.weights import ActionSpace  # noqa: E402
+
+NODE = "policy_node"
+RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+SENSOR = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
+MAX_IMAGE_AGE_S = 0.4
+TWIST_SCALE = 0.1  # config/policy.yaml
+
+
+def _frame(rng, height=48, width=64) -> np.ndarray:
+    return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+class TwistRig:
+    """The ee_twist node plus this process's publishers and recorders."""
+
+    def __init__(self, tmp_path_factory):
+        self.RouterStats = load_router_stats_type()
+        self.domain = reserve_domain()
+        self.ros = RosSide(self.domain)
+        node = self.ros.node
+        rng = np.random.default_rng(0)
+        weights = create_untrained_policy(tmp_path_factory.mktemp("twist") / "w", size="tiny", student=True, keep=0.5)
+        # Latched command published before the node exists: it must still reach the node.
+        self.command_pub = node.create_publisher(String, "/instruction", LATCHED)
+        self.command_pub.publish(String(data="push the puck to the goal"))
+        self.live_command_pub = node.create_publisher(String, "/instruction", RELIABLE)
+        self.camera_pub = node.create_publisher(Image, "/camera/image_raw", SENSOR)
+        self.state_pub = node.create_publisher(JointState, "/joint_states", SENSOR)
+        self.twists = self.ros.record(TwistStamped, "/action", RELIABLE)
+        self.grippers = self.ros.record(Float64, "/gripper/command", RELIABLE)
+        self.stats = self.ros.record(self.RouterStats, f"/{NODE}/router_stats", RELIABLE)
+        self.diagnostics = self.ros.record(DiagnosticArray, "/diagnostics", RELIABLE)
+        frames = [_frame(rng) for _ in range(8)]
+        self.camera = Streamer(self.camera_pub, lambda: image_msg(frames[int(time.monotonic() * 10) % 8],
+                                                                  stamp=node.get_clock().now().to_msg()), 12.0)
+        self.state = Streamer(self.state_pub, lambda: JointState(
+            name=["hand_x", "hand_y", "hand_z", "gripper_opening"], position=[0.0, 0.6, 0.2, 1.0]), 12.0)
+        self.process = start_policy_node(weights, self.domain, tmp_path_factory.mktemp("twist_node"), params={
+            "control_rate_hz": 20.0, "watchdog.max_image_age_s": MAX_IMAGE_AGE_S})
+
+    def resume(self) -> None:
+        self.camera.resume()
+        self.state.resume()
+
+    def pause(self) -> None:
+        self.camera.pause()
+        self.state.pause()
+
+    def diagnostics_after(self, since: float, predicate=lambda values: True, timeout: float = 8.0) -> dict:
+        found = self.diagnostics.wait_for(lambda m: predicate(diagnostic_values(m)), timeout, since=since)
+        assert found, f"no matching /diagnostics after {timeout} s; node output:\n{self.process.output()[-3000:]}"
+        return diagnostic_values(found[-1])
+
+    def assert_alive_and_acting(self) -> None:
+        """The node still infers and commands motion after whatever happened before."""
+        since = time.monotonic()
+        assert self.process.alive(), self.process.output()[-3000:]
+        assert self.stats.wait_for(since=since, timeout=10.0), "no RouterStats after the event"
+        moving = self.twists.wait_for(lambda m: abs(m.twist.linear.x) + abs(m.twist.linear.y)
+                                      + abs(m.twist.linear.z) > 0, since=since, timeout=10.0)
+        assert moving, f"no motion commanded after the event:\n{self.process.output()[-3000:]}"
+
+    def close(self) -> int:
+        self.camera.close()
+        self.state.close()
+        code = self.process.stop()
+        self.ros.close()
+        return code
+
+
+@pytest.fixture(scope="module")
+def twist_rig(tmp_path_factory):
+    rig = TwistRig(tmp_path_factory)
+    yield rig
+    code = rig.close()
+    assert code == 0, f"node did not shut down cleanly on SIGINT (exit {code}):\n{rig.process.output()[-3000:]}"
+
+
+@pytest.fixture
+def twist(twist_rig):
+    """The twist rig with camera and state streaming for the duration of one test."""
+    twist_rig.resume()
+    yield twist_rig
+    twist_rig.pause()
+
+
+def test_ee_twist_and_gripper_commands_from_yaml_config(twist):
+    moving = twist.twists.wait_for(lambda m: abs(m.twist.linear.x) + abs(m.twist.linear.z) > 0, timeout=40.0,
+                                   count=3)
+    assert moving, f"no twist commanded:\n{twist.process.output()[-3000:]}"
+    for msg in moving:
+        linear = np.array([msg.twist.linear.x, msg.twist.linear.y, msg.twist.linear.z])
+        assert np.all(np.abs(linear) <= TWIST_SCALE + 1e-9)  # clamp [-1, 1] x twist_scale
+        assert (msg.twist.angular.x, msg.twist.angular.y, msg.twist.angular.z) == (0.0, 0.0, 0.0)
+        assert msg.header.frame_id == "base_link"
+    grippers = twist.grippers.wait_for(timeout=5.0)
+    assert grippers and all(-1.0 <= m.data <= 1.0 for m in grippers)
+    stats = twist.stats.wait_for(lambda m: math.isfinite(m.camera_to_action_ms), timeout=5.0)
+    assert stats
+    last = stats[-1]
+    assert last.num_layers == 4 and len(last.layer_mask) == 4
+    assert last.inference_ms > 0 and last.camera_to_action_ms >= last.inference_ms
+    assert last.backbone_gflops <= last.full_backbone_gflops
+    # Values that only the params file sets: the node really started from config/policy.yaml.
+    values = twist.ros.get_parameters(NODE, ["action.twist_scale", "action.velocity_limit", "control_rate_hz"])
+    assert values == {"action.twist_scale": TWIST_SCALE, "action.velocity_limit": 0.5, "control_rate_hz": 20.0}
+
+
+def _stats_with_threshold(rig, threshold: float):
+    since = time.monotonic()
+    results = rig.ros.set_parameters(NODE, {"router.threshold": threshold})
+    assert results[0].successful, results[0].reason
+    found = rig.stats.wait_for(lambda m: abs(m.threshold - threshold) < 1e-6, since=since, timeout=15.0)
+    assert found, f"no RouterStats at threshold {threshold}"
+    return found[-1]
+
+
+def test_router_threshold_set_changes_executed_fraction(twist):
+    everything = _stats_with_threshold(twist, 0.0)
+    assert everything.executed_fraction == 1.0 and list(everything.executed_layers) == [0, 1, 2, 3]
+    nothing = _stats_with_threshold(twist, 1.0)
+    assert nothing.executed_fraction == 0.0 and list(nothing.executed_layers) == []
+    assert nothing.backbone_gflops == 0.0
+    half = _stats_with_threshold(twist, 0.5)  # keep=0.5: about half of the untrained gates are >= 0.5
+    assert 0.0 < half.executed_fraction < 1.0
+    assert half.layer_mask == [i in set(half.executed_layers) for i in range(4)]
+
+
+def test_invalid_parameter_sets_are_refused_with_a_reason(twist_rig):
+    ros = twist_rig.ros
+    out_of_range, = ros.set_parameters(NODE, {"router.threshold": 1.5})
+    assert not out_of_range.successful and out_of_range.reason
+    wrong_type, = ros.set_parameters(NODE, {"router.threshold": "high"})
+    assert not wrong_type.successful and "type" in wrong_type.reason.lower()
+    read_only, = ros.set_parameters(NODE, {"weights_path": "/elsewhere"})
+    assert not read_only.successful and "read-only" in read_only.reason
+    bad_limits, = ros.set_parameters(NODE, {"action.position_limits_low": [0.0, 0.0]})
+    assert not bad_limits.successful and "action.position_limits_low" in bad_limits.reason
+    # A batch with one bad value changes nothing, not even the valid part.
+    before = ros.get_parameters(NODE, ["action.velocity_limit", "action.ensemble_decay"])
+    batch = ros.set_parameters(NODE, {"action.velocity_limit": 0.2, "action.ensemble_decay": 0.5,
+                                      "action.position_limits_high": [0.5, 0.5, 0.5, -2.0]}, atomically=True)
+    assert not batch.successful and "empty" in batch.reason
+    assert ros.get_parameters(NODE, ["action.velocity_limit", "action.ensemble_decay"]) == before
+    assert before["action.velocity_limit"] == 0.5
+
+
+def _bad_image(kind: str) -> Image:
+    frame = np.zeros((48, 64, 3), np.uint8)
+    if kind == "encoding":
+        return image_msg(np.zeros((48, 64, 2), np.uint8), encoding="16UC1", step=128)
+    if kind == "size":
+        msg = image_msg(frame)
+        msg.data = msg.data[:-64]  # data shorter than step * height
+        return msg
+    if kind == "step":
+        return image_msg(frame, step=100)  # step < width * 3
+    msg = image_msg(frame)
+    msg.data = b""
+    return msg
+
+
+@pytest.mark.parametrize("case, counter", [
+    ("image:encoding", "bad_messages.image_encoding"),
+    ("image:size", "bad_messages.image_size"),
+    ("image:step", "bad_messages.image_size"),
+    ("image:empty", "bad_messages.image_empty"),
+    ("command:2MB", "bad_messages.command_size"),
+    ("command:non-utf8", "bad_messages.command_text"),
+    ("command:control-chars", "bad_messages.command_text"),
+    ("state:wrong-size", "bad_messages.state"),
+])
+def test_malformed_input_is_counted_and_node_keeps_working(twist, case, counter):
+    first = twist.diagnostics_after(time.monotonic())
+    before = int(first.get(counter, "0"))
+    topic, kind = case.split(":")
+    for _ in range(3):  # best-effort camera/state QoS: send a few so at least one lands
+        if topic == "image":
+            twist.camera_pub.publish(_bad_image(kind))
+        elif kind == "2MB":
+            twist.live_command_pub.publish(String(data="a" * 2_000_000))
+        elif kind == "non-utf8":
+            twist.live_command_pub.publish(serialized_string(b"open the \xff\xfe drawer"))
+        elif kind == "control-chars":
+            twist.live_command_pub.publish(String(data="open\x07the drawer"))
+        else:
+            twist.state_pub.publish(JointState(position=[0.0, 1.0]))
+        time.sleep(0.05)
+    after = twist.diagnostics_after(time.monotonic(), lambda v: int(v.get(counter, "0")) > before, timeout=20.0)
+    assert int(after["bad_messages_total"]) >= int(after[counter])
+    twist.assert_alive_and_acting()  # the last good command and frames still drive it
+
+
+def test_stale_camera_commands_zero_twist(twist_rig):
+    rig = twist_rig
+    log_start = len(rig.process.output())
+    rig.resume()
+    assert rig.twists.wait_for(lambda m: abs(m.twist.linear.x) + abs(m.twist.linear.z) > 0, timeout=20.0)
+    rig.camera.pause()  # state keeps coming; only the camera goes quiet
+    paused_at = time.monotonic()
+    time.sleep(MAX_IMAGE_AGE_S + 0.3)
+    held = rig.twists.wait_for(since=paused_at + MAX_IMAGE_AGE_S + 0.2, count=5, timeout=5.0)
+    assert held, "no twist published while the camera was stale (expected zero twists)"
+    for msg in held:
+        assert (msg.twist.linear.x, msg.twist.linear.y, msg.twist.linear.z) == (0.0, 0.0, 0.0)
+    values = rig.diagnostics_after(time.monotonic())
+    assert "camera frame is" in rig.diagnostics.messages()[-1].status[0].message
+    assert values["latency_ms_p50"] != "nan"
+    rig.camera.resume()
+    rig.assert_alive_and_acting()
+    rig.pause()
+    output = rig.process.output()[log_start:]
+    assert output.count("holding position: camera frame is") == 1  # logged once per episode
+
+
+JOINTS = [f"arm_joint_{i}" for i in range(1, 7)]
+
+
+def test_joint_trajectory_with_compressed_camera(tmp_path):
+    RouterStats = load_router_stats_type()
+    space = ActionSpace(kind="joint", names=[f"j{i}" for i in range(6)] + ["gripper"], units=["rad"] * 6 + ["1"],
+                        low=[-3.0] * 6 + [0.0], high=[3.0] * 6 + [1.0], gripper_index=6)
+    weights = create_untrained_policy(tmp_path / "w", size="tiny", student=True, keep=0.5, action_space=space,
+                                      state_dim=0)
+    domain = reserve_domain()
+    ros = RosSide(domain)
+    node = ros.node
+    ok, jpeg = cv2.imencode(".jpg", np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    camera_pub = node.create_publisher(CompressedImage, "/arm/camera/compressed", SENSOR)
+    node.create_publisher(String, "/arm/instruction", LATCHED).publish(String(data="stack the blocks"))
+    trajectories = ros.record(JointTrajectory, "/arm/trajectory", RELIABLE)
+    grippers = ros.record(Float64, "/arm/gripper", RELIABLE)
+    stats = ros.record(RouterStats, "/arm/stats", RELIABLE)
+    diagnostics = ros.record(DiagnosticArray, "/diagnostics", RELIABLE)
+    low, high = [-0.05] * 6 + [0.0], [0.05] * 6 + [1.0]
+    process = start_policy_node(weights, domain, tmp_path / "node", node_name="arm_policy", params={
+        "action.mode": "joint_trajectory", "camera.transport": "compressed", "state.enabled": False,
+        "topics.camera": "/arm/camera/compressed", "topics.command": "/arm/instruction",
+        "topics.action": "/arm/trajectory", "topics.gripper": "/arm/gripper", "topics.router_stats": "/arm/stats",
+        "action.joint_names": JOINTS, "action.position_limits_low": low, "action.position_limits_high": high,
+        "control_rate_hz": 25.0})
+    streamer = Streamer(camera_pub, lambda: compressed_msg(jpeg.tobytes()), 10.0)
+    try:
+        streamer.resume()
+        found = trajectories.wait_for(count=2, timeout=40.0)
+        assert found, f"no JointTrajectory:\n{process.output()[-3000:]}"
+        trajectory = found[-1]
+        assert list(trajectory.joint_names) == JOINTS
+        assert len(trajectory.points) == 4  # the tiny model's chunk
+        times = [p.time_from_start.sec + p.time_from_start.nanosec * 1e-9 for p in trajectory.points]
+        assert times == pytest.approx([0.04, 0.08, 0.12, 0.16])
+        for point in trajectory.points:
+            assert len(point.positions) == 6 and all(-0.05 - 1e-9 <= v <= 0.05 + 1e-9 for v in point.positions)
+        assert grippers.wait_for(timeout=5.0)
+        assert stats.wait_for(timeout=5.0)[-1].num_layers == 4
+        since = time.monotonic()
+        for _ in range(3):
+            camera_pub.publish(compressed_msg(b"\xff\xd8 this is not a jpeg"))
+            time.sleep(0.05)
+        assert diagnostics.wait_for(lambda m: int(diagnostic_values(m).get("bad_messages.image_decode", "0")) >= 1,
+                                    since=since, timeout=10.0), process.output()[-3000:]
+        after = time.monotonic()
+        assert trajectories.wait_for(since=after, timeout=10.0) and process.alive()
+    finally:
+        streamer.close()
+        code = process.stop()
+        ros.close()
+    assert code == 0, process.output()[-3000:]
+
+
+@pytest.mark.parametrize("case", ["missing weights", "mode does not fit the card"])
+def test_start_up_errors_exit_non_zero_with_one_line(tmp_path, case):
+    if case == "missing weights":
+        weights, params, expect = tmp_path / "nowhere", {}, "cannot load weights"
+    else:
+        weights = create_untrained_policy(tmp_path / "w", size="tiny")
+        params, expect = {"action.mode": "joint_state"}, "action.mode joint_state needs a joint action space"
+    process = start_policy_node(weights, reserve_domain(), tmp_path / "node", params=params)
+    code = process.wait(timeout=60)
+    lines = [line for line in process.output().splitlines() if line.strip()]
+    assert code != 0
+    assert len(lines) == 1 and expect in lines[0] and "FATAL" in lines[0], lines

@@ -1,0 +1,241 @@
+"""Meta-World wrapper, expert demo collection into rosbag2, and closed-loop evaluation (real simulator)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+if importlib.util.find_spec("metaworld") is None:
+    pytest.skip("simulator extra not installed (requirements-sim.txt)", allow_module_level=True)
+os.environ.setdefault("MUJOCO_GL", "egl")  # must precede the first mujoco import
+
+from actdistill_ros.sim import collect as collect_mod  # noqa: E402
+from actdistill_ros.sim import evaluate as evaluate_mod  # noqa: E402
+from actdistill_ros.sim.collect import bag_name, collect  # noqa: E402
+from actdistill_ros.sim.metaworld_env import (  # noqa: E402
+    ACTION_NAMES,
+    EVAL_SEED_BASE,
+    GOAL_MARKER_RGBA,
+    MT10,
+    STATE_NAMES,
+    MetaWorldTask,
+    check_seed_ranges_disjoint,
+    parse_task_list,
+)
+
+SIZE = 64
+HORIZON = 100
+
+
+@pytest.fixture(scope="module")
+def reach():
+    task = MetaWorldTask("reach", image_size=SIZE, horizon=HORIZON, seed=0)
+    yield task
+    task.close()
+
+
+def _rollout_frames(task: MetaWorldTask, seed: int, steps: int = 5) -> list[np.ndarray]:
+    task.reset(seed)
+    frames = [task.observe()[0].copy()]
+    for _ in range(steps):
+        task.step(task.expert_action())
+        frames.append(task.observe()[0].copy())
+    return frames
+
+
+def test_same_seed_gives_identical_frames_and_other_seeds_differ():
+    # A used instance (another episode first) and a fresh one must render the same episode.
+    used = MetaWorldTask("push", image_size=SIZE, horizon=HORIZON, seed=0)
+    fresh = MetaWorldTask("push-v3", image_size=SIZE, horizon=HORIZON, seed=7)
+    try:
+        _rollout_frames(used, 3, steps=20)
+        first = _rollout_frames(used, 7)
+        again = _rollout_frames(fresh, 7)
+        different = _rollout_frames(fresh, 8)
+    finally:
+        used.close()
+        fresh.close()
+    assert first[0].shape == (SIZE, SIZE, 3) and first[0].dtype == np.uint8
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not np.array_equal(first[0], different[0])
+    # The frame is a real render (not blank) and it changes as the arm moves.
+    assert first[0].std() > 10 and not np.array_equal(first[0], first[-1])
+
+
+def test_observe_state_and_action_validation(reach):
+    reach.reset(3)
+    _, state = reach.observe()
+    assert state.shape == (4,) and state.dtype == np.float32
+    assert 0.0 <= state[3] <= 1.0  # gripper opening
+    assert len(STATE_NAMES) == 4 and len(ACTION_NAMES) == 4
+    with pytest.raises(ValueError, match="expected 4 finite values"):
+        reach.step(np.zeros(3))
+    with pytest.raises(ValueError, match="expected 4 finite values"):
+        reach.step([0.0, np.nan, 0.0, 0.0])
+    success, info = reach.step([0.0, 0.0, 1.0, 0.0])
+    _, moved = reach.observe()
+    assert info.step == 1 and moved[2] > state[2]  # +z action raised the hand
+    with pytest.raises(ValueError, match="unknown Meta-World task 'sweep-the-floor'"):
+        MetaWorldTask("sweep-the-floor")
+
+
+def test_task_list_parsing():
+    assert parse_task_list("mt10") == list(MT10)
+    assert parse_task_list("reach,push-v3, reach") == ["reach", "push"]
+    with pytest.raises(ValueError, match="no tasks"):
+        parse_task_list(" , ")
+
+
+def test_expert_succeeds_on_reach_within_horizon(reach):
+    for seed in (0, 1):
+        reach.reset(seed)
+        success = False
+        while not success and reach.steps < HORIZON:
+            success, info = reach.step(reach.expert_action())
+        assert success, f"reach seed {seed}: expert failed in {HORIZON} steps"
+        assert info.success_step == reach.steps < HORIZON
+
+
+def test_goal_markers_share_one_colour():
+    colours = []
+    for name in ("reach", "push", "pick-place"):
+        task = MetaWorldTask(name, image_size=SIZE, horizon=HORIZON)
+        try:
+            # Meta-World ships red/green/blue markers for these three; all must now be the same.
+            colours.append(task.goal_marker_rgba())
+        finally:
+            task.close()
+    for rgba in colours:
+        assert rgba.shape == (1, 4)
+        np.testing.assert_allclose(rgba[0], GOAL_MARKER_RGBA, atol=1e-6)
+
+
+def test_collection_and_evaluation_seeds_are_disjoint(tmp_path):
+    check_seed_ranges_disjoint(range(0, 100), range(EVAL_SEED_BASE, EVAL_SEED_BASE + 25))
+    with pytest.raises(ValueError, match="evaluation range"):
+        check_seed_ranges_disjoint([5, EVAL_SEED_BASE], [EVAL_SEED_BASE + 1])
+    with pytest.raises(ValueError, match="below"):
+        check_seed_ranges_disjoint([5], [EVAL_SEED_BASE - 1])
+    with pytest.raises(AssertionError, match="evaluation range"):
+        collect("reach", 2, tmp_path / "demos", seed_base=EVAL_SEED_BASE - 1, workers=1, progress=False)
+    assert not (tmp_path / "demos" / "collection.json").exists()
+    with pytest.raises(AssertionError, match="collection range"):
+        evaluate_mod._check_eval_seeds(EVAL_SEED_BASE - 5, 10)
+    assert evaluate_mod._check_eval_seeds(EVAL_SEED_BASE, 3) == [EVAL_SEED_BASE + i for i in range(3)]
+
+
+def test_collection_writes_readable_bags_and_resumes(tmp_path):
+    from actdistill_ros.data.bags import read_episode
+
+    out = tmp_path / "demos"
+    record = collect(["reach", "push"], 2, out, image_size=SIZE, horizon=HORIZON, action_noise=0.1,
+                     workers=1, progress=False)
+    assert record["complete"] and record["image_size"] == SIZE and record["horizon"] == HORIZON
+    assert record["fps"] == pytest.approx(80.0)
+    on_disk = json.loads((out / "collection.json").read_text())
+    assert on_disk["per_task"] == record["per_task"]
+    for task in ("reach", "push"):
+        summary = record["per_task"][task]
+        assert summary["successes"] == 2 and summary["attempts"] >= 2
+        assert summary["seeds"] == sorted(summary["seeds"]) and max(summary["seeds"]) < EVAL_SEED_BASE
+        for seed in summary["seeds"]:
+            path = out / bag_name(task, seed)
+            episode = read_episode(path)
+            steps = record["episodes"][path.name]["steps"]
+            assert len(episode) == steps and 0 < steps < HORIZON
+            assert episode.images.shape == (steps, SIZE, SIZE, 3)
+            assert episode.action_names == list(ACTION_NAMES) and episode.state_names == list(STATE_NAMES)
+            assert set(episode.instructions) == {record["instructions"][task]}
+            assert np.abs(episode.actions).max() <= 1.0
+
+    # The bag labels are the expert's clean actions while noisy actions were executed: the first
+    # label equals the expert's action at the reset state, and the second state is not where the
+    # clean action alone would have led.
+    episode = read_episode(out / bag_name("push", record["per_task"]["push"]["seeds"][0]))
+    replay = MetaWorldTask("push", image_size=SIZE, horizon=HORIZON)
+    try:
+        replay.reset(record["per_task"]["push"]["seeds"][0])
+        np.testing.assert_allclose(episode.states[0], replay.state(), atol=1e-6)
+        np.testing.assert_allclose(episode.actions[0], replay.expert_action(), atol=1e-6)
+        replay.step(replay.expert_action())
+        assert not np.allclose(episode.states[1], replay.state(), atol=1e-7)
+    finally:
+        replay.close()
+
+    # Resume: a finished collection re-runs nothing; a lost bag is re-made bit-identically.
+    lost = out / bag_name("push", record["per_task"]["push"]["seeds"][-1])
+    lost_bytes = {p.name: p.read_bytes() for p in lost.iterdir()}
+    kept = out / bag_name("reach", record["per_task"]["reach"]["seeds"][0])
+    kept_mtime = kept.stat().st_mtime_ns
+    import shutil
+
+    shutil.rmtree(lost)
+    again = collect(["reach", "push"], 2, out, image_size=SIZE, horizon=HORIZON, action_noise=0.1,
+                    workers=1, progress=False)
+    assert again["per_task"]["reach"]["reused_bags"] == 2 and again["per_task"]["push"]["reused_bags"] == 1
+    assert kept.stat().st_mtime_ns == kept_mtime
+    assert {p.name: p.read_bytes() for p in lost.iterdir()} == lost_bytes
+    assert again["per_task"]["push"]["seeds"] == record["per_task"]["push"]["seeds"]
+    # Mixing settings in one directory is refused.
+    with pytest.raises(ValueError, match="image_size=64"):
+        collect(["reach"], 2, out, image_size=96, horizon=HORIZON, action_noise=0.1, workers=1, progress=False)
+
+
+def test_closed_loop_evaluation_and_threshold_sweep(tmp_path):
+    from actdistill_ros.policy import Policy, create_untrained_policy
+
+    student = Policy.load(create_untrained_policy(tmp_path / "student", size="tiny", student=True, keep=0.5),
+                          device="cpu")
+    chunk = student.card.vla_config["chunk_size"]
+    result = evaluate_mod.evaluate_policy(
+        student, "reach", 1, horizon=20, out_dir=tmp_path / "eval", gif=True, progress=False)
+    overall = result["overall"]
+    assert overall["env_steps"] == 20 and overall["execute_steps"] == max(1, chunk // 2)
+    assert overall["policy_calls"] == -(-20 // overall["execute_steps"])
+    assert 0.0 < overall["executed_fraction"] < 1.0 and overall["predict_ms_mean"] > 0
+    assert result["seeds"] == [EVAL_SEED_BASE]
+    for name in ("eval.json", "eval.md", "success_per_task.png", f"gifs/reach_s{EVAL_SEED_BASE:05d}.gif"):
+        assert (tmp_path / "eval" / name).stat().st_size > 0, name
+    assert "| reach |" in (tmp_path / "eval" / "eval.md").read_text()
+
+    sweep = evaluate_mod.sweep_threshold(student, [0.0, 1.0], "reach", 1, horizon=8, execute_steps=chunk,
+                                         out_dir=tmp_path / "sweep", progress=False)
+    fractions = [p["overall"]["executed_fraction"] for p in sweep["points"]]
+    gflops = [p["overall"]["backbone_gflops_per_call"] for p in sweep["points"]]
+    assert fractions[0] == 1.0 and fractions[1] < 1.0 and gflops[1] < gflops[0]
+    assert student.threshold == student.card.default_threshold  # restored
+    assert (tmp_path / "sweep" / "success_vs_gflops.png").stat().st_size > 0
+
+    teacher = Policy.load(create_untrained_policy(tmp_path / "teacher", size="tiny", student=False), device="cpu")
+    with pytest.raises(ValueError, match="teacher"):
+        evaluate_mod.sweep_threshold(teacher, [0.0], "reach", 1, horizon=4, progress=False)
+    with pytest.raises(ValueError, match="execute_steps"):
+        evaluate_mod.evaluate_policy(teacher, "reach", 1, horizon=4, execute_steps=chunk + 1, progress=False)
+
+
+def test_cli_parsers():
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    collect_mod.add_parser(sub)
+    evaluate_mod.add_parser(sub)
+    args = parser.parse_args(["collect", "--tasks", "reach,push", "--episodes", "3", "--out", "d",
+                              "--image-size", "64", "--noise", "0.2", "--workers", "1", "--storage", "sqlite3"])
+    assert (args.tasks, args.episodes, args.image_size, args.noise, args.storage) == ("reach,push", 3, 64, 0.2, "sqlite3")
+    assert args.func is collect_mod.run
+    args = parser.parse_args(["eval-sim", "--policy", "w", "--sweep-threshold", "--gif"])
+    assert args.sweep_threshold == [] and args.gif and args.func is evaluate_mod.run
+
+
+def test_collect_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    collect_mod.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["collect", "--tasks", "reach,fly", "--episodes", "1", "--out", str(tmp_path / "d")])
+    assert collect_mod.run(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown Meta-World task 'fly'" in err
+    assert not (tmp_path / "d").exists()
