@@ -18,7 +18,7 @@ from actdistill_ros.cli import main as cli
 from actdistill_ros.data import TopicConfig, write_episode_bag
 from actdistill_ros.distill.runtime import batch_indices
 from actdistill_ros.policy import Policy
-from synthetic_demos import ACTION_NAMES, STATE_NAMES, synthetic_episode, write_synthetic_demos
+from actdistill_ros.data.synthetic import ACTION_NAMES, STATE_NAMES, synthetic_episode, write_synthetic_demos
 
 REPO = Path(__file__).resolve().parents[1]
 # Small but real: dropout off so that a 2-process run can match a 1-process run exactly.
@@ -27,7 +27,7 @@ FAST = ["--probe-steps", "12", "--distill-steps", "24", "--batch-size", "8", "--
 
 def _losses(run_dir: Path, stage: str, key: str = "loss") -> list[float]:
     rows = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
-    return [r[key] for r in rows if r["stage"] == stage]
+    return [r[key] for r in rows if r["stage"] == stage and key in r]
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,10 @@ def plot_losses(records: list[dict], path: Path) -> Path:
         stages[record["stage"]].append(record)
     fig, axes = plt.subplots(1, max(1, len(stages)), figsize=(5 * max(1, len(stages)), 3.5), squeeze=False)
     for ax, (stage, rows) in zip(axes[0], stages.items()):
-        steps = [r["step"] for r in rows]
         for key in LOSS_KEYS:
-            if key in rows[0]:
-                ax.plot(steps, [r[key] for r in rows], label=key)
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if points:
+                ax.plot(*zip(*points), label=key)
         ax.set_title(stage)
         ax.set_xlabel("step")
         ax.set_yscale("log")

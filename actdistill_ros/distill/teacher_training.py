@@ -31,6 +31,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--size", default="default", choices=["tiny", "default", "bench"], help="model size preset")
     p.add_argument("--image-size", type=int, help="override the preset's input resolution")
     p.add_argument("--chunk-size", type=int, help="override the preset's action chunk length H")
+    p.add_argument("--patch-size", type=int, help="override the preset's patch size")
+    p.add_argument("--width", type=int, help="override the preset's model width")
+    p.add_argument("--layers", type=int, help="override the preset's number of backbone layers")
+    p.add_argument("--heads", type=int, help="override the preset's attention heads")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -46,7 +50,9 @@ def add_parser(subparsers) -> None:
 def train_teacher(args: argparse.Namespace) -> Path:
     ctx = init_distributed(args.device)
     torch.manual_seed(args.seed)
-    overrides = {k: v for k, v in (("image_size", args.image_size), ("chunk_size", args.chunk_size)) if v}
+    overrides = {k: v for k, v in (("image_size", args.image_size), ("chunk_size", args.chunk_size),
+                                   ("patch_size", args.patch_size), ("width", args.width),
+                                   ("num_layers", args.layers), ("num_heads", args.heads)) if v}
     probe_config = VLAConfig.sized(args.size, **overrides)
     topics = topics_from_args(args)
     demos = load_demonstrations(args.data, topics, probe_config.image_size, probe_config.chunk_size,

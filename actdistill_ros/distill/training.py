@@ -7,6 +7,8 @@ progress bar and a JSONL log. What is trained and how its loss is computed is pa
 from __future__ import annotations
 
 import logging
+import resource
+import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -77,7 +79,11 @@ def train_stage(*, stage: str, model: nn.Module, checkpoint_modules: dict[str, n
     run_log.truncate_after(stage, start)
     model.train()
     bar = progress_bar(stage, config.steps, start, ctx.is_main)
+    timed_from = min(start + 2, config.steps - 1)  # throughput excludes the first (warm-up) steps
+    timer = time.perf_counter()
     for step in range(start, config.steps):
+        if step == timed_from:
+            timer = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = group["lr_scale"] * lr_at(step, config.lr, config.warmup_steps, config.steps)
         indices = shard(batch_indices(step, len(dataset), config.batch_size, seed), ctx)
@@ -102,3 +108,14 @@ def train_stage(*, stage: str, model: nn.Module, checkpoint_modules: dict[str, n
                 dist.barrier()
         bar.update(1)
     bar.close()
+    timed_steps = config.steps - timed_from
+    if timed_steps > 0:
+        elapsed = time.perf_counter() - timer
+        rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])  # KiB -> MiB
+        if ctx.distributed:
+            gathered = [torch.zeros(1) for _ in range(ctx.world_size)]
+            dist.all_gather(gathered, rss)
+            rss = torch.cat(gathered)
+        run_log.write(stage, config.steps, {
+            "samples_per_s": timed_steps * config.batch_size / elapsed, "processes": ctx.world_size,
+            "peak_rss_mb_per_process": rss.max().item(), "peak_rss_mb_total": rss.sum().item()})

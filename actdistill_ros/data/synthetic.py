@@ -1,5 +1,6 @@
-"""Generated demonstrations for training tests: a learnable, language-conditioned toy task
-written as real rosbag2 files.
+"""Generated demonstrations: a learnable, language-conditioned toy task written as real rosbag2
+files. Used by the tests and by `actdistill bench-distill`; also a quick smoke test of a setup
+without any recordings.
 
 A bright square sits on a dark background; the instruction names a direction ("move left",
 ...). The action is that direction as a unit step plus a gripper value that depends on the
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from actdistill_ros.data import TopicConfig, write_episode_bag
+from actdistill_ros.data.bag_writer import write_episode_bag
+from actdistill_ros.data.config import TopicConfig
 
 DIRECTIONS = {"move left": (-1.0, 0.0), "move right": (1.0, 0.0), "move up": (0.0, -1.0), "move down": (0.0, 1.0)}
 ACTION_NAMES = ["delta_x", "delta_y", "delta_z", "gripper"]
