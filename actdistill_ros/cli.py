@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "bench": "actdistill_ros.bench",
     "train-teacher": "actdistill_ros.distill.teacher_training",
     "distill": "actdistill_ros.distill.distillation",
+    "bench-distill": "actdistill_ros.distill.bench_distill",
     "collect": "actdistill_ros.sim.collect",
     "eval-sim": "actdistill_ros.sim.evaluate",
     "bench-node": "actdistill_ros.ros.bench_node",
