@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "collect": "actdistill_ros.sim.collect",
     "eval-sim": "actdistill_ros.sim.evaluate",
     "bench-node": "actdistill_ros.ros.bench_node",
+    "replay-eval": "actdistill_ros.ros.replay_eval",
 }
 
 
