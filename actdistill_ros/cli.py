@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "eval-sim": "actdistill_ros.sim.evaluate",
     "bench-node": "actdistill_ros.ros.bench_node",
     "replay-eval": "actdistill_ros.ros.replay_eval",
+    "demo": "actdistill_ros.demo",
 }
 
 

@@ -11,7 +11,7 @@ import pytest
 from actdistill_ros.ros.action_output import (ChunkScheduler, MotionWatchdog, RollingPercentiles, SafetyLimits,
                                               check_mode_fits, is_finite_chunk, pose_from_action, split_gripper,
                                               twist_from_action)
-from actdistill_ros.ros.image_conversion import BadImage, compressed_msg_to_rgb, image_msg_to_rgb
+from actdistill_ros.data.images import ImageDecodeError, compressed_msg_to_rgb, image_msg_to_rgb
 
 
 # ---------------------------------------------------------------- safety
@@ -181,7 +181,7 @@ def test_bad_raw_images_raise_with_a_kind(rgb, change, kind):
             import array
             value = array.array("B", value)
         setattr(msg, key, value)
-    with pytest.raises(BadImage) as err:
+    with pytest.raises(ImageDecodeError) as err:
         image_msg_to_rgb(msg)
     assert err.value.kind == kind and str(err.value)
 
@@ -194,7 +194,7 @@ def test_compressed_images_decode_and_refuse_garbage(rgb):
     assert compressed_msg_to_rgb(types.SimpleNamespace(format="rgb8; jpeg compressed bgr8", data=jpeg)).shape == (6, 5, 3)
     for fmt, data, kind in [("jpeg", b"", "empty"), ("jpeg", b"\xff\xd8 not a jpeg", "decode"),
                             ("jpeg", jpeg[: len(jpeg) // 3], "decode"), ("16UC1; compressedDepth", png, "encoding")]:
-        with pytest.raises(BadImage) as err:
+        with pytest.raises(ImageDecodeError) as err:
             compressed_msg_to_rgb(types.SimpleNamespace(format=fmt, data=data))
         assert err.value.kind == kind
 

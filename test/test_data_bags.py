@@ -328,10 +328,10 @@ def _tiff(t, stamp):
 BAD_MESSAGE_CASES = {
     "nan_action": (dict(action_fn=_nan_action), "/action", "NaN/inf"),
     "inf_state": (dict(state_fn=_inf_state), "/joint_states", "NaN/inf"),
-    "unknown_encoding": (dict(image_fn=_unknown_encoding), "/camera/image_raw", "unknown encoding '16UC1'"),
+    "unknown_encoding": (dict(image_fn=_unknown_encoding), "/camera/image_raw", "encoding '16UC1' is not supported"),
     "short_data": (dict(image_fn=_short_data), "/camera/image_raw", "expected step >= 96"),
     "small_step": (dict(image_fn=_small_step), "/camera/image_raw", "expected step >= 96"),
-    "bad_jpeg": (dict(image_fn=_bad_jpeg), "/camera/image_raw", "not a decodable jpeg/png"),
+    "bad_jpeg": (dict(image_fn=_bad_jpeg), "/camera/image_raw", "not a decodable jpeg or png"),
     "unknown_compressed_format": (dict(image_fn=_tiff), "/camera/image_raw", "expected jpeg or png"),
     "mixed_sizes": (dict(image_fn=_mixed_sizes), "/camera/image_raw", "expected 32x24 like the first frame"),
 }

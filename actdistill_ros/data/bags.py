@@ -32,7 +32,7 @@ from .config import (
     BagDataError,
     TopicConfig,
 )
-from .images import ImageDecodeError, compressed_image_to_rgb, raw_image_to_rgb
+from .images import ImageDecodeError, compressed_msg_to_rgb, image_msg_to_rgb, resize_to
 
 log = logging.getLogger(__name__)
 
@@ -281,11 +281,13 @@ def _read_open_bag(reader: Reader, path: Path, ctx: _BagContext, topics: TopicCo
             frame_target = target_hw if target_hw is not None else first_source_hw
             try:
                 if camera_type == COMPRESSED_IMAGE_TYPE:
-                    image, source_hw = compressed_image_to_rgb(msg.data, msg.format, frame_target)
+                    image = compressed_msg_to_rgb(msg)
+                    source_hw = (int(image.shape[0]), int(image.shape[1]))
                 else:
                     source_hw = (int(msg.height), int(msg.width))
                     _check_size(ctx, topic, stamp, source_hw, first_source_hw, size_policy)  # before decoding
-                    image = raw_image_to_rgb(msg.data, msg.height, msg.width, msg.encoding, msg.step, frame_target)
+                    image = image_msg_to_rgb(msg)
+                image = np.ascontiguousarray(resize_to(image, frame_target))
             except ImageDecodeError as err:
                 raise ctx.error(topic, f"frame at {stamp} ns: {err}") from None
             _check_size(ctx, topic, stamp, source_hw, first_source_hw, size_policy)

@@ -1,4 +1,7 @@
-"""sensor_msgs Image / CompressedImage <-> RGB uint8 arrays with numpy and OpenCV (no cv_bridge)."""
+"""sensor_msgs Image / CompressedImage <-> RGB uint8 arrays with numpy and OpenCV (no cv_bridge).
+
+One decoder for the bag reader and the policy node; torch- and ROS-free (messages are duck-typed).
+"""
 
 from __future__ import annotations
 
@@ -11,69 +14,85 @@ RAW_ENCODINGS = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1}
 COMPRESSED_FORMATS = ("jpeg", "png")
 
 
+# A 4K JPEG at maximum quality is ~10 MB; anything far beyond that is not a camera frame.
+MAX_COMPRESSED_BYTES = 32 * 1024 * 1024
+
+
 class ImageDecodeError(ValueError):
-    """An image message cannot be decoded; the caller adds bag and topic."""
+    """An image message that cannot be used. ``kind`` (encoding, size, empty, decode) is what the
+    node counts bad messages by; the bag reader adds the bag and topic to the message."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
 
 
 def resize_to(image: np.ndarray, size_hw: tuple[int, int] | None) -> np.ndarray:
-    """Resize to (height, width) with INTER_AREA; None keeps the image as is."""
+    """Resize to (height, width) with INTER_AREA; None (or the same size) keeps the image as is."""
     if size_hw is None or (image.shape[0] == size_hw[0] and image.shape[1] == size_hw[1]):
         return image
-    return cv2.resize(image, (int(size_hw[1]), int(size_hw[0])), interpolation=cv2.INTER_AREA)
+    return cv2.resize(np.ascontiguousarray(image), (int(size_hw[1]), int(size_hw[0])), interpolation=cv2.INTER_AREA)
 
 
-def raw_image_to_rgb(
-    data: Any, height: int, width: int, encoding: str, step: int, size_hw: tuple[int, int] | None = None
-) -> np.ndarray:
-    """Decode a sensor_msgs/Image payload to RGB uint8 (h, w, 3), honouring row padding in `step`.
+def raw_image_to_rgb(data: Any, height: int, width: int, encoding: str, step: int) -> np.ndarray:
+    """sensor_msgs/Image payload (rgb8, bgr8, rgba8, bgra8, mono8) -> RGB (h, w, 3) uint8.
 
-    Resizing (when `size_hw` is given) happens before the channel shuffle so it runs on fewer bytes.
+    A zero-copy view of ``data`` (rows padded to ``step`` included): channel reordering, alpha
+    removal and mono broadcasting are views too. Copy it if the buffer will not outlive you.
     """
-    channels = RAW_ENCODINGS.get(encoding.lower())
+    name = encoding.lower()
+    channels = RAW_ENCODINGS.get(name)
     if channels is None:
-        raise ImageDecodeError(f"unknown encoding {encoding!r}, expected one of {sorted(RAW_ENCODINGS)}")
-    encoding = encoding.lower()
-    if height <= 0 or width <= 0:
-        raise ImageDecodeError(f"empty image {width}x{height}, expected positive width and height")
+        raise ImageDecodeError("encoding", f"image encoding {encoding!r} is not supported, expected one of "
+                                           f"{sorted(RAW_ENCODINGS)}")
+    height, width, step = int(height), int(width), int(step)
+    buf = data.reshape(-1) if isinstance(data, np.ndarray) else np.frombuffer(data, dtype=np.uint8)
+    if height <= 0 or width <= 0 or buf.size == 0:
+        raise ImageDecodeError("empty", f"{name} image is empty ({width}x{height}, {buf.size} data bytes)")
     row_bytes = width * channels
-    buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1)
-    if step < row_bytes or buf.size < step * height:
-        raise ImageDecodeError(
-            f"{encoding} {width}x{height}: expected step >= {row_bytes} and {step}*{height} data bytes, "
-            f"got step {step} and {buf.size} bytes"
-        )
-    # Rows may be padded to `step` bytes: view (h, step), then cut the padding off.
-    image = buf[: step * height].reshape(height, step)[:, :row_bytes].reshape(height, width, channels)
-    if channels == 1:
-        image = image[:, :, 0]
-    if not image.flags.c_contiguous:
-        image = np.ascontiguousarray(image)
-    image = resize_to(image, size_hw)
-    if encoding == "rgb8":
-        out = image
-    elif encoding == "bgr8":
-        out = image[:, :, ::-1]
-    elif encoding == "rgba8":
-        out = image[:, :, :3]
-    elif encoding == "bgra8":
-        out = image[:, :, 2::-1]
-    else:  # mono8
-        out = np.repeat(image[:, :, None], 3, axis=2)
-    return np.ascontiguousarray(out)
+    if step < row_bytes or buf.size != step * height:
+        raise ImageDecodeError("size", f"{name} {width}x{height}: expected step >= {row_bytes} and step*height "
+                                       f"data bytes, got step {step} and {buf.size} bytes")
+    pixels = buf.reshape(height, step)[:, :row_bytes].reshape(height, width, channels)
+    if name == "rgb8":
+        return pixels
+    if name == "bgr8":
+        return pixels[:, :, ::-1]
+    if name == "rgba8":
+        return pixels[:, :, :3]
+    if name == "bgra8":
+        return pixels[:, :, 2::-1]
+    return np.broadcast_to(pixels, (height, width, 3))  # mono8: one channel read three times
 
 
-def compressed_image_to_rgb(data: Any, fmt: str, size_hw: tuple[int, int] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode a JPEG/PNG sensor_msgs/CompressedImage payload; returns (RGB image, source (h, w))."""
-    fmt_lower = fmt.lower()
-    if not any(name in fmt_lower for name in ("jpeg", "jpg", "png")) or "compresseddepth" in fmt_lower:
-        raise ImageDecodeError(f"unknown compressed format {fmt!r}, expected jpeg or png")
-    buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1)
-    bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+def compressed_image_to_rgb(data: Any, fmt: str) -> np.ndarray:
+    """sensor_msgs/CompressedImage payload (jpeg or png) -> RGB (h, w, 3) uint8."""
+    name = fmt.lower()
+    if "compresseddepth" in name or not any(k in name for k in ("jpeg", "jpg", "png")):
+        raise ImageDecodeError("encoding", f"compressed format {fmt!r} is not supported, expected jpeg or png")
+    buf = data.reshape(-1) if isinstance(data, np.ndarray) else np.frombuffer(data, dtype=np.uint8)
+    if buf.size == 0:
+        raise ImageDecodeError("empty", f"compressed image ({fmt!r}) has no data")
+    if buf.size > MAX_COMPRESSED_BYTES:
+        raise ImageDecodeError("size", f"compressed image of {buf.size} bytes exceeds {MAX_COMPRESSED_BYTES} bytes")
+    try:
+        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    except cv2.error:
+        bgr = None
     if bgr is None:
-        raise ImageDecodeError(f"format {fmt!r}: {buf.size} bytes are not a decodable jpeg/png image")
-    source_hw = (int(bgr.shape[0]), int(bgr.shape[1]))
-    bgr = resize_to(bgr, size_hw)
-    return np.ascontiguousarray(bgr[:, :, ::-1]), source_hw
+        raise ImageDecodeError("decode", f"compressed image ({fmt!r}, {buf.size} bytes) is not a decodable "
+                                         f"jpeg or png")
+    return bgr[:, :, ::-1]
+
+
+def image_msg_to_rgb(msg) -> np.ndarray:
+    """sensor_msgs/Image (rclpy or rosbags message; duck-typed) -> RGB view."""
+    return raw_image_to_rgb(msg.data, msg.height, msg.width, msg.encoding, msg.step)
+
+
+def compressed_msg_to_rgb(msg) -> np.ndarray:
+    """sensor_msgs/CompressedImage (rclpy or rosbags message) -> RGB."""
+    return compressed_image_to_rgb(msg.data, msg.format)
 
 
 def rgb_to_raw(image: np.ndarray, encoding: str) -> tuple[np.ndarray, int]:

@@ -196,6 +196,28 @@ def _evaluate(
     desc: str,
     progress: bool,
 ) -> tuple[dict[str, Any], list[EpisodeOutcome]]:
+    # Torch's intra-op threads and the software (llvmpipe) renderer's threads in one process fight
+    # for the cores: a predict took ~180 ms instead of ~4 ms on 2 cores. One torch thread here.
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _evaluate_episodes(policy, cache, task_names, seeds, execute_steps, gif_dir, desc, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _evaluate_episodes(
+    policy,
+    cache: _TaskCache,
+    task_names: list[str],
+    seeds: list[int],
+    execute_steps: int,
+    gif_dir: Path | None,
+    desc: str,
+    progress: bool,
+) -> tuple[dict[str, Any], list[EpisodeOutcome]]:
     bar = None
     if progress:
         from tqdm import tqdm
@@ -528,6 +550,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
     parser.add_argument("--out", default="eval_sim", help="output directory (default: ./eval_sim)")
     parser.add_argument("--gif", action="store_true", help="write a GIF of the first episode of each task")
+    parser.add_argument("--through-ros", action="store_true",
+                        help="run the sim and the policy as ROS 2 nodes (sim_arm_node + policy_node over Fast DDS, "
+                        "loopback) instead of in this process")
+    parser.add_argument("--realtime-hz", type=float, default=None, metavar="HZ",
+                        help="with --through-ros: step the sim in real time at HZ instead of in lockstep")
     parser.set_defaults(func=run)
     return parser
 
@@ -536,11 +563,13 @@ def run(args: argparse.Namespace) -> int:
     from actdistill_ros.policy import Policy
     from actdistill_ros.weights import WeightsError
 
+    if getattr(args, "through_ros", False):
+        return _run_through_ros(args)
     try:
         policy = Policy.load(args.policy, device=args.device, dtype=args.dtype)
         if args.threshold is not None:
             policy.threshold = args.threshold
-        # In-process loop; a through-ROS mode would build a ChunkPredictor backed by the policy node here.
+        # In-process loop; --through-ros runs the same episodes with the nodes (_run_through_ros).
         common = dict(tasks=args.tasks, episodes_per_task=args.episodes, horizon=args.horizon,
                       seed_base=args.seed_base, execute_steps=args.execute_steps, image_size=args.image_size,
                       out_dir=args.out)
@@ -555,4 +584,30 @@ def run(args: argparse.Namespace) -> int:
     except (WeightsError, ValueError, AssertionError) as err:
         print(f"actdistill eval-sim: {err}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _run_through_ros(args: argparse.Namespace) -> int:
+    """eval-sim --through-ros: the same episodes and report, with sim_arm_node + policy_node over DDS."""
+    from actdistill_ros.weights import WeightsError
+
+    if args.sweep_threshold is not None or args.gif or args.execute_steps is not None or args.dtype != "float32":
+        print("actdistill eval-sim: --through-ros runs one threshold in float32 without GIFs; --sweep-threshold, "
+              "--gif, --execute-steps and --dtype are in-process options", file=sys.stderr)
+        return 2
+    if args.realtime_hz is not None and not 0.1 <= args.realtime_hz <= 1000.0:
+        print(f"actdistill eval-sim: --realtime-hz {args.realtime_hz}: expected 0.1..1000", file=sys.stderr)
+        return 2
+    from actdistill_ros.ros.closed_loop import NodeProcessError, evaluate_through_ros, ros_eval_markdown
+
+    try:
+        result, _ = evaluate_through_ros(
+            args.policy, args.tasks, episodes_per_task=args.episodes, horizon=args.horizon, seed_base=args.seed_base,
+            image_size=args.image_size, threshold=args.threshold, device=args.device,
+            sync=args.realtime_hz is None, control_rate_hz=args.realtime_hz or 20.0, out_dir=args.out)
+    except (WeightsError, ValueError, AssertionError, NodeProcessError) as err:
+        print(f"actdistill eval-sim: {err}", file=sys.stderr)
+        return 2
+    print(ros_eval_markdown(result))
+    print(f"wrote {Path(args.out) / 'eval.json'}")
     return 0

@@ -1,0 +1,85 @@
+"""Launch a simulated Meta-World arm together with the ActDistill policy node driving it.
+
+    ros2 launch actdistill_ros sim_arm.launch.py weights:=<weights dir> task:=push seed:=10000 \
+        sync_mode:=false device:=auto threshold:=0.5
+
+The arm (sim_arm_node) publishes camera, joint state and the task instruction and applies the
+policy node's ee_twist output (TwistStamped + Float64 gripper); both nodes read action.twist_scale
+from their parameter files (config/sim_arm.yaml, config/policy.yaml), which must agree. Start the
+next episode with the arm's ~/reset service (std_srvs/Trigger), or set episode.auto_reset.
+The Fast DDS profile for large camera images is set for both processes.
+"""
+
+import os
+
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+from launch_ros.parameter_descriptions import ParameterValue
+
+
+def generate_launch_description():
+    share = get_package_share_directory("actdistill_ros")
+    fastdds_profile = os.path.join(share, "config", "fastdds_large_images.xml")
+    arguments = [
+        DeclareLaunchArgument("weights", description="policy weights directory (model.safetensors + card.json)"),
+        DeclareLaunchArgument("task", default_value="reach", description="Meta-World task, e.g. reach, push"),
+        DeclareLaunchArgument("seed", default_value="10000", description="placement seed of the first episode"),
+        DeclareLaunchArgument("image_size", default_value="96",
+                              description="camera size in px (use the policy's input size)"),
+        DeclareLaunchArgument("sync_mode", default_value="false",
+                              description="true: lockstep (step once per answered frame); false: real time"),
+        DeclareLaunchArgument("auto_reset", default_value="true",
+                              description="start the next episode (seed + 1) when one ends"),
+        DeclareLaunchArgument("device", default_value="auto", description="auto, cpu, cuda or cuda:N"),
+        DeclareLaunchArgument("threshold", default_value="0.5",
+                              description="router threshold in [0, 1] (write a decimal point)"),
+        DeclareLaunchArgument("sim_params_file", default_value=os.path.join(share, "config", "sim_arm.yaml"),
+                              description="YAML with the remaining sim_arm_node parameters"),
+        DeclareLaunchArgument("policy_params_file", default_value=os.path.join(share, "config", "policy.yaml"),
+                              description="YAML with the remaining policy_node parameters"),
+    ]
+    sim_arm_node = Node(
+        package="actdistill_ros",
+        executable="sim_arm_node",
+        name="sim_arm_node",
+        output="screen",
+        emulate_tty=True,
+        parameters=[
+            LaunchConfiguration("sim_params_file"),
+            {
+                "task": LaunchConfiguration("task"),
+                "seed": ParameterValue(LaunchConfiguration("seed"), value_type=int),
+                "image_size": ParameterValue(LaunchConfiguration("image_size"), value_type=int),
+                "sync_mode": ParameterValue(LaunchConfiguration("sync_mode"), value_type=bool),
+                "episode.auto_reset": ParameterValue(LaunchConfiguration("auto_reset"), value_type=bool),
+                "topics.router_stats": "/policy_node/router_stats",
+            },
+        ],
+    )
+    policy_node = Node(
+        package="actdistill_ros",
+        executable="policy_node",
+        name="policy_node",
+        output="screen",
+        emulate_tty=True,
+        parameters=[
+            LaunchConfiguration("policy_params_file"),
+            {
+                "weights_path": LaunchConfiguration("weights"),
+                "device": LaunchConfiguration("device"),
+                "router.threshold": ParameterValue(LaunchConfiguration("threshold"), value_type=float),
+                "action.mode": "ee_twist",
+            },
+        ],
+    )
+    return LaunchDescription([
+        SetEnvironmentVariable("FASTRTPS_DEFAULT_PROFILES_FILE", fastdds_profile),
+        SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", fastdds_profile),
+        SetEnvironmentVariable("MUJOCO_GL", "egl"),
+        *arguments,
+        sim_arm_node,
+        policy_node,
+    ])
