@@ -14,7 +14,7 @@ demo: setup
 	$(VENV)/bin/actdistill demo
 
 test: setup
-	source scripts/ros_env.sh && $(PY) -m pytest -q $(TESTS)
+	source scripts/ros_env.sh && ACTDISTILL_REQUIRE_ROS=1 $(PY) -m pytest -q $(TESTS)
 
 bench: setup
 	$(VENV)/bin/actdistill bench --json

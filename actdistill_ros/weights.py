@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import struct
 import tempfile
 from dataclasses import dataclass, field
@@ -148,7 +149,7 @@ class ModelCard:
         return cls(**data)
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write via a temp file in the same directory and rename, so readers never see half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -161,13 +162,28 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save_policy(out_dir: str | Path, state_dict: dict[str, torch.Tensor], card: ModelCard) -> Path:
-    """Write ``model.safetensors`` + ``card.json`` into ``out_dir``; returns the directory."""
+    """Write ``model.safetensors`` + ``card.json`` as one directory ``out_dir``; returns it.
+
+    Both files are written into a temporary sibling directory that then replaces ``out_dir``,
+    so a reader (or a crash) never sees new weights beside an old card.
+    """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in state_dict.items()}
-    _atomic_write(out_dir / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    text = json.dumps(card.to_dict(), indent=2, sort_keys=True) + "\n"
-    _atomic_write(out_dir / CARD_FILE, lambda p: p.write_text(text))
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        (staging / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2, sort_keys=True) + "\n")
+        if out_dir.exists():
+            retired = staging.with_suffix(".old")
+            os.replace(out_dir, retired)
+            os.replace(staging, out_dir)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return out_dir
 
 
@@ -202,16 +218,22 @@ def read_card(card_path: Path) -> ModelCard:
 
 
 def _check_safetensors_header(path: Path) -> None:
-    """Refuse pickles and other formats by content, before any parser touches them."""
+    """Refuse pickles and other formats by content, before any parser touches them.
+
+    A safetensors file is an 8-byte little-endian header length, then a JSON header.
+    """
     with path.open("rb") as f:
         head = f.read(9)
+    size = path.stat().st_size
+    if len(head) == 9:
+        header_len = struct.unpack("<Q", head[:8])[0]
+        if head[8:9] == b"{" and 0 < header_len <= size - 8:
+            return
     if head[:2] == b"PK" or head[:1] == b"\x80":
         raise WeightsError(f"{path}: is a pickle/zip checkpoint, not safetensors; refusing to unpickle it")
     if len(head) < 9:
         raise WeightsError(f"{path}: truncated file ({len(head)} bytes), expected safetensors")
-    header_len = struct.unpack("<Q", head[:8])[0]
-    if head[8:9] != b"{" or header_len > path.stat().st_size:
-        raise WeightsError(f"{path}: not a safetensors file (bad header)")
+    raise WeightsError(f"{path}: not a safetensors file (bad header)")
 
 
 def read_weights(weights_path: Path) -> dict[str, torch.Tensor]:

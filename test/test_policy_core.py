@@ -244,3 +244,21 @@ def test_bench_prints_the_promised_json(capsys):
                 "student_backbone_gflops", "flops_ratio", "executed_layer_fraction"):
         assert key in result
     assert result["flops_ratio"] == pytest.approx(1 / result["executed_layer_fraction"], rel=1e-3)
+
+
+def test_a_safetensors_header_length_that_looks_like_pickle_still_loads(tmp_path):
+    """The first byte of a safetensors file is the low byte of its header length: 0x80 (pickle's
+    magic) or b"PK" must not make a valid file look like a pickle."""
+    import struct
+
+    from safetensors.torch import save_file
+
+    from actdistill_ros.weights import read_weights
+
+    path = tmp_path / "w.safetensors"
+    for pad in range(200):
+        save_file({"x": torch.zeros(2)}, str(path), metadata={"p": "a" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert struct.unpack("<Q", path.read_bytes()[:8])[0] % 256 == 0x80
+    assert read_weights(path)["x"].shape == (2,)

@@ -121,10 +121,10 @@ def test_collection_and_evaluation_seeds_are_disjoint(tmp_path):
         check_seed_ranges_disjoint([5, EVAL_SEED_BASE], [EVAL_SEED_BASE + 1])
     with pytest.raises(ValueError, match="below"):
         check_seed_ranges_disjoint([5], [EVAL_SEED_BASE - 1])
-    with pytest.raises(AssertionError, match="evaluation range"):
+    with pytest.raises(ValueError, match="evaluation range"):
         collect("reach", 2, tmp_path / "demos", seed_base=EVAL_SEED_BASE - 1, workers=1, progress=False)
     assert not (tmp_path / "demos" / "collection.json").exists()
-    with pytest.raises(AssertionError, match="collection range"):
+    with pytest.raises(ValueError, match="collection range"):
         evaluate_mod._check_eval_seeds(EVAL_SEED_BASE - 5, 10)
     assert evaluate_mod._check_eval_seeds(EVAL_SEED_BASE, 3) == [EVAL_SEED_BASE + i for i in range(3)]
 

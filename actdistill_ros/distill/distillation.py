@@ -35,7 +35,7 @@ from actdistill_ros.distill.training import to_device, train_stage, wrap_ddp
 from actdistill_ros.policies.actdistill import RouterConfig, RoutedStudent
 from actdistill_ros.policies.vla import EncodedObservation, ReferenceVLA
 from actdistill_ros.policy import Policy, make_card, save_model
-from actdistill_ros.weights import _atomic_write
+from actdistill_ros.weights import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class TeacherTargets:
         return cls(keys, torch.cat(semantic), torch.cat(probes))
 
     def save(self, path: Path) -> None:
-        _atomic_write(path, lambda p: save_file({"semantic": self.semantic.contiguous(),
+        atomic_write(path, lambda p: save_file({"semantic": self.semantic.contiguous(),
                                                  "probes": self.probes.contiguous()}, str(p),
                                                 metadata={"keys": json.dumps(self.keys)}))
 
@@ -248,7 +248,8 @@ def run_distillation(teacher_path: Path, data: list[Path], out_dir: Path, config
         raise ValueError(f"demonstrations have {len(demos.action_names)} action dims, the teacher predicts {c.action_dim}")
     out_dir.mkdir(parents=True, exist_ok=True)
     if ctx.is_main:
-        (out_dir / "distill_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        text = json.dumps(config.to_dict(), indent=2) + "\n"
+        atomic_write(out_dir / "distill_config.json", lambda p: p.write_text(text))
     run_log = RunLog(out_dir, ctx.is_main)
     heads_path = out_dir / TEACHER_HEADS
 
@@ -258,7 +259,7 @@ def run_distillation(teacher_path: Path, data: list[Path], out_dir: Path, config
         if not heads_path.is_file():
             heads = probe_teacher(teacher, demos, config, ctx, out_dir, run_log, resume)
             if ctx.is_main:
-                _atomic_write(heads_path, lambda p: save_file(
+                atomic_write(heads_path, lambda p: save_file(
                     {k: v.contiguous() for k, v in heads.state_dict().items()}, str(p)))
                 Checkpointer(out_dir / "checkpoints", "probe").clear()
             if ctx.distributed:
@@ -308,7 +309,7 @@ def _export(teacher, student, teacher_policy, demos, config, ctx, out_dir, stude
     save_model(student_dir, student, card)
     plot_losses(run_log.records(), out_dir / "losses.png")
     plot_layer_usage(student_eval["layer_usage"], config.threshold, out_dir / "layer_usage.png")
-    (out_dir / "summary.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    atomic_write(out_dir / "summary.json", lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"))
     log.info("student written to %s: executes %.0f%% of layers, held-out action MSE %.4f (teacher %.4f)",
              student_dir, 100 * metrics["executed_layer_fraction"], metrics["student_action_mse"],
              metrics["teacher_action_mse"])

@@ -17,13 +17,6 @@ def _batches(dataset, batch_size: int = 64):
 
 
 @torch.no_grad()
-def held_out_action_error(vla: ReferenceVLA, student: RoutedStudent | None, dataset, device) -> float:
-    """Action-chunk MSE in normalised units (1.0 = predicting the mean), over held-out frames."""
-    stats = evaluate_routing(vla, student, dataset, device)
-    return stats["action_mse"]
-
-
-@torch.no_grad()
 def evaluate_routing(vla: ReferenceVLA, student: RoutedStudent | None, dataset, device) -> dict:
     """Action MSE, executed-layer fraction and per-layer usage at the student's threshold."""
     model = student or vla
@@ -43,5 +36,6 @@ def evaluate_routing(vla: ReferenceVLA, student: RoutedStudent | None, dataset, 
     model.train(was_training)
     layer_usage = (usage / max(samples, 1)).tolist()
     executed = sum(layer_usage) / vla.num_layers
+    # Every backbone layer costs the same FLOPs, so the FLOPs fraction is the executed fraction.
     return {"action_mse": total_error / max(total_weight, 1.0), "executed_layer_fraction": executed,
             "backbone_flops_fraction": executed, "layer_usage": layer_usage, "samples": samples}

@@ -76,6 +76,8 @@ class GraphInformedHead(nn.Module):
         edge_weights = torch.softmax(top_values, dim=-1)  # padded neighbours (-inf) get weight 0
         edge_log_prior = torch.full_like(similarity, float("-inf")).scatter(
             -1, neighbours, edge_weights.clamp_min(1e-9).log())
+        # With fewer valid tokens than k, top-k also picks padding: those edges must not exist.
+        edge_log_prior = edge_log_prior.masked_fill(~valid[:, None, :], float("-inf"))
         for layer in self.gat:
             nodes = layer(nodes, edge_log_prior)
         scores = self.pool_score(nodes).squeeze(-1).masked_fill(~valid, float("-inf"))

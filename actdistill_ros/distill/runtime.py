@@ -19,7 +19,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from actdistill_ros.weights import _atomic_write
+from actdistill_ros.weights import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +126,10 @@ class Checkpointer:
         tensors.update({k: v.detach().cpu().contiguous().clone() for k, v in optim_tensors.items()})
         tensors["rng.torch"] = torch.get_rng_state()
         weights = self.directory / f"{self.stage}-{step:08d}.safetensors"
-        _atomic_write(weights, lambda p: save_file(tensors, str(p)))
+        atomic_write(weights, lambda p: save_file(tensors, str(p)))
         meta = {"step": step, "weights": weights.name, "optimizer": optim_meta, "extra": extra or {}}
         previous = self.load_meta()
-        _atomic_write(self.pointer, lambda p: p.write_text(json.dumps(meta)))
+        atomic_write(self.pointer, lambda p: p.write_text(json.dumps(meta)))
         if previous and previous["weights"] != weights.name:
             (self.directory / previous["weights"]).unlink(missing_ok=True)
 
@@ -186,12 +186,12 @@ class RunLog:
                     self.writer.add_scalar(f"{stage}/{key}", value, step)
 
     def truncate_after(self, stage: str, step: int) -> None:
-        """On resume, drop records the killed run wrote after its last checkpoint."""
+        """On resume, drop records the killed run wrote after its last checkpoint (at ``step``)."""
         if not (self.enabled and self.path.is_file()):
             return
         kept = [line for line in self.path.read_text().splitlines()
-                if not (json.loads(line)["stage"] == stage and json.loads(line)["step"] >= step)]
-        self.path.write_text("".join(line + "\n" for line in kept))
+                if not (json.loads(line)["stage"] == stage and json.loads(line)["step"] > step)]
+        atomic_write(self.path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
 
     def records(self, stage: str | None = None) -> list[dict]:
         if not self.path.is_file():

@@ -13,13 +13,14 @@ import torch
 from actdistill_ros.distill.config import TrainConfig
 from actdistill_ros.distill.demos import (add_data_arguments, infer_action_space, load_demonstrations,
                                           topics_from_args)
-from actdistill_ros.distill.evaluation import held_out_action_error
+from actdistill_ros.distill.evaluation import evaluate_routing
 from actdistill_ros.distill.losses import masked_mse
 from actdistill_ros.distill.plots import plot_losses
-from actdistill_ros.distill.runtime import RunLog, init_distributed
+from actdistill_ros.distill.runtime import Checkpointer, RunLog, init_distributed
 from actdistill_ros.distill.training import train_stage, wrap_ddp
 from actdistill_ros.policies.vla import ReferenceVLA, VLAConfig
 from actdistill_ros.policy import make_card, save_model
+from actdistill_ros.weights import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def train_teacher(args: argparse.Namespace) -> Path:
     if ctx.is_main:
         metrics = {"train_steps": args.steps, "train_frames": len(demos.train)}
         if demos.val is not None:
-            metrics["held_out_action_mse"] = held_out_action_error(model, None, demos.val, ctx.device)
+            metrics["held_out_action_mse"] = evaluate_routing(model, None, demos.val, ctx.device)["action_mse"]
         action_space = infer_action_space(args.action_space, topics, demos.action_names, demos.stats)
         card = make_card(model, action_space, norm_stats=demos.stats.to_dict(), state_names=demos.state_names,
                          provenance={"trained_by": "actdistill train-teacher", "bags": demos.bags,
@@ -88,7 +89,8 @@ def train_teacher(args: argparse.Namespace) -> Path:
                          metrics=metrics)
         save_model(out_dir, model, card)
         plot_losses(run_log.records(), args.out / "losses.png")
-        (args.out / "summary.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        atomic_write(args.out / "summary.json", lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"))
+        Checkpointer(args.out / "checkpoints", "teacher").clear()
         log.info("teacher written to %s (%s)", out_dir, metrics)
     run_log.close()
     return out_dir

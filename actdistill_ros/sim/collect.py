@@ -236,10 +236,9 @@ def collect(
     if seed_base < 0:
         raise ValueError(f"seed_base {seed_base}: expected >= 0")
     # Demonstration placements must never be evaluation placements.
-    assert seed_base + max_attempts_per_task <= EVAL_SEED_BASE, (
-        f"collection seeds {seed_base}..{seed_base + max_attempts_per_task - 1} reach the evaluation range "
-        f"(>= {EVAL_SEED_BASE})"
-    )
+    if seed_base + max_attempts_per_task > EVAL_SEED_BASE:
+        raise ValueError(f"collection seeds {seed_base}..{seed_base + max_attempts_per_task - 1} reach the "
+                         f"evaluation range (>= {EVAL_SEED_BASE})")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -391,7 +390,7 @@ def run(args: argparse.Namespace) -> int:
             action_noise=args.noise, seed_base=args.seed_base, workers=args.workers, storage=args.storage,
             camera=args.camera, max_attempts_per_task=args.max_attempts, image_format=args.image_format,
         )
-    except (ValueError, AssertionError) as err:
+    except ValueError as err:
         print(f"actdistill collect: {err}", file=sys.stderr)
         return 2
     for task, summary in data["per_task"].items():
