@@ -1,9 +1,11 @@
 """Launch the ActDistill policy node.
 
     ros2 launch actdistill_ros policy.launch.py weights:=<weights dir> \
-        camera_topic:=/camera/image_raw command_topic:=/instruction device:=auto threshold:=0.5
+        camera_topic:=/camera/image_raw command_topic:=/instruction device:=auto [threshold:=0.5]
 
 Every other parameter comes from params_file (default: the package's config/policy.yaml).
+Without threshold (and without router.threshold in params_file) the node uses the card's
+default_threshold, the value the student was distilled for.
 Camera drivers that publish 640x480 or larger raw images must run with the Fast DDS profile
 config/fastdds_large_images.xml in THEIR environment (FASTRTPS_DEFAULT_PROFILES_FILE, and
 FASTDDS_DEFAULT_PROFILES_FILE on newer distros); Fast DDS's default 512 KiB shared-memory
@@ -15,10 +17,45 @@ import os
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
-from launch_ros.parameter_descriptions import ParameterValue
+
+
+def _threshold(context) -> float | None:
+    """The threshold argument as a float, or None when it was not given (the card's default applies)."""
+    text = LaunchConfiguration("threshold").perform(context).strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"launch argument threshold must be a number in [0, 1], got {text!r}")
+    return value
+
+
+def _policy_node(context):
+    overrides = {
+        "weights_path": LaunchConfiguration("weights").perform(context),
+        "topics.camera": LaunchConfiguration("camera_topic").perform(context),
+        "topics.command": LaunchConfiguration("command_topic").perform(context),
+        "device": LaunchConfiguration("device").perform(context),
+    }
+    threshold = _threshold(context)
+    if threshold is not None:  # only when given: it overrides the card's default_threshold
+        overrides["router.threshold"] = threshold
+    return [Node(
+        package="actdistill_ros",
+        executable="policy_node",
+        name="policy_node",
+        output="screen",
+        emulate_tty=True,
+        parameters=[LaunchConfiguration("params_file"), overrides],
+        # Topics can also be remapped here, e.g. [("/action", "/servo_node/delta_twist_cmds")].
+        remappings=[],
+    )]
 
 
 def generate_launch_description():
@@ -32,33 +69,14 @@ def generate_launch_description():
         DeclareLaunchArgument("command_topic", default_value="/instruction",
                               description="instruction topic (std_msgs/String)"),
         DeclareLaunchArgument("device", default_value="auto", description="auto, cpu, cuda or cuda:N"),
-        DeclareLaunchArgument("threshold", default_value="0.5",
-                              description="router threshold in [0, 1] (write a decimal point)"),
+        DeclareLaunchArgument("threshold", default_value="",
+                              description="router threshold in [0, 1]; empty: the card's default_threshold"),
         DeclareLaunchArgument("params_file", default_value=os.path.join(share, "config", "policy.yaml"),
                               description="YAML with the remaining policy_node parameters"),
     ]
-    policy_node = Node(
-        package="actdistill_ros",
-        executable="policy_node",
-        name="policy_node",
-        output="screen",
-        emulate_tty=True,
-        parameters=[
-            LaunchConfiguration("params_file"),
-            {
-                "weights_path": LaunchConfiguration("weights"),
-                "topics.camera": LaunchConfiguration("camera_topic"),
-                "topics.command": LaunchConfiguration("command_topic"),
-                "device": LaunchConfiguration("device"),
-                "router.threshold": ParameterValue(LaunchConfiguration("threshold"), value_type=float),
-            },
-        ],
-        # Topics can also be remapped here, e.g. [("/action", "/servo_node/delta_twist_cmds")].
-        remappings=[],
-    )
     return LaunchDescription([
         SetEnvironmentVariable("FASTRTPS_DEFAULT_PROFILES_FILE", fastdds_profile),
         SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", fastdds_profile),
         *arguments,
-        policy_node,
+        OpaqueFunction(function=_policy_node),
     ])

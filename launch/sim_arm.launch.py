@@ -1,12 +1,13 @@
 """Launch a simulated Meta-World arm together with the ActDistill policy node driving it.
 
     ros2 launch actdistill_ros sim_arm.launch.py weights:=<weights dir> task:=push seed:=10000 \
-        sync_mode:=false device:=auto threshold:=0.5
+        sync_mode:=false device:=auto [threshold:=0.5]
 
 The arm (sim_arm_node) publishes camera, joint state and the task instruction and applies the
 policy node's ee_twist output (TwistStamped + Float64 gripper); both nodes read action.twist_scale
 from their parameter files (config/sim_arm.yaml, config/policy.yaml), which must agree. Start the
 next episode with the arm's ~/reset service (std_srvs/Trigger), or set episode.auto_reset.
+Without threshold the policy node uses the card's default_threshold.
 The Fast DDS profile for large camera images is set for both processes.
 """
 
@@ -14,10 +15,35 @@ import os
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
+
+
+def _policy_node(context):
+    overrides = {
+        "weights_path": LaunchConfiguration("weights").perform(context),
+        "device": LaunchConfiguration("device").perform(context),
+        "action.mode": "ee_twist",
+    }
+    text = LaunchConfiguration("threshold").perform(context).strip()
+    if text:  # only when given: it overrides the card's default_threshold
+        try:
+            threshold = float(text)
+        except ValueError:
+            threshold = float("nan")
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"launch argument threshold must be a number in [0, 1], got {text!r}")
+        overrides["router.threshold"] = threshold
+    return [Node(
+        package="actdistill_ros",
+        executable="policy_node",
+        name="policy_node",
+        output="screen",
+        emulate_tty=True,
+        parameters=[LaunchConfiguration("policy_params_file"), overrides],
+    )]
 
 
 def generate_launch_description():
@@ -34,8 +60,8 @@ def generate_launch_description():
         DeclareLaunchArgument("auto_reset", default_value="true",
                               description="start the next episode (seed + 1) when one ends"),
         DeclareLaunchArgument("device", default_value="auto", description="auto, cpu, cuda or cuda:N"),
-        DeclareLaunchArgument("threshold", default_value="0.5",
-                              description="router threshold in [0, 1] (write a decimal point)"),
+        DeclareLaunchArgument("threshold", default_value="",
+                              description="router threshold in [0, 1]; empty: the card's default_threshold"),
         DeclareLaunchArgument("sim_params_file", default_value=os.path.join(share, "config", "sim_arm.yaml"),
                               description="YAML with the remaining sim_arm_node parameters"),
         DeclareLaunchArgument("policy_params_file", default_value=os.path.join(share, "config", "policy.yaml"),
@@ -59,27 +85,11 @@ def generate_launch_description():
             },
         ],
     )
-    policy_node = Node(
-        package="actdistill_ros",
-        executable="policy_node",
-        name="policy_node",
-        output="screen",
-        emulate_tty=True,
-        parameters=[
-            LaunchConfiguration("policy_params_file"),
-            {
-                "weights_path": LaunchConfiguration("weights"),
-                "device": LaunchConfiguration("device"),
-                "router.threshold": ParameterValue(LaunchConfiguration("threshold"), value_type=float),
-                "action.mode": "ee_twist",
-            },
-        ],
-    )
     return LaunchDescription([
         SetEnvironmentVariable("FASTRTPS_DEFAULT_PROFILES_FILE", fastdds_profile),
         SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", fastdds_profile),
         SetEnvironmentVariable("MUJOCO_GL", "egl"),
         *arguments,
         sim_arm_node,
-        policy_node,
+        OpaqueFunction(function=_policy_node),
     ])

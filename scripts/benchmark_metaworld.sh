@@ -17,7 +17,7 @@ $ACT collect --tasks mt10 --episodes 50 --out "$OUT/demos" --image-size 64 --hor
 # 2. Teacher: reference VLA, 12 layers of width 192, 64 px input with 16 px patches (34 tokens).
 [[ -f "$OUT/teacher/teacher/card.json" ]] || \
   $ACT train-teacher --data "$OUT/demos" --out "$OUT/teacher" --size default --image-size 64 --patch-size 16 \
-    --width 192 --layers 12 --heads 4 --chunk-size 8 --steps "${TEACHER_STEPS:-3000}" --batch-size 32 --lr 5e-4 \
+    --width 192 --layers 12 --heads 4 --chunk-size 8 --steps "${TEACHER_STEPS:-2000}" --batch-size 32 --lr 5e-4 \
     --action-space metaworld --checkpoint-every 200 --resume
 
 # 3. ActDistill: stage 1 + stage 2 (config/distill.yaml), target: execute half of the layers.

@@ -95,6 +95,21 @@ def test_watchdog_reports_each_kind_of_staleness_once():
     assert watchdog.check(11.0, 10.9, has_command=True, waiting_for_state=True).reason == "no robot state received yet"
 
 
+def test_watchdog_holds_on_missing_or_stale_robot_state():
+    watchdog = MotionWatchdog(max_image_age_s=0.5, max_state_age_s=0.3)
+    frame = 10.0
+    missing = watchdog.check(10.1, frame, True, needs_state=True, newest_state_s=None)
+    assert not missing.allowed and missing.reason == "no robot state received yet"
+    assert watchdog.check(10.1, frame, True, needs_state=True, newest_state_s=10.0).allowed
+    stale = [watchdog.check(now, now - 0.05, True, needs_state=True, newest_state_s=10.0) for now in (10.4, 10.5)]
+    assert [v.allowed for v in stale] == [False, False] and [v.changed for v in stale] == [True, False]
+    assert "robot state is 0.40 s old" in stale[0].reason and "max_state_age_s 0.3" in stale[0].reason
+    fresh = watchdog.check(10.6, 10.55, True, needs_state=True, newest_state_s=10.5)
+    assert fresh.allowed and fresh.changed
+    # A policy without robot state ignores its age.
+    assert watchdog.check(20.0, 19.9, True, needs_state=False, newest_state_s=1.0).allowed
+
+
 # ---------------------------------------------------------------- vector -> command fields
 def test_action_vector_mapping():
     arm, gripper = split_gripper(np.array([0.1, 0.2, 0.3, -1.0]), 3)

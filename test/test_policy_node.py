@@ -6,6 +6,7 @@ serves most tests; a joint_trajectory node with compressed images gets its own s
 
 from __future__ import annotations
 
+import json
 import math
 import time
 
@@ -32,7 +33,9 @@ RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 SENSOR = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
 MAX_IMAGE_AGE_S = 0.4
+MAX_STATE_AGE_S = 0.4
 TWIST_SCALE = 0.1  # config/policy.yaml
+CARD_THRESHOLD = 0.7  # the rig's card default_threshold: config/policy.yaml must not override it
 
 
 def _frame(rng, height=48, width=64) -> np.ndarray:
@@ -49,6 +52,11 @@ class TwistRig:
         node = self.ros.node
         rng = np.random.default_rng(0)
         weights = create_untrained_policy(tmp_path_factory.mktemp("twist") / "w", size="tiny", student=True, keep=0.5)
+        card_path = weights / "card.json"
+        card = json.loads(card_path.read_text())
+        assert card["default_threshold"] == 0.5  # what the yaml used to force: the edit below is visible
+        card["default_threshold"] = CARD_THRESHOLD
+        card_path.write_text(json.dumps(card))
         # Latched command published before the node exists: it must still reach the node.
         self.command_pub = node.create_publisher(String, "/instruction", LATCHED)
         self.command_pub.publish(String(data="push the puck to the goal"))
@@ -65,7 +73,18 @@ class TwistRig:
         self.state = Streamer(self.state_pub, lambda: JointState(
             name=["hand_x", "hand_y", "hand_z", "gripper_opening"], position=[0.0, 0.6, 0.2, 1.0]), 12.0)
         self.process = start_policy_node(weights, self.domain, tmp_path_factory.mktemp("twist_node"), params={
-            "control_rate_hz": 20.0, "watchdog.max_image_age_s": MAX_IMAGE_AGE_S})
+            "control_rate_hz": 20.0, "watchdog.max_image_age_s": MAX_IMAGE_AGE_S,
+            "watchdog.max_state_age_s": MAX_STATE_AGE_S})
+        self.startup_threshold: float | None = None  # router.threshold before any test set it
+        self.startup_stats = None  # the first RouterStats, before any test set the threshold
+
+    def record_startup(self) -> None:
+        self.resume()
+        first = self.stats.wait_for(timeout=60.0)
+        self.pause()
+        assert first, f"no RouterStats after start-up:\n{self.process.output()[-3000:]}"
+        self.startup_stats = first[0]
+        self.startup_threshold = self.ros.get_parameters(NODE, ["router.threshold"])["router.threshold"]
 
     def resume(self) -> None:
         self.camera.resume()
@@ -100,6 +119,11 @@ class TwistRig:
 @pytest.fixture(scope="module")
 def twist_rig(tmp_path_factory):
     rig = TwistRig(tmp_path_factory)
+    try:
+        rig.record_startup()
+    except BaseException:
+        rig.close()
+        raise
     yield rig
     code = rig.close()
     assert code == 0, f"node did not shut down cleanly on SIGINT (exit {code}):\n{rig.process.output()[-3000:]}"
@@ -133,6 +157,12 @@ def test_ee_twist_and_gripper_commands_from_yaml_config(twist):
     # Values that only the params file sets: the node really started from config/policy.yaml.
     values = twist.ros.get_parameters(NODE, ["action.twist_scale", "action.velocity_limit", "control_rate_hz"])
     assert values == {"action.twist_scale": TWIST_SCALE, "action.velocity_limit": 0.5, "control_rate_hz": 20.0}
+
+
+def test_card_default_threshold_applies_when_the_yaml_does_not_set_it(twist_rig):
+    """config/policy.yaml leaves router.threshold unset: the node starts at the card's value."""
+    assert twist_rig.startup_threshold == pytest.approx(CARD_THRESHOLD)
+    assert twist_rig.startup_stats.threshold == pytest.approx(CARD_THRESHOLD)
 
 
 def _stats_with_threshold(rig, threshold: float):
@@ -240,6 +270,27 @@ def test_stale_camera_commands_zero_twist(twist_rig):
     rig.pause()
     output = rig.process.output()[log_start:]
     assert output.count("holding position: camera frame is") == 1  # logged once per episode
+
+
+def test_stale_robot_state_commands_zero_twist(twist_rig):
+    rig = twist_rig
+    log_start = len(rig.process.output())
+    rig.resume()
+    assert rig.twists.wait_for(lambda m: abs(m.twist.linear.x) + abs(m.twist.linear.z) > 0, timeout=20.0)
+    rig.state.pause()  # the camera keeps coming; only the robot state goes quiet
+    paused_at = time.monotonic()
+    time.sleep(MAX_STATE_AGE_S + 0.3)
+    held = rig.twists.wait_for(since=paused_at + MAX_STATE_AGE_S + 0.2, count=5, timeout=5.0)
+    assert held, "no twist published while the state was stale (expected zero twists)"
+    for msg in held:
+        assert (msg.twist.linear.x, msg.twist.linear.y, msg.twist.linear.z) == (0.0, 0.0, 0.0)
+    rig.diagnostics_after(time.monotonic())
+    assert "robot state is" in rig.diagnostics.messages()[-1].status[0].message
+    rig.state.resume()
+    rig.assert_alive_and_acting()
+    rig.pause()
+    output = rig.process.output()[log_start:]
+    assert output.count("holding position: robot state is") == 1, output[-3000:]  # once per episode
 
 
 JOINTS = [f"arm_joint_{i}" for i in range(1, 7)]

@@ -15,7 +15,6 @@ import time
 
 import numpy as np
 import pytest
-import yaml
 
 if importlib.util.find_spec("metaworld") is None:
     pytest.skip("simulator extra not installed (requirements-sim.txt)", allow_module_level=True)
@@ -27,6 +26,7 @@ from sensor_msgs.msg import Image, JointState  # noqa: E402
 from std_msgs.msg import Float64, String  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 
+from param_yaml import yaml_parameter_names  # noqa: E402
 from ros_harness import (REPO_ROOT, NodeProcess, RosSide, _param_arg, node_environment, reserve_domain,  # noqa: E402
                          wait_until)
 
@@ -48,20 +48,6 @@ def start_sim_node(domain: int, work_dir, params: dict) -> NodeProcess:
     env = node_environment(domain, work_dir / "ros_log")
     env["MUJOCO_GL"] = "egl"
     return NodeProcess(argv, env, work_dir)
-
-
-def _yaml_parameter_names() -> list[str]:
-    (section,) = yaml.safe_load(SIM_YAML.read_text()).values()
-    names: list[str] = []
-
-    def walk(prefix: str, value) -> None:
-        if isinstance(value, dict):
-            for key, inner in value.items():
-                walk(f"{prefix}{key}.", inner)
-        else:
-            names.append(prefix[:-1])
-    walk("", section["ros__parameters"])
-    return names
 
 
 def _launch_parameter_names(node_name: str) -> set[str]:
@@ -185,16 +171,12 @@ def test_lockstep_reset_with_a_seed_replays_the_first_frame(tmp_path):
         frame = images.wait_for(since=since, timeout=10.0)[0]
         return np.frombuffer(frame.data, np.uint8).reshape(SIZE, SIZE, 3).copy(), info
 
-    try:
-        client = ros.node.create_client(Trigger, f"/{NODE}/reset")
-        assert wait_until(lambda: client.wait_for_service(timeout_sec=0.2) or not process.alive(), 60.0)
-        assert process.alive(), process.output()[-3000:]
-        first, info = reset(10005)
-        # Step the arm to the end of the episode: each twist answers the current frame, one step.
+    def run_to_end(info: dict, max_steps: int = 40) -> dict:
+        """Step the arm to the end of the episode: each twist answers the current frame, one step."""
         def ended(m) -> bool:
             return json.loads(m.data)["episode"] == info["episode"] and json.loads(m.data)["done"]
 
-        for _ in range(40):
+        for _ in range(max_steps):
             if statuses.wait_for(ended, timeout=0.01):
                 break
             count = len(images.messages())
@@ -203,7 +185,14 @@ def test_lockstep_reset_with_a_seed_replays_the_first_frame(tmp_path):
             images.wait_for(count=count + 1, timeout=2.0)
         done = statuses.wait_for(ended, timeout=5.0)
         assert done, process.output()[-3000:]
-        final = json.loads(done[-1].data)
+        return json.loads(done[-1].data)
+
+    try:
+        client = ros.node.create_client(Trigger, f"/{NODE}/reset")
+        assert wait_until(lambda: client.wait_for_service(timeout_sec=0.2) or not process.alive(), 60.0)
+        assert process.alive(), process.output()[-3000:]
+        first, info = reset(10005)
+        final = run_to_end(info)
         assert (final["seed"], final["steps"], final["success"], final["state"]) == (10005, 6, False, "failure")
         assert len(final["action_wait_ms"]) == 6 and len(final["hand_state"]) == 4
 
@@ -221,6 +210,14 @@ def test_lockstep_reset_with_a_seed_replays_the_first_frame(tmp_path):
         assert not bad.successful and "unknown Meta-World task" in bad.reason
         reset(10005, task="push")
         assert commands.wait_for(lambda m: m.data == instruction_for("push"), timeout=10.0)
+        # A horizon above the one the node started with (6) applies at the next reset: the episode
+        # runs past the old limit (Meta-World's own max_path_length follows it).
+        assert ros.set_parameters(NODE, {"horizon": 9})[0].successful
+        _, info = reset(10007, task="push")
+        assert info["horizon"] == 9
+        final = run_to_end(info)
+        assert (final["steps"], final["horizon"], final["state"]) == (9, 9, "failure"), final
+        assert process.alive(), process.output()[-3000:]
         # Every parameter is documented.
         from rcl_interfaces.srv import DescribeParameters
         names = ros.list_parameters(NODE)
@@ -231,7 +228,7 @@ def test_lockstep_reset_with_a_seed_replays_the_first_frame(tmp_path):
         ranged = {d.name for d in described if d.integer_range or d.floating_point_range}
         assert {"seed", "horizon", "image_size", "control_rate_hz", "action.twist_scale"} <= ranged
         # config/sim_arm.yaml sets exactly the declared parameters; the launch file only declared ones.
-        assert sorted(_yaml_parameter_names()) == sorted(names)
+        assert sorted(yaml_parameter_names(SIM_YAML)) == sorted(names)
         assert _launch_parameter_names("sim_arm_node") <= set(names)
         assert process.alive()
     finally:

@@ -1,1 +1,1 @@
-"""ROS 2 layer: nodes, QoS and environment helpers (the only place rclpy is imported)."""
+"""ROS 2 layer: nodes, QoS profiles and environment utilities (the only place rclpy is imported)."""

@@ -142,14 +142,19 @@ class MotionVerdict:
 
 
 class MotionWatchdog:
-    """Allows motion only with a command and a camera frame newer than ``max_image_age_s``."""
+    """Allows motion only with a command, a camera frame newer than ``max_image_age_s`` and, when
+    the policy takes the robot state, a state newer than ``max_state_age_s``."""
 
-    def __init__(self, max_image_age_s: float):
+    def __init__(self, max_image_age_s: float, max_state_age_s: float = math.inf):
         self.max_image_age_s = float(max_image_age_s)
+        self.max_state_age_s = float(max_state_age_s)
         self._last_kind: str | None = None  # None = never checked
 
     def check(self, now_s: float, newest_frame_s: float | None, has_command: bool,
-              waiting_for_state: bool = False) -> MotionVerdict:
+              waiting_for_state: bool = False, *, needs_state: bool = False,
+              newest_state_s: float | None = None) -> MotionVerdict:
+        """``waiting_for_state``: no state yet (callers that do not track its age); ``needs_state``
+        with ``newest_state_s`` (None = none received yet): the state's age is checked too."""
         if not has_command:
             kind, reason = "no_command", "no command received yet"
         elif newest_frame_s is None:
@@ -157,8 +162,11 @@ class MotionWatchdog:
         elif now_s - newest_frame_s > self.max_image_age_s:
             kind, reason = "stale_frame", (f"camera frame is {now_s - newest_frame_s:.2f} s old "
                                            f"(watchdog.max_image_age_s {self.max_image_age_s:g})")
-        elif waiting_for_state:
+        elif waiting_for_state or (needs_state and newest_state_s is None):
             kind, reason = "no_state", "no robot state received yet"
+        elif needs_state and now_s - newest_state_s > self.max_state_age_s:
+            kind, reason = "stale_state", (f"robot state is {now_s - newest_state_s:.2f} s old "
+                                           f"(watchdog.max_state_age_s {self.max_state_age_s:g})")
         else:
             kind, reason = "ok", ""
         changed = kind != self._last_kind

@@ -61,13 +61,17 @@ def run(args: argparse.Namespace) -> int:
         if weights is None:
             from actdistill_ros.policy import create_untrained_policy
             weights = create_untrained_policy(tmp_dir / "weights", size=args.size, student=True, keep=args.keep)
+        # config/policy.yaml leaves router.threshold unset (= the card's); pass it explicitly so the
+        # measured threshold never depends on what a params file says.
+        from actdistill_ros.weights import read_card, resolve_weights_path
+        threshold = (float(args.threshold) if args.threshold is not None
+                     else float(read_card(resolve_weights_path(weights)[1]).default_threshold))
         env = ros_environment()  # loopback, own domain, built messages, Fast DDS large-image profile
         env["ROS_LOG_DIR"] = str(tmp_dir / "ros_log")
         node_cmd = [sys.executable, "-m", "actdistill_ros.ros.policy_node", "--ros-args",
                     "--params-file", str(POLICY_YAML), "-p", f"weights_path:={weights}",
-                    "-p", f"device:={args.device}", "-p", f"control_rate_hz:={float(args.rate)!r}"]
-        if args.threshold is not None:
-            node_cmd += ["-p", f"router.threshold:={float(args.threshold)!r}"]
+                    "-p", f"device:={args.device}", "-p", f"control_rate_hz:={float(args.rate)!r}",
+                    "-p", f"router.threshold:={threshold!r}"]
         node_log = (tmp_dir / "node.log").open("wb")
         node = subprocess.Popen(node_cmd, cwd=REPO_ROOT, env=env, stdout=node_log, stderr=subprocess.STDOUT)
         try:
@@ -78,7 +82,11 @@ def run(args: argparse.Namespace) -> int:
                                     timeout=args.duration + args.warmup + 120)
         finally:
             node.terminate()
-            node.wait(timeout=15)
+            try:
+                node.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                node.kill()
+                node.wait()
             node_log.close()
         if camera.returncode != 0:
             sys.stderr.write(camera.stderr[-3000:])
@@ -86,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
             raise RuntimeError(f"bench-node camera process failed (exit {camera.returncode})")
         result = json.loads(camera.stdout.strip().splitlines()[-1])
         result.update({"model_size": args.size if args.weights is None else str(args.weights),
-                       "device_requested": args.device})
+                       "device_requested": args.device, "threshold_requested": threshold})
     print(json.dumps(result, indent=2))
     return 0
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import re
-import signal
 import sys
 import threading
 import time
@@ -25,14 +24,11 @@ import rclpy
 from builtin_interfaces.msg import Duration as DurationMsg
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseStamped, TwistStamped
-from rcl_interfaces.msg import FloatingPointRange, ParameterDescriptor, SetParametersResult
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.event_handler import SubscriptionEventCallbacks
-from rclpy.exceptions import ParameterException
-from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
-from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import Float64, String
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
@@ -41,6 +37,8 @@ from actdistill_ros.policy import Policy
 from actdistill_ros.ros.action_output import (ACTION_MODES, ChunkScheduler, MotionWatchdog, RollingPercentiles,
                                               SafetyLimits, check_mode_fits, is_finite_chunk, pose_from_action,
                                               split_gripper, twist_from_action)
+from actdistill_ros.ros.node_common import (ACTION_QOS, LATCHED_QOS, SENSOR_QOS, STATS_QOS, BadInputLog,
+                                            StartupError, declare, run_node)
 from actdistill_ros.data.images import ImageDecodeError, compressed_msg_to_rgb, image_msg_to_rgb
 from actdistill_ros.weights import WeightsError
 
@@ -53,31 +51,16 @@ NODE_NAME = "policy_node"
 MAX_COMMAND_BYTES = 1 << 20  # 1 MiB: an instruction is a sentence, not a document
 # C0/C1 control characters other than tab and newlines; U+FFFD marks bytes that were not UTF-8.
 _BAD_COMMAND_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufffd]")
-BAD_LOG_PERIOD_S = 5.0  # at most one error line per kind of bad message per period
 
-# Camera: newest frame only, never block the driver (sensor-data semantics, stated explicitly).
-CAMERA_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.BEST_EFFORT,
-                        durability=DurabilityPolicy.VOLATILE)
+# Camera and state: newest sample only, never block the driver.
+CAMERA_QOS = STATE_QOS = SENSOR_QOS
 # Command: latched, so a command published before this node started still reaches it.
-COMMAND_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
-                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
+COMMAND_QOS = LATCHED_QOS
 # Same topic for publishers that are not latched (a transient-local reader does not match them).
 COMMAND_LIVE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
                               durability=DurabilityPolicy.VOLATILE)
-STATE_QOS = CAMERA_QOS
-# Reliable so reliable controller subscriptions match; depth 1: only the newest command matters.
-ACTION_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
-                        durability=DurabilityPolicy.VOLATILE)
-STATS_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE,
-                       durability=DurabilityPolicy.VOLATILE)
 
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("float32", "bfloat16", "float16")
 TRANSPORTS = ("raw", "compressed")
-
-
-class StartupError(RuntimeError):
-    """The node cannot start; the message is the one line that is logged."""
 
 
 def check_instruction(text: str) -> tuple[str, str] | None:
@@ -103,6 +86,7 @@ class Settings:
     temporal_ensemble: bool
     ensemble_decay: float
     max_image_age_s: float
+    max_state_age_s: float
     enable_output: bool
 
 
@@ -146,7 +130,9 @@ class PolicyNode(Node):
         self._lock = threading.Lock()  # control state: scheduler, last command, publishers' order
         self._frame_cv = threading.Condition()  # newest frame / command / state -> inference worker
         self._stopping = False
+        self._failure: str | None = None  # set when the inference worker died: the process exits
         self._declared: dict[str, Parameter.Type | None] = {}
+        self._bad = BadInputLog(self.get_logger(), "input")
 
         self._declare_startup_parameters()
         self._policy = self._load_policy()
@@ -188,7 +174,7 @@ class PolicyNode(Node):
         settings = self._settings
         self._scheduler = ChunkScheduler(settings.temporal_ensemble and self._mode != "joint_trajectory",
                                          settings.ensemble_decay)
-        self._watchdog = MotionWatchdog(settings.max_image_age_s)
+        self._watchdog = MotionWatchdog(settings.max_image_age_s, settings.max_state_age_s)
         self._tick = 0
         self._last_step_mono = float("-inf")
         self._last_commanded: np.ndarray | None = (np.zeros(space.dim) if self._mode == "ee_twist" else None)
@@ -200,10 +186,9 @@ class PolicyNode(Node):
         self._used_frame_seq = 0
         self._instruction: str | None = None
         self._state: np.ndarray | None = None
+        self._state_mono: float | None = None  # time.monotonic() when the newest state arrived
         self._executed_fraction = float("nan")
         self._counters = {"frames_received": 0, "frames_dropped": 0, "inferences": 0, "nan_actions_dropped": 0}
-        self._bad_counts: dict[str, int] = {}
-        self._bad_last_log: dict[str, float] = {}
         self._latency_ms = RollingPercentiles()
         self._inference_ms = RollingPercentiles()
         self._frame_wait_ms = RollingPercentiles()  # callback -> inference start (worker busy)
@@ -245,23 +230,9 @@ class PolicyNode(Node):
             f"{'' if settings.enable_output else ' (dry run: enable_output is false)'}")
 
     # ================================================================ parameters
-    def _declare(self, name: str, default: Any, description: str, *, read_only: bool = False,
-                 float_range: tuple[float, float] | None = None, constraints: str = "",
-                 array_type: Parameter.Type | None = None) -> None:
-        descriptor = ParameterDescriptor(description=description, read_only=read_only,
-                                         additional_constraints=constraints)
-        if float_range is not None:
-            descriptor.floating_point_range = [FloatingPointRange(from_value=float(float_range[0]),
-                                                                  to_value=float(float_range[1]), step=0.0)]
-        try:
-            if array_type is not None:  # empty-list default: the type cannot be inferred from []
-                self.declare_parameter(name, array_type, descriptor)
-            else:
-                self.declare_parameter(name, default, descriptor)
-        except ParameterException as err:  # e.g. `-p router.threshold:=1` (an integer) or out of range
-            raise StartupError(f"parameter {name}: {err} (expected {type(default).__name__ if array_type is None else array_type.name.lower()}"
-                               f"{'' if float_range is None else f' in [{float_range[0]:g}, {float_range[1]:g}]'})") from None
-        self._declared[name] = array_type
+    def _declare(self, name: str, default: Any, description: str, **options) -> None:
+        declare(self, name, default, description, **options)
+        self._declared[name] = options.get("array_type")
 
     def _declare_startup_parameters(self) -> None:
         self._declare("weights_path", "", "Policy weights: a directory with model.safetensors and card.json "
@@ -303,15 +274,17 @@ class PolicyNode(Node):
           "intersected with the card's. Empty: the card's limits.", array_type=Parameter.Type.DOUBLE_ARRAY)
         d("action.position_limits_high", None, "Upper action limits, one per action dimension (card order); "
           "intersected with the card's. Empty: the card's limits.", array_type=Parameter.Type.DOUBLE_ARRAY)
-        d("action.velocity_limit", 0.0, "Largest change of a commanded value between consecutive control steps "
+        d("action.velocity_limit", 0.5, "Largest change of a commanded value between consecutive control steps "
           "(action units per step; gripper excluded). 0 disables it.", float_range=(0.0, 1000.0))
-        d("action.twist_scale", 1.0, "ee_twist: m/s (and rad/s) per action unit.", float_range=(0.0, 100.0))
+        d("action.twist_scale", 0.1, "ee_twist: m/s (and rad/s) per action unit.", float_range=(0.0, 100.0))
         d("action.temporal_ensemble", False, "Average overlapping chunks (ACT temporal ensembling) instead of "
           "following the newest chunk. Ignored by joint_trajectory.")
         d("action.ensemble_decay", 0.01, "Ensembling weights exp(-decay * i), i = 0 for the oldest chunk.",
           float_range=(0.0, 10.0))
         d("watchdog.max_image_age_s", 0.5, "No motion when the newest camera frame is older than this.",
           float_range=(0.001, 60.0))
+        d("watchdog.max_state_age_s", 0.5, "No motion when the newest robot state is older than this (only "
+          "when the policy takes the robot state).", float_range=(0.001, 60.0))
         d("enable_output", True, "false: dry run (infer and publish stats and diagnostics, no actions).")
         d("state.enabled", True, "Subscribe to the robot state and feed it to the policy (needed when the "
           "card's state_dim > 0).", read_only=True)
@@ -334,6 +307,7 @@ class PolicyNode(Node):
                         temporal_ensemble=bool(values["action.temporal_ensemble"]),
                         ensemble_decay=float(values["action.ensemble_decay"]),
                         max_image_age_s=float(values["watchdog.max_image_age_s"]),
+                        max_state_age_s=float(values["watchdog.max_state_age_s"]),
                         enable_output=bool(values["enable_output"]))
 
     def _validate_parameter_batch(self, params: list[Parameter]) -> SetParametersResult:
@@ -353,6 +327,7 @@ class PolicyNode(Node):
             previous, self._settings = self._settings, settings
             self._policy.threshold = settings.threshold
             self._watchdog.max_image_age_s = settings.max_image_age_s
+            self._watchdog.max_state_age_s = settings.max_state_age_s
             if settings.control_rate_hz != previous.control_rate_hz:
                 self._control_timer.timer_period_ns = int(1e9 / settings.control_rate_hz)
             ensemble = settings.temporal_ensemble and self._mode != "joint_trajectory"
@@ -369,10 +344,6 @@ class PolicyNode(Node):
         device, dtype = self._value("device"), self._value("dtype")
         if not weights_path:
             raise StartupError("weights_path is not set: pass -p weights_path:=<dir with model.safetensors and card.json>")
-        if device not in DEVICES and not re.fullmatch(r"cuda:\d+", device):
-            raise StartupError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
-        if dtype not in DTYPES:
-            raise StartupError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
         core_logger = logging.getLogger("actdistill_ros")
         forward = _ForwardToRosLogger(self.get_logger())
         core_logger.addHandler(forward)
@@ -381,11 +352,17 @@ class PolicyNode(Node):
             return Policy.load(weights_path, device=device, dtype=dtype)
         except WeightsError as err:
             raise StartupError(f"cannot load weights: {err}") from None
-        except (ValueError, OSError) as err:
+        except ValueError as err:  # device or dtype refused by resolve_device / resolve_dtype
+            raise StartupError(f"cannot start the policy on device {device!r}, dtype {dtype!r}: {err}") from None
+        except OSError as err:
             raise StartupError(f"cannot load weights from {weights_path}: {err}") from None
 
     def start(self) -> None:
         self._worker.start()
+
+    def failure(self) -> str | None:
+        """Why the node cannot go on (already logged), or None."""
+        return self._failure
 
     def stop(self) -> None:
         """Stop the worker and command no motion (zero twist) while publishing still works."""
@@ -401,11 +378,7 @@ class PolicyNode(Node):
     # ================================================================ inputs (executor thread)
     def _report_bad(self, kind: str, text: str) -> None:
         """Count a bad input and log it, throttled per kind; the node carries on."""
-        self._bad_counts[kind] = self._bad_counts.get(kind, 0) + 1
-        now = time.monotonic()
-        if now - self._bad_last_log.get(kind, float("-inf")) >= BAD_LOG_PERIOD_S:
-            self._bad_last_log[kind] = now
-            self.get_logger().error(f"dropped bad {kind} input ({self._bad_counts[kind]} so far): {text}")
+        self._bad.report(kind, text)
 
     def _on_image(self, msg, info) -> None:
         received_ns = int(info.get("received_timestamp") or 0) or time.time_ns()
@@ -456,6 +429,7 @@ class PolicyNode(Node):
             return
         with self._frame_cv:
             self._state = state.astype(np.float32)
+            self._state_mono = time.monotonic()
             self._frame_cv.notify()
 
     # ================================================================ inference (worker thread)
@@ -464,6 +438,13 @@ class PolicyNode(Node):
                 and (self._state is not None or not self._use_state))
 
     def _inference_loop(self) -> None:
+        try:
+            self._infer_until_stopped()
+        except Exception as err:  # noqa: BLE001 - a bug here must end the process, not leave it idle
+            self._failure = f"inference worker stopped: {type(err).__name__}: {err}"
+            self.get_logger().fatal(self._failure)
+
+    def _infer_until_stopped(self) -> None:
         while True:
             with self._frame_cv:
                 self._frame_cv.wait_for(lambda: self._stopping or self._ready_to_infer())
@@ -534,6 +515,10 @@ class PolicyNode(Node):
     # ================================================================ control (under self._lock)
     def _on_control_timer(self) -> None:
         with self._lock:
+            # A timer callback that waited for the lock while _on_chunk sent step 0 would send
+            # step 1 right after it; the timer was reset there, so skip this stale tick.
+            if time.monotonic() - self._last_step_mono < 0.5 / self._settings.control_rate_hz:
+                return
             self._tick += 1
             self._control_step(new_chunk=False)
 
@@ -542,8 +527,9 @@ class PolicyNode(Node):
         with self._frame_cv:
             newest_frame = None if self._frame is None else self._frame.received_mono
             has_command = self._instruction is not None
-            waiting_for_state = self._use_state and self._state is None
-        verdict = self._watchdog.check(now, newest_frame, has_command, waiting_for_state)
+            newest_state = self._state_mono if self._use_state else None
+        verdict = self._watchdog.check(now, newest_frame, has_command, needs_state=self._use_state,
+                                       newest_state_s=newest_state)
         if verdict.changed:
             if verdict.allowed:
                 self.get_logger().info("inputs fresh: motion enabled")
@@ -679,7 +665,7 @@ class PolicyNode(Node):
             hold_reason, fraction = self._hold_reason, self._executed_fraction
             settings = self._settings
         counters = dict(self._counters)
-        bad = dict(self._bad_counts)
+        bad = dict(self._bad.counts)
         status = DiagnosticStatus()
         status.name = f"{self.get_name()}: policy"
         status.hardware_id = str(self._policy.device)
@@ -705,28 +691,7 @@ class PolicyNode(Node):
 
 
 def main(args: list[str] | None = None) -> int:
-    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    node = None
-    try:
-        try:
-            node = PolicyNode()
-        except StartupError as err:
-            rclpy.logging.get_logger(NODE_NAME).fatal(str(err))
-            return 1
-        executor = SingleThreadedExecutor()
-        executor.add_node(node)
-        node.start()
-        while not stop.is_set() and rclpy.ok():
-            executor.spin_once(timeout_sec=0.1)  # short timeout: signals are handled between calls
-        return 0
-    finally:
-        if node is not None:
-            node.stop()
-            node.destroy_node()
-        rclpy.try_shutdown()
+    return run_node(PolicyNode, NODE_NAME, args)
 
 
 if __name__ == "__main__":

@@ -133,18 +133,16 @@ class MetaWorldTask:
         self.env_name, self.instruction = MT10_TASKS[self.name]
         if not isinstance(image_size, (int, np.integer)) or not 16 <= image_size <= 1024:
             raise ValueError(f"image_size {image_size!r}: expected an integer in [16, 1024]")
-        if not isinstance(horizon, (int, np.integer)) or horizon < 1:
-            raise ValueError(f"horizon {horizon!r}: expected a positive integer")
         self.image_size = int(image_size)
-        self.horizon = int(horizon)
+        self.horizon = horizon  # checked by the setter; applied to the env once it exists
         self.camera = camera
 
         # MT1 tasks are fully observable (goal position in the state vector), which the expert needs.
         benchmark = metaworld.MT1(self.env_name, seed=0)
         env = benchmark.train_classes[self.env_name]()
         env.set_task(benchmark.train_tasks[0])
-        env.max_path_length = self.horizon
         self._env = env
+        self.horizon = self._horizon
 
         model = env.model
         camera_id = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, camera)
@@ -184,6 +182,20 @@ class MetaWorldTask:
         self.reset(seed)
 
     # ------------------------------------------------------------------ episode control
+    @property
+    def horizon(self) -> int:
+        """Steps per episode; Meta-World refuses to step past its own ``max_path_length``, so
+        setting the horizon sets that too (takes effect for the running episode as well)."""
+        return self._horizon
+
+    @horizon.setter
+    def horizon(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"horizon {value!r}: expected a positive integer")
+        self._horizon = int(value)
+        if self._env is not None:
+            self._env.max_path_length = self._horizon
+
     def reset(self, seed: int | None = None) -> None:
         """Start an episode; the same seed gives the same placement (and bit-identical frames)."""
         import mujoco
