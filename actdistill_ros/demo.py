@@ -126,10 +126,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             plot_filmstrip(episode, out / name)
             filmstrips.append(name)
     report["filmstrips"] = filmstrips
-    from actdistill_ros.sim.evaluate import _write_json, _write_text
+    from actdistill_ros.sim.evaluate import write_json, write_text
 
-    _write_json(out / "demo.json", report)
-    _write_text(out / "demo.md", demo_markdown(report, result))
+    write_json(out / "demo.json", report)
+    write_text(out / "demo.md", demo_markdown(report, result))
     return report
 
 
@@ -180,9 +180,9 @@ def demo_markdown(r: dict[str, Any], result: dict[str, Any]) -> str:
 
 def plot_filmstrip(episode, path: Path) -> None:
     """A few camera frames of one episode, as the policy saw them over ROS."""
-    from actdistill_ros.sim.evaluate import _pyplot, _save_figure
+    from actdistill_ros.sim.evaluate import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     frames = episode.frames
     picks = np.unique(np.linspace(0, len(frames) - 1, min(FILMSTRIP_FRAMES, len(frames))).round().astype(int))
     fig, axes = plt.subplots(1, len(picks), figsize=(1.8 * len(picks), 2.2), squeeze=False)
@@ -194,5 +194,5 @@ def plot_filmstrip(episode, path: Path) -> None:
                else f"no success in {outcome.steps} steps")
     fig.suptitle(f"{outcome.task} (seed {outcome.seed}): {verdict}", fontsize=9)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
     plt.close(fig)

@@ -61,6 +61,8 @@ class PolicyReplay:
     messages_published: int = 0
     replay_seconds: float = 0.0
     unmatched_chunks: int = 0  # chunks whose stamp matched no frame sent (late, or another publisher)
+    malformed_chunks: int = 0  # ActionChunks not readable as (chunk_size, action_dim) finite values
+    callback_errors: int = 0  # subscription callbacks that raised (logged; the replay went on)
 
     def received(self) -> list[FrameRecord]:
         return [f for f in self.frames if f.chunk is not None]
@@ -145,6 +147,8 @@ def summarize(replay: PolicyReplay, recorded: dict[str, RecordedActions]) -> dic
         "chunks_received": len(received),
         "frames_dropped": len(replay.frames) - len(received),
         "unmatched_chunks": replay.unmatched_chunks,
+        "malformed_chunks": replay.malformed_chunks,
+        "callback_errors": replay.callback_errors,
         "messages_published": replay.messages_published,
         "replay_seconds": round(replay.replay_seconds, 3),
         "messages_per_s": round(replay.messages_published / seconds, 2),
@@ -269,7 +273,8 @@ def render_markdown(report: dict) -> str:
               f"- mode: {report['mode']}, rate: {report['rate']}, node: {report.get('node', '-')}", ""]
     lines += ["| | " + " | ".join(report["policies"]) + " |", "|---|" + "---|" * len(report["policies"])]
     rows = [("frames published", "frames_published"), ("chunks received", "chunks_received"),
-            ("frames dropped", "frames_dropped"), ("messages/s", "messages_per_s"), ("frames/s", "frames_per_s")]
+            ("frames dropped", "frames_dropped"), ("malformed chunks", "malformed_chunks"),
+            ("messages/s", "messages_per_s"), ("frames/s", "frames_per_s")]
     policies = report["policies"].values()
     for label, key in rows:
         lines.append(f"| {label} | " + " | ".join(_fmt(p[key]) for p in policies) + " |")

@@ -1,18 +1,19 @@
 """Shared plumbing for tests that run real ROS 2 nodes over Fast DDS (loopback only).
 
-- ``NodeProcess`` / ``start_policy_node``: the policy node as a subprocess with its own ROS env.
-- ``RosSide``: this test process's rclpy context, node and executor (spinning in a thread).
+- ``NodeProcess`` / ``start_policy_node``: a node as a subprocess with its own ROS env
+  (``actdistill_ros.ros.ros_process.NodeProcess``).
+- ``RosSide``: this test process's rclpy context, node and executor (``BackgroundRos``).
 - ``Recorder`` and ``wait_until``: collect messages and wait on conditions with a deadline.
 - Message builders and parameter service calls (SetParameters etc., exactly what `ros2 param` sends).
+- ``skip_or_fail`` / ``require_rclpy``: a missing ROS part skips the test, or fails it when
+  ACTDISTILL_REQUIRE_ROS=1 (`make test`), so a broken message build cannot pass as skipped tests.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,9 +23,12 @@ import numpy as np
 import pytest
 
 from actdistill_ros.ros import env as ros_env
+from actdistill_ros.ros import ros_process
+from actdistill_ros.ros.ros_process import param_arg as _param_arg  # noqa: F401 - used by the node tests
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-POLICY_YAML = REPO_ROOT / "config" / "policy.yaml"
+POLICY_YAML = ros_env.config_file("policy.yaml")
+REQUIRE_ROS_VARIABLE = "ACTDISTILL_REQUIRE_ROS"
 
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
@@ -41,9 +45,29 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
         time.sleep(interval)
 
 
+# ---------------------------------------------------------------- skip, or fail where ROS is required
+def ros_required() -> bool:
+    return os.environ.get(REQUIRE_ROS_VARIABLE) == "1"
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip (a machine without the ROS parts), or fail when ACTDISTILL_REQUIRE_ROS=1. Works at module level."""
+    if ros_required():
+        pytest.fail(f"{reason} ({REQUIRE_ROS_VARIABLE}=1: the ROS 2 parts must be present)", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def require_rclpy():
+    """The rclpy module, or skip_or_fail."""
+    try:
+        return importlib.import_module("rclpy")
+    except ImportError as err:
+        skip_or_fail(f"rclpy not importable ({err}): install requirements-ros.txt")
+
+
 # ---------------------------------------------------------------- messages built by colcon
 def load_router_stats_type():
-    """actdistill_ros.msg.RouterStats in this (already running) process, or skip if not built."""
+    """actdistill_ros.msg.RouterStats in this (already running) process, or skip_or_fail if not built."""
     try:
         from actdistill_ros.msg import RouterStats
         return RouterStats
@@ -51,7 +75,7 @@ def load_router_stats_type():
         pass
     site_packages = ros_env.built_messages_path()
     if site_packages is None:
-        pytest.skip("RouterStats not built: run scripts/build_msgs.sh")
+        skip_or_fail("actdistill_ros messages (RouterStats, ActionChunk) not built: run scripts/build_msgs.sh")
     import actdistill_ros
     lib_dir = ros_env.ROS_INSTALL_DIR / "lib"
     # The loader read LD_LIBRARY_PATH at start-up: preload the message libraries by path, and
@@ -68,51 +92,12 @@ def load_router_stats_type():
 
 
 # ---------------------------------------------------------------- node subprocess
-def _param_arg(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)  # keeps the decimal point: 1.0 stays a double
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_param_arg(v) for v in value) + "]"
-    return str(value)
-
-
-class NodeProcess:
-    """A node subprocess with its output in files; ``stop()`` sends SIGINT and returns the exit code."""
+class NodeProcess(ros_process.NodeProcess):
+    """A node subprocess (whole ``argv``) with its output in ``log_dir``/output.txt; ``stop()`` sends SIGINT
+    and returns the exit code."""
 
     def __init__(self, argv: list[str], env: dict[str, str], log_dir: Path):
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.stdout_path, self.stderr_path = log_dir / "stdout.txt", log_dir / "stderr.txt"
-        self._stdout, self._stderr = self.stdout_path.open("wb"), self.stderr_path.open("wb")
-        self.proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=self._stdout, stderr=self._stderr)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def output(self) -> str:
-        return self.stdout_path.read_text(errors="replace") + self.stderr_path.read_text(errors="replace")
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self._close()
-
-    def stop(self, timeout: float = 10.0) -> int:
-        if self.alive():
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._close()
-        return self.proc.returncode
-
-    def _close(self) -> None:
-        self._stdout.close()
-        self._stderr.close()
+        super().__init__(argv, Path(log_dir) / "output.txt", env=env, cwd=REPO_ROOT)
 
 
 def node_environment(domain_id: int, log_dir: Path) -> dict[str, str]:
@@ -124,13 +109,8 @@ def node_environment(domain_id: int, log_dir: Path) -> dict[str, str]:
 
 def start_policy_node(weights: Path | str, domain_id: int, work_dir: Path, params: dict[str, Any] | None = None,
                       params_file: Path | None = POLICY_YAML, node_name: str | None = None) -> NodeProcess:
-    argv = [sys.executable, "-m", "actdistill_ros.ros.policy_node", "--ros-args"]
-    if node_name:
-        argv += ["-r", f"__node:={node_name}"]
-    if params_file is not None:
-        argv += ["--params-file", str(params_file)]
-    for name, value in {"weights_path": str(weights), **(params or {})}.items():
-        argv += ["-p", f"{name}:={_param_arg(value)}"]
+    argv = ros_process.node_command("actdistill_ros.ros.policy_node", {"weights_path": str(weights), **(params or {})},
+                                    params_file, node_name)
     return NodeProcess(argv, node_environment(domain_id, work_dir / "ros_log"), work_dir)
 
 
@@ -159,28 +139,11 @@ class Recorder:
         return wait_until(matching, timeout)
 
 
-class RosSide:
+class RosSide(ros_process.BackgroundRos):
     """rclpy context + node + executor thread for the test process, on ``domain_id``."""
 
     def __init__(self, domain_id: int, name: str = "test_side"):
-        import rclpy
-        from rclpy.executors import SingleThreadedExecutor
-
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context, domain_id=domain_id)
-        self.node = rclpy.create_node(name, context=self.context)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
-        self._thread = threading.Thread(target=self._spin, daemon=True)
-        self._thread.start()
-
-    def _spin(self) -> None:
-        from rclpy.executors import ExternalShutdownException
-        try:
-            while self.context.ok():
-                self.executor.spin_once(timeout_sec=0.05)
-        except (ExternalShutdownException, RuntimeError):
-            pass
+        super().__init__(name, domain_id)
 
     def record(self, msg_type, topic: str, qos) -> Recorder:
         recorder = Recorder()
@@ -223,11 +186,6 @@ class RosSide:
 
         response = self.call(ListParameters, f"/{node_name}/list_parameters", ListParameters.Request())
         return list(response.result.names)
-
-    def close(self) -> None:
-        self.context.try_shutdown()
-        self._thread.join(timeout=5.0)
-        self.executor.shutdown(timeout_sec=1.0)
 
 
 class Streamer:

@@ -11,6 +11,8 @@ import pytest
 from actdistill_ros.ros.action_output import (ChunkScheduler, MotionWatchdog, RollingPercentiles, SafetyLimits,
                                               check_mode_fits, is_finite_chunk, pose_from_action, split_gripper,
                                               twist_from_action)
+from ros_harness import require_rclpy
+
 from actdistill_ros.data.images import ImageDecodeError, compressed_msg_to_rgb, image_msg_to_rgb
 
 
@@ -216,7 +218,7 @@ def test_compressed_images_decode_and_refuse_garbage(rgb):
 
 # ---------------------------------------------------------------- commands
 def test_command_checks():
-    rclpy = pytest.importorskip("rclpy")  # noqa: F841 - policy_node imports rclpy
+    require_rclpy()  # policy_node imports rclpy
     from actdistill_ros.ros.policy_node import MAX_COMMAND_BYTES, check_instruction
 
     assert check_instruction("pick up the red block\n") is None

@@ -16,10 +16,11 @@ import pytest
 
 if importlib.util.find_spec("metaworld") is None:
     pytest.skip("simulator extra not installed (requirements-sim.txt)", allow_module_level=True)
-pytest.importorskip("rclpy")
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-from ros_harness import load_router_stats_type  # noqa: E402
+from ros_harness import load_router_stats_type, require_rclpy  # noqa: E402
+
+require_rclpy()  # skips on a machine without ROS 2; fails instead with ACTDISTILL_REQUIRE_ROS=1
 
 from actdistill_ros import demo  # noqa: E402
 from actdistill_ros.policy import Policy, create_untrained_policy  # noqa: E402
@@ -34,7 +35,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    load_router_stats_type()  # skips when the messages are not built: the policy node needs them
+    load_router_stats_type()  # the policy node needs the messages: skips (or fails) when not built
     root = tmp_path_factory.mktemp("weights")
     space = ActionSpace.metaworld()
     # An input-dependent router, so the executed layers are a measurement, not a constant.

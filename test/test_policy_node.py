@@ -14,10 +14,10 @@ import cv2
 import numpy as np
 import pytest
 
-from ros_harness import (RosSide, Streamer, compressed_msg, diagnostic_values, image_msg,
+from ros_harness import (RosSide, require_rclpy, Streamer, compressed_msg, diagnostic_values, image_msg,
                          load_router_stats_type, reserve_domain, serialized_string, start_policy_node)
 
-rclpy = pytest.importorskip("rclpy")
+rclpy = require_rclpy()
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from geometry_msgs.msg import TwistStamped  # noqa: E402
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402

@@ -19,10 +19,10 @@ import cv2
 import numpy as np
 import pytest
 
-from ros_harness import (REPO_ROOT, RosSide, load_router_stats_type, node_environment, reserve_domain,
+from ros_harness import (REPO_ROOT, RosSide, load_router_stats_type, node_environment, require_rclpy, reserve_domain,
                          start_policy_node, wait_until)
 
-pytest.importorskip("rclpy")
+require_rclpy()  # skips on a machine without ROS 2; fails instead with ACTDISTILL_REQUIRE_ROS=1
 
 from actdistill_ros.data import TopicConfig, write_episode_bag  # noqa: E402
 from actdistill_ros.policy import Policy, create_untrained_policy  # noqa: E402
@@ -203,28 +203,26 @@ def test_unusable_bag_fails_with_one_line_and_writes_nothing(policies, tmp_path,
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == [bag.name]
 
 
-def test_listen_only_records_what_another_player_publishes(policies, teacher, tmp_path):
-    """What the launch file does with `ros2 bag play`: node + replay_eval --listen-only, a third process plays."""
+def _listen_only_replay(weights: Path, bag: Path, tmp_path: Path, after_frame=None):
+    """What the launch file does with `ros2 bag play`: node + replay_eval --listen-only, a third process (this
+    one) plays the bag. ``after_frame(player, frame_index, raw)`` runs after each camera frame is published.
+    Returns (replay_eval's CompletedProcess, the ActionChunks seen on the node's topic)."""
     from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
     from rosbags.rosbag2 import Reader
     from sensor_msgs.msg import Image
     from std_msgs.msg import String
 
-    images = _frames(4)
-    actions = _first_steps(teacher, images)
-    bag = write_episode_bag(tmp_path / "played", images=images, instruction=INSTRUCTION, states=None,
-                            actions=actions, topics=NO_STATE, fps=10.0, action_names=teacher.card.action_space.names)
     domain = reserve_domain()
-    node = start_policy_node(policies["teacher"], domain, tmp_path / "node",
+    node = start_policy_node(weights, domain, tmp_path / "node",
                              params={"enable_output": False, "state.enabled": False})
     out = tmp_path / "report"
     env = node_environment(domain, tmp_path / "replay_log")
     stderr_path = tmp_path / "replay_stderr.txt"
     with stderr_path.open("w") as stderr:
         replay = subprocess.Popen([sys.executable, "-m", "actdistill_ros.ros.replay_eval", str(bag), "--weights",
-                                   str(policies["teacher"]), "--listen-only", "--attach", "policy_node", "--out",
-                                   str(out), "--idle-timeout", "2.0"], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                                  stderr=stderr, text=True)
+                                   str(weights), "--listen-only", "--attach", "policy_node", "--out",
+                                   str(out), "--idle-timeout", "2.0", "--startup-timeout", "60"], cwd=REPO_ROOT,
+                                  env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
     player = RosSide(domain, "player")
     chunks = player.record(load_action_chunk_type(), "/policy_node/action_chunk", QoSProfile(
         depth=50, reliability=ReliabilityPolicy.RELIABLE))
@@ -237,7 +235,7 @@ def test_listen_only_records_what_another_player_publishes(policies, teacher, tm
             depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
         assert wait_until(lambda: camera.get_subscription_count() >= 2, 30.0)  # the node and replay_eval
         with Reader(bag) as reader:  # raw CDR at the recorded timing, as ros2 bag play does
-            start_wall, start_bag = time.monotonic(), None
+            start_wall, start_bag, frame_index = time.monotonic(), None, 0
             for conn, stamp, raw in reader.messages():
                 start_bag = stamp if start_bag is None else start_bag
                 time.sleep(max(0.0, start_wall + (stamp - start_bag) / 1e9 - time.monotonic()))
@@ -245,22 +243,37 @@ def test_listen_only_records_what_another_player_publishes(policies, teacher, tm
                     command.publish(bytes(raw))
                 elif conn.topic == "/camera/image_raw":
                     camera.publish(bytes(raw))
+                    if after_frame is not None:
+                        after_frame(player, frame_index, bytes(raw))
+                    frame_index += 1
         stdout, _ = replay.communicate(timeout=60)
     finally:
         if replay.poll() is None:
             replay.kill()
         player.close()
         node.stop()
-    assert replay.returncode == 0, stderr_path.read_text()[-3000:]
-    report = _report(subprocess.CompletedProcess([], 0, stdout, ""), out)
+    return subprocess.CompletedProcess(replay.args, replay.returncode, stdout, stderr_path.read_text()), \
+        chunks.messages()
+
+
+def test_listen_only_records_what_another_player_publishes(policies, teacher, tmp_path):
+    """What the launch file does with `ros2 bag play`: node + replay_eval --listen-only, a third process plays."""
+    images = _frames(4)
+    actions = _first_steps(teacher, images)
+    bag = write_episode_bag(tmp_path / "played", images=images, instruction=INSTRUCTION, states=None,
+                            actions=actions, topics=NO_STATE, fps=10.0, action_names=teacher.card.action_space.names)
+    result, chunks = _listen_only_replay(policies["teacher"], bag, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = _report(result, tmp_path / "report")
     section = report["policies"]["student"]
     assert report["mode"] == "listen-only"
     assert section["frames_published"] >= FRAMES - 2 and section["chunks_received"] >= FRAMES // 2
     # The node runs the teacher the recording came from: chunks it answered match the recording.
     assert section["action_error"]["frames_compared"] >= FRAMES // 2
     assert section["action_error"]["overall"]["mse"] < 1e-6
+    assert section["malformed_chunks"] == 0 and section["callback_errors"] == 0
     # The node's ActionChunk as published: camera header, the card's names and units, the whole chunk.
-    chunk = chunks.messages()[-1]
+    chunk = chunks[-1]
     space = teacher.card.action_space
     assert chunk.header.frame_id == "camera" and chunk.header.stamp.sec > 0
     assert list(chunk.names) == space.names and list(chunk.units) == space.units
@@ -269,8 +282,76 @@ def test_listen_only_records_what_another_player_publishes(policies, teacher, tm
     assert chunk.threshold == pytest.approx(0.5) and chunk.executed_fraction == 1.0
 
 
+def test_malformed_action_chunks_are_counted_and_the_replay_goes_on(policies, teacher, tmp_path):
+    """ActionChunks that cannot be read as (chunk_size, action_dim) arrive for frames the node has yet to answer."""
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+    action_chunk = load_action_chunk_type()
+    space, chunk_size = teacher.card.action_space, teacher.card.chunk_size
+    malformed = [  # (chunk_size, action_dim, actions) on the frames 0, 1, 2
+        (chunk_size, space.dim, [0.1] * (chunk_size * space.dim - 1)),  # one value short
+        (0, space.dim, []),  # an empty chunk
+        (chunk_size, space.dim, [float("nan")] * (chunk_size * space.dim)),
+    ]
+    images = _frames(5)
+    bag = write_episode_bag(tmp_path / "played", images=images, instruction=INSTRUCTION, states=None,
+                            actions=_first_steps(teacher, images), topics=NO_STATE, fps=10.0,
+                            action_names=space.names)
+    publisher = {}
+
+    def publish_malformed(player, frame_index: int, raw: bytes) -> None:
+        if "chunks" not in publisher:
+            publisher["chunks"] = player.node.create_publisher(action_chunk, "/policy_node/action_chunk", QoSProfile(
+                depth=10, reliability=ReliabilityPolicy.RELIABLE))
+            # This process's own recorder and replay_eval's subscription.
+            assert wait_until(lambda: publisher["chunks"].get_subscription_count() >= 2, 10.0)
+        if frame_index < len(malformed):
+            size, dim, values = malformed[frame_index]
+            stamp = replay_eval._header_stamp_ns(raw)
+            msg = action_chunk(names=space.names, units=space.units, chunk_size=size, action_dim=dim, actions=values)
+            msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp, 1_000_000_000)
+            publisher["chunks"].publish(msg)
+
+    result, _ = _listen_only_replay(policies["teacher"], bag, tmp_path, after_frame=publish_malformed)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "malformed ActionChunk" in result.stderr and "expected chunk_size x action_dim" in result.stderr
+    section = _report(result, tmp_path / "report")["policies"]["student"]
+    assert section["malformed_chunks"] == len(malformed) and section["callback_errors"] == 0
+    assert f"{len(malformed)} malformed chunks" in result.stdout
+    # The node's own chunks, before and after the malformed ones, are all still recorded and compared.
+    assert section["frames_published"] >= FRAMES - 2 and section["chunks_received"] >= FRAMES // 2
+    assert section["action_error"]["frames_compared"] >= FRAMES // 2
+    assert section["action_error"]["overall"]["mse"] < 1e-6
+
+
+def test_background_ros_logs_a_failing_callback_and_keeps_spinning(caplog):
+    """One callback that raises must not end the spin thread (every later message would be lost)."""
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from std_msgs.msg import String
+
+    from actdistill_ros.ros.ros_process import BackgroundRos
+
+    received = []
+
+    def on_message(msg) -> None:
+        if msg.data == "bad":
+            raise ValueError("cannot reshape array of size 7 into shape (2,4)")
+        received.append(msg.data)
+
+    qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+    with BackgroundRos("callback_failure_test", reserve_domain()) as ros:
+        ros.node.create_subscription(String, "/words", on_message, qos)
+        publisher = ros.node.create_publisher(String, "/words", qos)
+        assert wait_until(lambda: publisher.get_subscription_count() >= 1, 10.0)
+        for word in ("first", "bad", "after"):
+            publisher.publish(String(data=word))
+        assert wait_until(lambda: received == ["first", "after"], 10.0), received
+        assert ros.callback_errors == 1
+    assert "callback failed, still spinning: ValueError: cannot reshape" in caplog.text
+
+
 def load_action_chunk_type():
-    load_router_stats_type()  # makes the built messages importable (or skips)
+    load_router_stats_type()  # makes the built messages importable (or skips / fails)
     from actdistill_ros.msg import ActionChunk
     return ActionChunk
 

@@ -18,7 +18,9 @@ import pytest
 
 if importlib.util.find_spec("metaworld") is None:
     pytest.skip("simulator extra not installed (requirements-sim.txt)", allow_module_level=True)
-rclpy = pytest.importorskip("rclpy")
+from ros_harness import require_rclpy  # noqa: E402
+
+rclpy = require_rclpy()
 
 from geometry_msgs.msg import TwistStamped  # noqa: E402
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
@@ -30,10 +32,11 @@ from param_yaml import yaml_parameter_names  # noqa: E402
 from ros_harness import (REPO_ROOT, NodeProcess, RosSide, _param_arg, node_environment, reserve_domain,  # noqa: E402
                          wait_until)
 
+from actdistill_ros.ros.env import config_file  # noqa: E402
 from actdistill_ros.sim.metaworld_env import STATE_NAMES, instruction_for  # noqa: E402
 
 NODE = "sim_arm_node"
-SIM_YAML = REPO_ROOT / "config" / "sim_arm.yaml"
+SIM_YAML = config_file("sim_arm.yaml")
 SENSOR = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
 RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 LATCHED = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)

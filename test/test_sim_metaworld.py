@@ -125,8 +125,8 @@ def test_collection_and_evaluation_seeds_are_disjoint(tmp_path):
         collect("reach", 2, tmp_path / "demos", seed_base=EVAL_SEED_BASE - 1, workers=1, progress=False)
     assert not (tmp_path / "demos" / "collection.json").exists()
     with pytest.raises(ValueError, match="collection range"):
-        evaluate_mod._check_eval_seeds(EVAL_SEED_BASE - 5, 10)
-    assert evaluate_mod._check_eval_seeds(EVAL_SEED_BASE, 3) == [EVAL_SEED_BASE + i for i in range(3)]
+        evaluate_mod.check_eval_seeds(EVAL_SEED_BASE - 5, 10)
+    assert evaluate_mod.check_eval_seeds(EVAL_SEED_BASE, 3) == [EVAL_SEED_BASE + i for i in range(3)]
 
 
 def test_collection_writes_readable_bags_and_resumes(tmp_path):

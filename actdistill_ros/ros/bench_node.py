@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from actdistill_ros.ros.env import REPO_ROOT, ros_environment
+from actdistill_ros.ros.env import REPO_ROOT, config_file, ros_environment
 
-POLICY_YAML = REPO_ROOT / "config" / "policy.yaml"
+POLICY_YAML = config_file("policy.yaml")
 
 
 def add_parser(subparsers) -> None:

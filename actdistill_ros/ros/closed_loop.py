@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -28,15 +27,16 @@ from typing import Any, Sequence
 import numpy as np
 import yaml
 
-from actdistill_ros.ros.env import REPO_ROOT, ros_environment
-from actdistill_ros.sim.evaluate import (EpisodeOutcome, _check_eval_seeds, _episode_dict, _fmt, _summarise,
-                                         _write_json, _write_text, eval_markdown, plot_success_per_task)
+from actdistill_ros.ros.env import REPO_ROOT, config_file, ros_environment
+from actdistill_ros.ros.ros_process import BackgroundRos, NodeProcess, node_command
+from actdistill_ros.sim.evaluate import (EpisodeOutcome, check_eval_seeds, episode_dict, eval_markdown, fmt,
+                                         plot_success_per_task, pyplot, save_figure, summarise, write_json,
+                                         write_text)
 from actdistill_ros.sim.metaworld_env import EVAL_SEED_BASE, parse_task_list
 from actdistill_ros.weights import ModelCard, read_card, resolve_weights_path
 
 POLICY_NODE = "policy_node"
 SIM_NODE = "sim_arm_node"
-CONFIG_DIR = REPO_ROOT / "config"
 STARTUP_TIMEOUT_S = 180.0  # model load + first mujoco/EGL start on a busy 2-core machine
 SERVICE_TIMEOUT_S = 30.0
 
@@ -46,19 +46,12 @@ def load_card(weights: str | Path) -> ModelCard:
     return read_card(resolve_weights_path(weights)[1])
 
 
-def policy_twist_scale(params_file: Path = CONFIG_DIR / "policy.yaml") -> float:
-    """The policy node's action.twist_scale from its parameter file: the sim must invert the same value."""
-    document = yaml.safe_load(params_file.read_text())
+def policy_twist_scale(params_file: Path | None = None) -> float:
+    """The policy node's action.twist_scale from its parameter file (default: the shipped policy.yaml):
+    the sim must invert the same value."""
+    document = yaml.safe_load((params_file or config_file("policy.yaml")).read_text())
     (section,) = document.values()
     return float(section["ros__parameters"]["action"]["twist_scale"])
-
-
-def _param_arg(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)  # keeps the decimal point: 1.0 stays a double
-    return str(value)
 
 
 @dataclass
@@ -88,40 +81,14 @@ class NodeProcessError(RuntimeError):
     """A node process died or did not come up; the message ends with its last output lines."""
 
 
-class _Process:
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path):
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def tail(self, lines: int = 15) -> str:
-        text = self.log_path.read_text(errors="replace").strip().splitlines()
-        return "\n".join(text[-lines:])
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        if self.alive():
-            self.proc.send_signal(2)  # SIGINT: the nodes command zero motion and exit cleanly
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
-
-
 class RosClosedLoop:
     """Starts both nodes and runs episodes through them. Use as a context manager."""
 
     def __init__(self, config: RosLoopConfig):
         self.config = config
         self.card = load_card(config.weights)
-        self._processes: list[_Process] = []
-        self._context = None
+        self._processes: list[NodeProcess] = []
+        self._ros: BackgroundRos | None = None
         self._lock = threading.Lock()
         self._statuses: list[dict[str, Any]] = []
         self._frames: list[np.ndarray] = []
@@ -186,25 +153,20 @@ class RosClosedLoop:
             if time.monotonic() > deadline:
                 raise NodeProcessError(f"policy_node not up after {STARTUP_TIMEOUT_S:g} s")
 
-    def _launch(self, name, module, params_file, params, env, log_dir) -> _Process:
-        argv = [sys.executable, "-m", module, "--ros-args", "--params-file", str(CONFIG_DIR / params_file)]
-        for key, value in params.items():
-            argv += ["-p", f"{key}:={_param_arg(value)}"]
-        return _Process(name, argv, env, log_dir)
+    def _launch(self, name, module, params_file, params, env, log_dir) -> NodeProcess:
+        return NodeProcess(node_command(module, params, config_file(params_file)), log_dir / f"{name}.log", env=env,
+                           name=name, cwd=REPO_ROOT)
 
     def _start_ros_side(self) -> None:
-        import rclpy
         from diagnostic_msgs.msg import DiagnosticArray
         from rcl_interfaces.srv import SetParameters
-        from rclpy.executors import SingleThreadedExecutor
         from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
         from sensor_msgs.msg import Image
         from std_msgs.msg import String
         from std_srvs.srv import Trigger
 
-        self._context = rclpy.Context()
-        rclpy.init(context=self._context, domain_id=self.domain_id)
-        self._node = rclpy.create_node("closed_loop_driver", context=self._context)
+        self._ros = BackgroundRos("closed_loop_driver", self.domain_id)
+        self._node = self._ros.node
         episode_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE,
                                  durability=DurabilityPolicy.TRANSIENT_LOCAL)
         reliable = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE)
@@ -216,27 +178,13 @@ class RosClosedLoop:
         self._reset_client = self._node.create_client(Trigger, f"/{SIM_NODE}/reset")
         self._set_params_client = self._node.create_client(SetParameters, f"/{SIM_NODE}/set_parameters")
         self._Trigger, self._SetParameters = Trigger, SetParameters
-        self._executor = SingleThreadedExecutor(context=self._context)
-        self._executor.add_node(self._node)
-        self._spinner = threading.Thread(target=self._spin, name="ros", daemon=True)
-        self._spinner.start()
-
-    def _spin(self) -> None:
-        from rclpy.executors import ExternalShutdownException
-        try:
-            while self._context.ok():
-                self._executor.spin_once(timeout_sec=0.05)
-        except (ExternalShutdownException, RuntimeError):
-            pass
 
     def close(self) -> None:
         for process in reversed(self._processes):
             process.stop()
-        if self._context is not None:
-            self._context.try_shutdown()
-            self._spinner.join(timeout=5.0)
-            self._executor.shutdown(timeout_sec=1.0)
-            self._context = None
+        if self._ros is not None:
+            self._ros.close()
+            self._ros = None
 
     # ---------------------------------------------------------------- callbacks (ROS thread)
     def _on_status(self, msg) -> None:
@@ -257,7 +205,7 @@ class RosClosedLoop:
     def _check_alive(self) -> None:
         for process in self._processes:
             if not process.alive():
-                raise NodeProcessError(f"{process.name} exited with code {process.proc.returncode}:\n"
+                raise NodeProcessError(f"{process.name} exited with code {process.returncode}:\n"
                                        f"{process.tail()}")
 
     def _wait_service(self, client, name: str, deadline: float) -> None:
@@ -367,7 +315,7 @@ def evaluate_through_ros(
     task_names = parse_task_list(tasks)
     if episodes_per_task < 1:
         raise ValueError(f"episodes_per_task {episodes_per_task}: expected >= 1")
-    seeds = _check_eval_seeds(seed_base, episodes_per_task)
+    seeds = check_eval_seeds(seed_base, episodes_per_task)
     card = load_card(weights)
     image_size = int(image_size or card.image_size)
     out = Path(out_dir) if out_dir is not None else None
@@ -397,8 +345,8 @@ def evaluate_through_ros(
     wall_s = round(time.perf_counter() - start, 2)
     outcomes = [e.outcome for e in episodes]
     execute_steps: Any = 1 if sync else "policy timer"
-    per_task = {n: _summarise([o for o in outcomes if o.task == n], execute_steps) for n in task_names}
-    overall = {**_summarise(outcomes, execute_steps), "wall_s": wall_s, **ros_figures(episodes)}
+    per_task = {n: summarise([o for o in outcomes if o.task == n], execute_steps) for n in task_names}
+    overall = {**summarise(outcomes, execute_steps), "wall_s": wall_s, **ros_figures(episodes)}
     result = {
         "benchmark": "metaworld-v3", "tasks": task_names, "seeds": seeds, "horizon": horizon,
         "image_size": image_size, "camera": camera, "device": device, "chunk_size": card.chunk_size,
@@ -406,13 +354,13 @@ def evaluate_through_ros(
         "through_ros": {"mode": "lockstep" if sync else f"real time {control_rate_hz:g} Hz",
                         "middleware": "Fast DDS, loopback"},
         "overall": overall, "per_task": per_task,
-        "episodes": [{**_episode_dict(e.outcome), "camera_to_action_ms_p50": _percentile(e.camera_to_action_ms, 50)}
+        "episodes": [{**episode_dict(e.outcome), "camera_to_action_ms_p50": _percentile(e.camera_to_action_ms, 50)}
                      for e in episodes],
     }
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "eval.json", result)
-        _write_text(out / "eval.md", ros_eval_markdown(result))
+        write_json(out / "eval.json", result)
+        write_text(out / "eval.md", ros_eval_markdown(result))
         plot_success_per_task(result, out / "success_per_task.png")
         plot_latency(episodes, out / "camera_to_action_ms.png")
     return result, episodes
@@ -427,8 +375,8 @@ def ros_eval_markdown(result: dict[str, Any]) -> str:
         "",
         "| camera-to-action ms p50 / p99 | frame-to-step ms p50 | sim steps/s | frames re-sent | wall s |",
         "|---|---|---|---|---|",
-        f"| {_fmt(o['camera_to_action_ms_p50'], '.1f')} / {_fmt(o['camera_to_action_ms_p99'], '.1f')} "
-        f"| {_fmt(o['frame_to_step_ms_p50'], '.1f')} | {_fmt(o['steps_per_s'], '.1f')} "
+        f"| {fmt(o['camera_to_action_ms_p50'], '.1f')} / {fmt(o['camera_to_action_ms_p99'], '.1f')} "
+        f"| {fmt(o['frame_to_step_ms_p50'], '.1f')} | {fmt(o['steps_per_s'], '.1f')} "
         f"| {o['frames_republished']} | {o['wall_s']:.1f} |",
         "",
     ])
@@ -436,9 +384,7 @@ def ros_eval_markdown(result: dict[str, Any]) -> str:
 
 def plot_latency(episodes: list[RosEpisode], path: str | Path) -> None:
     """Histogram of camera-to-action latency (RouterStats) over all inferences."""
-    from actdistill_ros.sim.evaluate import _pyplot, _save_figure
-
-    plt = _pyplot()
+    plt = pyplot()
     latency = np.array([v for e in episodes for v in e.camera_to_action_ms])
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     if latency.size:
@@ -451,5 +397,5 @@ def plot_latency(episodes: list[RosEpisode], path: str | Path) -> None:
     ax.set_ylabel("inferences")
     ax.set_title(f"Camera frame received -> first action published ({latency.size} inferences)")
     fig.tight_layout()
-    _save_figure(fig, Path(path))
+    save_figure(fig, Path(path))
     plt.close(fig)

@@ -1,5 +1,6 @@
 """Environment for processes that touch ROS 2: loopback-only discovery, a private domain id,
-logs in a temp dir, the colcon-built messages and the large-image Fast DDS profile.
+logs in a temp dir, the colcon-built messages, the large-image Fast DDS profile, and where the
+shipped config files are (``config_file``).
 
 Importable without rclpy (only `domain_coordinator`, and only when a domain id is needed).
 """
@@ -34,13 +35,40 @@ def built_messages_path() -> Path | None:
     return None
 
 
+def _in_source_tree() -> bool:
+    return (REPO_ROOT / "package.xml").is_file() and (REPO_ROOT / "config").is_dir()
+
+
+def config_file(name: str) -> Path:
+    """A shipped config file: the repo's config/ when running from the source tree, else the
+    installed share/actdistill_ros/config/ (found with ament_index_python). FileNotFoundError if neither has it."""
+    if _in_source_tree():
+        path = REPO_ROOT / "config" / name
+        if path.is_file():
+            return path
+        raise FileNotFoundError(f"config file {name!r}: not in {REPO_ROOT / 'config'}")
+    try:
+        from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
+    except ImportError:
+        raise FileNotFoundError(f"config file {name!r}: not running from the source tree and ament_index_python "
+                                "is not importable; expected an installed actdistill_ros (source its setup)") from None
+    try:
+        path = Path(get_package_share_directory("actdistill_ros")) / "config" / name
+    except (PackageNotFoundError, OSError):  # OSError: AMENT_PREFIX_PATH is not set
+        raise FileNotFoundError(f"config file {name!r}: not running from the source tree and actdistill_ros is "
+                                "not in AMENT_PREFIX_PATH; expected an installed actdistill_ros (source its setup)"
+                                ) from None
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {name!r}: not in {path.parent}")
+    return path
+
+
 def fastdds_profile_path() -> Path | None:
-    """The shipped Fast DDS profile: source tree config/, else an installed share/actdistill_ros/config/."""
-    candidates = [REPO_ROOT / "config" / FASTDDS_PROFILE_NAME]
-    for prefix in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep):
-        if prefix:
-            candidates.append(Path(prefix) / "share" / "actdistill_ros" / "config" / FASTDDS_PROFILE_NAME)
-    return next((path for path in candidates if path.is_file()), None)
+    """The shipped Fast DDS profile (config_file), or None where the package ships none."""
+    try:
+        return config_file(FASTDDS_PROFILE_NAME)
+    except FileNotFoundError:
+        return None
 
 
 def reserve_domain_id() -> int:

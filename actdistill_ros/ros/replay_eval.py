@@ -32,7 +32,6 @@ import itertools
 import logging
 import os
 import shutil
-import signal
 import struct
 import subprocess
 import sys
@@ -50,8 +49,9 @@ from tqdm import tqdm
 from actdistill_ros.data import BagDataError, TopicConfig, list_bags, read_episode
 from actdistill_ros.data.config import ACTION_TYPES, CAMERA_TYPES, COMPRESSED_IMAGE_TYPE, JOINT_STATE_TYPE, STRING_TYPE
 from actdistill_ros.replay_report import FrameRecord, PolicyReplay, RecordedActions, write_report
-from actdistill_ros.ros.env import (REPO_ROOT, built_messages_path, fastdds_profile_path, reserve_domain_id,
+from actdistill_ros.ros.env import (built_messages_path, config_file, fastdds_profile_path, reserve_domain_id,
                                     ros_environment)
+from actdistill_ros.ros.ros_process import BackgroundRos, NodeProcess, node_command
 from actdistill_ros.weights import ModelCard, read_card, resolve_weights_path
 
 log = logging.getLogger("actdistill_ros.replay_eval")
@@ -267,14 +267,6 @@ def _parse_remaps(items: list[str]) -> dict[str, str]:
     return remaps
 
 
-def _policy_params_file() -> Path | None:
-    candidates = [REPO_ROOT / "config" / "policy.yaml"]
-    for prefix in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep):
-        if prefix:
-            candidates.append(Path(prefix) / "share" / "actdistill_ros" / "config" / "policy.yaml")
-    return next((p for p in candidates if p.is_file()), None)
-
-
 def _action_mode(card: ModelCard) -> str:
     """An action.mode that fits the card (outputs are off in a replay; the node only checks it)."""
     space = card.action_space
@@ -290,49 +282,30 @@ class SpawnedNode:
     def __init__(self, role: str, weights: Path, card: ModelCard, plan: BagPlan, publish_as: dict[str, str],
                  args: argparse.Namespace, domain_id: int, work_dir: Path):
         self.name = SPAWNED_NODE_NAMES[role]
+        # Always explicit: the params file need not carry one, and the card's default is what --threshold overrides.
+        threshold = args.threshold if role == "student" and args.threshold is not None else card.default_threshold
         params = {
-            "weights_path": str(weights), "device": args.device, "enable_output": "false",
+            "weights_path": str(weights), "device": args.device, "enable_output": False,
             "camera.transport": "compressed" if plan.camera_type == COMPRESSED_IMAGE_TYPE else "raw",
             "topics.camera": publish_as[plan.camera_topic], "topics.command": publish_as[plan.command_topic],
-            "state.enabled": "true" if card.state_dim > 0 else "false",
+            "state.enabled": card.state_dim > 0,
             "topics.action_chunk": f"/{self.name}/action_chunk", "topics.router_stats": f"/{self.name}/router_stats",
-            "action.mode": _action_mode(card),
+            "action.mode": _action_mode(card), "router.threshold": float(threshold),
         }
         if plan.state_topic:
             params["topics.state"] = publish_as[plan.state_topic]
-        if role == "student" and args.threshold is not None:
-            params["router.threshold"] = repr(float(args.threshold))
-        argv = [sys.executable, "-m", "actdistill_ros.ros.policy_node", "--ros-args", "-r", f"__node:={self.name}"]
-        params_file = args.params_file or _policy_params_file()
-        if params_file is not None:
-            argv += ["--params-file", str(params_file)]
-        for key, value in params.items():
-            argv += ["-p", f"{key}:={value}"]
+        params_file = args.params_file or config_file("policy.yaml")
         env = ros_environment(domain_id=domain_id)
         env["ROS_LOG_DIR"] = str(work_dir / f"{self.name}_ros_log")
-        env["PYTHONUNBUFFERED"] = "1"
-        self.log_path = work_dir / f"{self.name}.log"
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = NodeProcess(node_command("actdistill_ros.ros.policy_node", params, params_file, self.name),
+                                   work_dir / f"{self.name}.log", env=env, name=f"policy node {self.name}")
 
     def failure(self) -> str | None:
         """One line on why the node exited, or None while it runs."""
-        code = self.proc.poll()
-        if code is None:
-            return None
-        lines = [l for l in self.log_path.read_text(errors="replace").splitlines() if l.strip()]
-        last = next((l for l in reversed(lines) if "FATAL" in l or "Error" in l), lines[-1] if lines else "no output")
-        return f"policy node {self.name} exited with code {code}: {last.strip()}"
+        return self.process.failure()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # the node's clean shutdown
-            try:
-                self.proc.wait(10.0)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        self.process.stop()  # SIGINT: the node's clean shutdown
 
 
 @dataclass
@@ -349,40 +322,17 @@ class _Pending:
     foreign_names: list[str] | None = None  # action names of a chunk that do not match the card
 
 
-class RosReplay:
+class RosReplay(BackgroundRos):
     """rclpy context, node and executor thread of the replay process."""
 
     def __init__(self, domain_id: int | None):
-        import rclpy
-        from rclpy.executors import SingleThreadedExecutor
-
         from actdistill_ros.msg import ActionChunk, RouterStats
 
         self.ActionChunk, self.RouterStats = ActionChunk, RouterStats
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context, domain_id=domain_id)
-        self.node = rclpy.create_node(f"replay_eval_{os.getpid()}", context=self.context)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
         self._publishers: dict[tuple[str, str], object] = {}
         self._subscriptions: list = []
         self.pending: _Pending | None = None
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._spin, daemon=True)
-        self._thread.start()
-
-    def _spin(self) -> None:
-        from rclpy.executors import ExternalShutdownException
-        try:
-            while self.context.ok():
-                self.executor.spin_once(timeout_sec=0.05)
-        except (ExternalShutdownException, RuntimeError):
-            pass
-
-    def close(self) -> None:
-        self.context.try_shutdown()
-        self._thread.join(timeout=5.0)
-        self.executor.shutdown(timeout_sec=1.0)
+        super().__init__(f"replay_eval_{os.getpid()}", domain_id)
 
     # ---------------------------------------------------------------- publishers
     def publisher(self, topic: str, msgtype: str):
@@ -428,8 +378,15 @@ class RosReplay:
         received_ns = self._received_ns(info)
         pending = self.pending
         stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+        actions = np.asarray(msg.actions, dtype=np.float32)
+        problem = _chunk_problem(msg.chunk_size, msg.action_dim, actions)
         with pending.changed:
-            if list(msg.names) != pending.replay.action_names or msg.action_dim != len(pending.replay.action_names):
+            if problem:  # counted, never compared: one bad message must not end the replay
+                pending.replay.malformed_chunks += 1
+                level = logging.WARNING if pending.replay.malformed_chunks == 1 else logging.DEBUG
+                log.log(level, "%s: malformed ActionChunk (stamp %d): %s; counted in the report as malformed_chunks",
+                        pending.replay.role, stamp, problem)
+            elif list(msg.names) != pending.replay.action_names or msg.action_dim != len(pending.replay.action_names):
                 pending.foreign_names = list(msg.names)  # another model than --weights: no valid comparison
             elif stamp == PRIMING_STAMP_NS:
                 pending.primed.set()
@@ -438,7 +395,7 @@ class RosReplay:
                 if frame is None:
                     pending.replay.unmatched_chunks += 1
                 elif frame.chunk is None:  # the first chunk for a frame counts
-                    frame.chunk = np.asarray(msg.actions, dtype=np.float32).reshape(msg.chunk_size, msg.action_dim)
+                    frame.chunk = actions.reshape(msg.chunk_size, msg.action_dim)
                     frame.chunk_received_ns = received_ns
             pending.changed.notify_all()
 
@@ -494,6 +451,18 @@ class RosReplay:
 
 
 # ================================================================ one policy through all bags
+def _chunk_problem(chunk_size: int, action_dim: int, actions: np.ndarray) -> str | None:
+    """Why an ActionChunk cannot be read as a (chunk_size, action_dim) array of finite values, or None."""
+    if chunk_size < 1 or action_dim < 1:
+        return f"chunk_size {chunk_size} x action_dim {action_dim}, expected both >= 1"
+    if actions.size != chunk_size * action_dim:
+        return (f"{actions.size} actions, expected chunk_size x action_dim = {chunk_size} x {action_dim} "
+                f"= {chunk_size * action_dim}")
+    if not np.isfinite(actions).all():
+        return "non-finite actions (NaN or inf)"
+    return None
+
+
 class Player:
     def __init__(self, ros: RosReplay, args: argparse.Namespace, rate: float, publish_as: dict[str, str]):
         self.ros, self.args, self.rate, self.publish_as = ros, args, rate, publish_as
@@ -628,24 +597,20 @@ def _ros_messages_importable() -> bool:
         return False
 
 
-def _reexec_with_ros_env(args: argparse.Namespace) -> int:
-    """Run this command again in a child with the built messages on the paths (ros_environment)."""
-    argv = ["--weights", str(args.weights), "--rate", str(args.rate), "--out", str(args.out),
-            "--device", args.device, "--camera-topic", args.camera_topic, "--command-topic", args.command_topic,
-            "--state-topic", str(args.state_topic or ""), "--action-topic", args.action_topic,
-            "--sync-tolerance-ms", repr(args.sync_tolerance_ms), "--frame-timeout", repr(args.frame_timeout),
-            "--startup-timeout", repr(args.startup_timeout), "--idle-timeout", repr(args.idle_timeout)]
-    for flag, value in (("--teacher", args.teacher), ("--threshold", args.threshold), ("--attach", args.attach),
-                        ("--params-file", args.params_file)):
-        if value is not None:
-            argv += [flag, str(value)]
-    argv += [f"--remap={item}" for item in args.remap]
-    argv += ["--overwrite"] * bool(args.overwrite) + ["--listen-only"] * bool(args.listen_only)
-    argv += ["--verbose"] * bool(getattr(args, "verbose", False))
+def _reexec_command(args: argparse.Namespace) -> list[str] | None:
+    """This process's command line as it was typed, or None where it is not known (an in-process call)."""
+    if getattr(args, "command_line", None) is not None:  # main(): python -m / ros2 run replay_eval
+        return [sys.executable, "-m", "actdistill_ros.ros.replay_eval", *args.command_line]
+    if "replay-eval" in sys.argv[1:]:  # `actdistill ... replay-eval ...`
+        return [sys.executable, "-m", "actdistill_ros.cli", *sys.argv[1:]]
+    return None
+
+
+def _reexec_with_ros_env(command: list[str]) -> int:
+    """Run the same command line again in a child with the built messages on the paths (ros_environment)."""
     env = ros_environment(domain_id=int(os.environ.get("ROS_DOMAIN_ID") or 0))
     env[REEXEC_MARK] = "1"
-    return subprocess.call([sys.executable, "-m", "actdistill_ros.ros.replay_eval", *argv, "--",
-                            *map(str, args.bags)], env=env)
+    return subprocess.call(command, env=env)
 
 
 def _load_card(path: Path) -> ModelCard:
@@ -675,8 +640,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.overwrite:
         raise ValueError(f"--out {args.out}: already exists; pass --overwrite to replace it")
     if not _ros_messages_importable():
-        if built_messages_path() is not None and not os.environ.get(REEXEC_MARK):
-            return _reexec_with_ros_env(args)
+        command = _reexec_command(args)
+        if built_messages_path() is not None and command is not None and not os.environ.get(REEXEC_MARK):
+            return _reexec_with_ros_env(command)
         raise ValueError("ROS 2 messages actdistill_ros/msg/ActionChunk are not available: build them with "
                          "scripts/build_msgs.sh (or colcon build) and source scripts/ros_env.sh (or the install)")
 
@@ -725,6 +691,7 @@ def _replay_all(args: argparse.Namespace, roles: list, plans: list[BagPlan], rat
                                   action_names=list(card.action_space.names), num_layers=card.num_layers)
             replays.append(replay)
             pending = _Pending(replay)
+            errors_before = ros.callback_errors
             publish_as = {t: remaps.get(t, t) for p in plans for t in p.topics()}
             node = None
             try:
@@ -766,6 +733,7 @@ def _replay_all(args: argparse.Namespace, roles: list, plans: list[BagPlan], rat
                     raise ReplayError(f"{chunk_topic}: the node's actions are {pending.foreign_names}, the card of "
                                       f"{weights} has {replay.action_names}: the node runs other weights")
             finally:
+                replay.callback_errors = ros.callback_errors - errors_before
                 if node is not None:
                     node.stop()
     finally:
@@ -783,16 +751,18 @@ def _write(args: argparse.Namespace, plans: list[BagPlan], cards: list[ModelCard
         "mode": "listen-only" if args.listen_only else ("attach" if args.attach else "spawn"),
         "rate": "max" if not np.isfinite(rate) else rate,
         "node": node_desc,
-        "threshold": args.threshold,
+        # Spawned nodes get it explicitly; an attached node runs whatever it was set to.
+        "threshold": args.threshold if args.attach or args.threshold is not None else cards[0].default_threshold,
         "action_names": list(cards[0].action_space.names),
         "latency_definition": LATENCY_DEFINITION,
     }
     report = write_report(args.out, replays, {p.name: p.recorded for p in plans}, run_info, overwrite=args.overwrite)
     for role, section in report["policies"].items():
         latency = section["latency_ms"]["camera_to_action"]
+        malformed = f", {section['malformed_chunks']} malformed chunks" if section["malformed_chunks"] else ""
         print(f"{role}: {section['frames_published']} frames, {section['chunks_received']} chunks, "
-              f"{section['frames_dropped']} dropped, {section['messages_per_s']:g} msg/s; camera-to-action ms "
-              f"p50 {latency['p50']} p95 {latency['p95']} p99 {latency['p99']}; action MSE "
+              f"{section['frames_dropped']} dropped{malformed}, {section['messages_per_s']:g} msg/s; "
+              f"camera-to-action ms p50 {latency['p50']} p95 {latency['p95']} p99 {latency['p99']}; action MSE "
               f"{section['action_error']['overall']['mse']}")
     print(f"report: {args.out}")
     return 0
@@ -803,6 +773,7 @@ def main(argv: list[str] | None = None) -> int:
     if "--ros-args" in argv:  # added by `ros2 run`/launch; this process takes no ROS arguments
         argv = argv[:argv.index("--ros-args")]
     args = build_parser().parse_args(argv)
+    args.command_line = argv  # re-run as typed if the built messages must be put on the paths first
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

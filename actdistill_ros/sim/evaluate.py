@@ -52,7 +52,7 @@ class EpisodeOutcome:
     full_backbone_gflops: float = 0.0
 
 
-def _check_eval_seeds(seed_base: int, episodes_per_task: int) -> list[int]:
+def check_eval_seeds(seed_base: int, episodes_per_task: int) -> list[int]:
     seeds = list(range(seed_base, seed_base + episodes_per_task))
     # Evaluation placements must be ones the demos never showed.
     if seed_base < EVAL_SEED_BASE:
@@ -128,7 +128,7 @@ def run_episode(
     )
 
 
-def _summarise(outcomes: list[EpisodeOutcome], execute_steps: int) -> dict[str, Any]:
+def summarise(outcomes: list[EpisodeOutcome], execute_steps: int) -> dict[str, Any]:
     ms = np.concatenate([o.predict_ms for o in outcomes]) if outcomes else np.zeros(0)
     steps_ok = [o.steps_to_success for o in outcomes if o.success]
     total_steps = sum(o.steps for o in outcomes)
@@ -232,8 +232,8 @@ def _evaluate(
     finally:
         if bar is not None:
             bar.close()
-    per_task = {n: _summarise([o for o in outcomes if o.task == n], execute_steps) for n in task_names}
-    overall = _summarise(outcomes, execute_steps)
+    per_task = {n: summarise([o for o in outcomes if o.task == n], execute_steps) for n in task_names}
+    overall = summarise(outcomes, execute_steps)
     overall["wall_s"] = round(time.perf_counter() - start, 2)
     return {"overall": overall, "per_task": per_task}, outcomes
 
@@ -259,7 +259,7 @@ def evaluate_policy(
     task_names = parse_task_list(tasks)
     if episodes_per_task < 1:
         raise ValueError(f"episodes_per_task {episodes_per_task}: expected >= 1")
-    seeds = _check_eval_seeds(seed_base, episodes_per_task)
+    seeds = check_eval_seeds(seed_base, episodes_per_task)
     execute_steps = _resolve_execute_steps(policy, execute_steps)
     image_size = int(image_size or _card_value(policy, "image_size", 96))
     out = Path(out_dir) if out_dir is not None else None
@@ -277,12 +277,12 @@ def evaluate_policy(
         **_run_info(policy, task_names, seeds, horizon, image_size, camera),
         "threshold": _threshold(policy),
         **summary,
-        "episodes": [_episode_dict(o) for o in outcomes],
+        "episodes": [episode_dict(o) for o in outcomes],
     }
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "eval.json", result)
-        _write_text(out / "eval.md", eval_markdown(result))
+        write_json(out / "eval.json", result)
+        write_text(out / "eval.md", eval_markdown(result))
         plot_success_per_task(result, out / "success_per_task.png")
     return result
 
@@ -312,7 +312,7 @@ def sweep_threshold(
     if not thresholds or any(not 0.0 <= t <= 1.0 for t in thresholds):
         raise ValueError(f"thresholds {thresholds}: expected a non-empty list of values in [0, 1]")
     task_names = parse_task_list(tasks)
-    seeds = _check_eval_seeds(seed_base, episodes_per_task)
+    seeds = check_eval_seeds(seed_base, episodes_per_task)
     execute_steps = _resolve_execute_steps(policy, execute_steps)
     image_size = int(image_size or _card_value(policy, "image_size", 96))
     original = policy.threshold
@@ -333,8 +333,8 @@ def sweep_threshold(
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "sweep.json", result)
-        _write_text(out / "sweep.md", sweep_markdown(result))
+        write_json(out / "sweep.json", result)
+        write_text(out / "sweep.md", sweep_markdown(result))
         plot_success_vs_gflops(result, out / "success_vs_gflops.png")
         plot_sweep_per_task(result, out / "success_per_task_by_threshold.png")
     return result
@@ -363,20 +363,20 @@ def _run_info(policy, task_names, seeds, horizon, image_size, camera) -> dict[st
     }
 
 
-def _episode_dict(o: EpisodeOutcome) -> dict[str, Any]:
+def episode_dict(o: EpisodeOutcome) -> dict[str, Any]:
     d = asdict(o)
     ms = d.pop("predict_ms")
     d["predict_ms_mean"] = float(np.mean(ms)) if ms else None
     return d
 
 
-def _fmt(value, spec: str) -> str:
+def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
 def eval_markdown(result: dict[str, Any]) -> str:
     lines = [
-        f"# Meta-World closed-loop evaluation (threshold {_fmt(result.get('threshold'), '.2f')})",
+        f"# Meta-World closed-loop evaluation (threshold {fmt(result.get('threshold'), '.2f')})",
         "",
         f"Seeds {result['seeds'][0]}..{result['seeds'][-1]} per task, horizon {result['horizon']}, "
         f"{result['image_size']} px, execute {result['overall']['execute_steps']} actions per chunk, "
@@ -389,9 +389,9 @@ def eval_markdown(result: dict[str, Any]) -> str:
     rows = list(result["per_task"].items()) + [("**all**", result["overall"])]
     for name, s in rows:
         lines.append(
-            f"| {name} | {s['success_rate']:.2f} | {s['episodes']} | {_fmt(s['mean_steps_to_success'], '.1f')} "
-            f"| {_fmt(s['predict_ms_mean'], '.1f')} / {_fmt(s['predict_ms_p95'], '.1f')} "
-            f"| {_fmt(s['policy_ms_per_env_step'], '.2f')} | {s['executed_fraction']:.2f} "
+            f"| {name} | {s['success_rate']:.2f} | {s['episodes']} | {fmt(s['mean_steps_to_success'], '.1f')} "
+            f"| {fmt(s['predict_ms_mean'], '.1f')} / {fmt(s['predict_ms_p95'], '.1f')} "
+            f"| {fmt(s['policy_ms_per_env_step'], '.2f')} | {s['executed_fraction']:.2f} "
             f"| {s['backbone_gflops_per_call']:.3f} / {s['full_backbone_gflops_per_call']:.3f} |"
         )
     return "\n".join(lines) + "\n"
@@ -411,13 +411,13 @@ def sweep_markdown(result: dict[str, Any]) -> str:
         s = p["overall"]
         lines.append(
             f"| {p['threshold']:.2f} | {s['success_rate']:.2f} | {s['executed_fraction']:.2f} "
-            f"| {s['backbone_gflops_per_call']:.3f} | {_fmt(s['predict_ms_mean'], '.1f')} "
-            f"| {_fmt(s['mean_steps_to_success'], '.1f')} |"
+            f"| {s['backbone_gflops_per_call']:.3f} | {fmt(s['predict_ms_mean'], '.1f')} "
+            f"| {fmt(s['mean_steps_to_success'], '.1f')} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -426,14 +426,14 @@ def _pyplot():
     return plt
 
 
-def _save_figure(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
     fig.savefig(tmp, dpi=120)
     os.replace(tmp, path)
 
 
 def plot_success_per_task(result: dict[str, Any], path: str | Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     names = list(result["per_task"])
     rates = [result["per_task"][n]["success_rate"] for n in names]
     fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(names) + 2), 3.6))
@@ -442,16 +442,16 @@ def plot_success_per_task(result: dict[str, Any], path: str | Path) -> None:
                label=f"all tasks {result['overall']['success_rate']:.2f}")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("success rate")
-    ax.set_title(f"Meta-World success per task (threshold {_fmt(result.get('threshold'), '.2f')})")
+    ax.set_title(f"Meta-World success per task (threshold {fmt(result.get('threshold'), '.2f')})")
     ax.legend(loc="lower right")
     plt.setp(ax.get_xticklabels(), rotation=35, ha="right")
     fig.tight_layout()
-    _save_figure(fig, Path(path))
+    save_figure(fig, Path(path))
     plt.close(fig)
 
 
 def plot_success_vs_gflops(result: dict[str, Any], path: str | Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     points = result["points"]
     gflops = [p["overall"]["backbone_gflops_per_call"] for p in points]
     success = [p["overall"]["success_rate"] for p in points]
@@ -468,12 +468,12 @@ def plot_success_vs_gflops(result: dict[str, Any], path: str | Path) -> None:
     ax.set_ylim(0, 1.05)
     ax.set_title("Success vs backbone compute (labels: threshold)")
     fig.tight_layout()
-    _save_figure(fig, Path(path))
+    save_figure(fig, Path(path))
     plt.close(fig)
 
 
 def plot_sweep_per_task(result: dict[str, Any], path: str | Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 3.8))
     thresholds = [p["threshold"] for p in result["points"]]
     for name in result["tasks"]:
@@ -483,7 +483,7 @@ def plot_sweep_per_task(result: dict[str, Any], path: str | Path) -> None:
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    _save_figure(fig, Path(path))
+    save_figure(fig, Path(path))
     plt.close(fig)
 
 
@@ -509,11 +509,11 @@ def write_gif(path: str | Path, frames: Sequence[np.ndarray], fps: int = GIF_FPS
     os.replace(tmp, path)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    _write_text(path, json.dumps(data, indent=2) + "\n")
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
