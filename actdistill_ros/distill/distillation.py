@@ -13,6 +13,7 @@ import argparse
 import copy
 import json
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from actdistill_ros.data import TopicConfig
 from actdistill_ros.data.dataset import collate_samples
@@ -107,7 +109,8 @@ class TeacherTargets:
     def record(cls, probed: ProbedTeacher, dataset, device, batch_size: int = 128) -> "TeacherTargets":
         probed.eval()
         keys, semantic, probes = [], [], []
-        for start in range(0, len(dataset), batch_size):
+        starts = range(0, len(dataset), batch_size)
+        for start in tqdm(starts, desc="teacher targets", unit="batch", file=sys.stderr, mininterval=1.0):
             batch = to_device(collate_samples([dataset[i] for i in range(start, min(len(dataset), start + batch_size))]),
                               device)
             s, a = probed(batch)
