@@ -23,7 +23,7 @@ $ACT collect --tasks mt10 --episodes 50 --out "$OUT/demos" --image-size 64 --hor
 # 3. ActDistill: stage 1 + stage 2 (config/distill.yaml), target: execute half of the layers.
 [[ -f "$OUT/distill/student/card.json" ]] || \
   $ACT distill --teacher "$OUT/teacher/teacher" --data "$OUT/demos" --out "$OUT/distill" \
-    --config config/distill.yaml --probe-steps "${PROBE_STEPS:-300}" --distill-steps "${DISTILL_STEPS:-1000}" \
+    --config config/distill.yaml --probe-steps "${PROBE_STEPS:-150}" --distill-steps "${DISTILL_STEPS:-500}" \
     --batch-size 32 --target-keep 0.5 --resume
 
 # 4. Closed loop on unseen seeds (10000+), 20 episodes per task, teacher and student.
