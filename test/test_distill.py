@@ -162,12 +162,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_agrees_with_one_process(teacher, demos, config_file, tmp_path):
-    single, double = tmp_path / "single", tmp_path / "ddp"
-    subprocess.run(_distill_cmd(teacher, demos, single, config_file), env=_env(), check=True, capture_output=True)
+@pytest.fixture(scope="module")
+def single_process_run(teacher, demos, config_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    subprocess.run(_distill_cmd(teacher, demos, out, config_file), env=_env(), check=True, capture_output=True)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_agree_with_one_process(mode, teacher, demos, config_file, single_process_run, tmp_path):
+    single, double = single_process_run, tmp_path / mode
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
                 "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
-    cmd = _distill_cmd(teacher, demos, double, config_file)
+    cmd = _distill_cmd(teacher, demos, double, config_file, *(["--fsdp"] if mode == "fsdp" else []))
     result = subprocess.run(torchrun + cmd[1:], env=_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     for stage in ("probe", "distill"):

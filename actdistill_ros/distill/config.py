@@ -57,6 +57,9 @@ class DistillConfig:
     checkpoint_every: int = 100  # steps; a killed run loses at most this much
     log_every: int = 10
     amp_bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    # Under torchrun, shard the student's parameters, gradients and AdamW state over processes
+    # (FSDP) instead of replicating them (DDP): for students that do not fit one GPU.
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.probe, dict):

@@ -33,7 +33,7 @@ from actdistill_ros.distill.losses import (balance_loss, budget_loss, depth_weig
                                            triple_action_loss)
 from actdistill_ros.distill.plots import plot_layer_usage, plot_losses
 from actdistill_ros.distill.runtime import Checkpointer, DistContext, RunLog, init_distributed
-from actdistill_ros.distill.training import to_device, train_stage, wrap_ddp
+from actdistill_ros.distill.training import full_state, to_device, train_stage, wrap_parallel
 from actdistill_ros.policies.actdistill import RouterConfig, RoutedStudent
 from actdistill_ros.policies.vla import EncodedObservation, ReferenceVLA
 from actdistill_ros.policy import Policy, make_card, save_model
@@ -165,7 +165,7 @@ def probe_teacher(teacher: ReferenceVLA, demos: Demonstrations, config: DistillC
         per_layer = torch.stack([masked_mse(a.float(), target, batch["chunk_valid"]) for a in probes])
         return per_layer.mean(), {"deepest_probe": per_layer[-1].detach(), "first_probe": per_layer[0].detach()}
 
-    train_stage(stage="probe", model=wrap_ddp(probed, ctx), checkpoint_modules={"heads": heads},
+    train_stage(stage="probe", model=wrap_parallel(probed, ctx), checkpoint_modules={"heads": heads},
                 parameters=list(heads.parameters()), loss_fn=loss_fn, dataset=demos.train, config=config.probe,
                 ctx=ctx, out_dir=out_dir, run_log=run_log, resume=resume, seed=config.seed,
                 checkpoint_every=config.checkpoint_every, log_every=config.log_every, amp_bf16=config.amp_bf16)
@@ -173,10 +173,6 @@ def probe_teacher(teacher: ReferenceVLA, demos: Demonstrations, config: DistillC
 
 
 # ---- stage 2 ---------------------------------------------------------------------------------
-def _is_router(param: nn.Parameter, student: RoutedStudent) -> bool:
-    return any(param is p for p in student.router.parameters())
-
-
 def distill_student(teacher: ReferenceVLA, teacher_heads: LayerHeads, demos: Demonstrations, config: DistillConfig,
                     ctx: DistContext, out_dir: Path, run_log: RunLog, resume: bool) -> RoutedStudent:
     torch.manual_seed(config.seed + 1)
@@ -222,15 +218,30 @@ def distill_student(teacher: ReferenceVLA, teacher_heads: LayerHeads, demos: Dem
                        "action": action.mean().detach(), "balance": balance.detach(), "budget": budget.detach(),
                        "keep": keep, "mean_gate": gates.mean().detach()}
 
-    train_stage(stage="distill", model=wrap_ddp(combined, ctx, find_unused=config.freeze_vision),
-                checkpoint_modules={"student": student, "heads": student_heads},
-                parameters=[{"params": [p for p in combined.parameters() if p.requires_grad and not _is_router(p, student)]},
-                            {"params": list(student.router.parameters()), "lr_scale": config.router_lr_scale}],
+    fsdp = config.fsdp and ctx.distributed
+    # Sharding replaces the parameters, so the optimizer groups are taken after wrapping.
+    model = wrap_parallel(combined, ctx, fsdp, [*student.vla.layers, *student_heads.heads],
+                          find_unused=config.freeze_vision)
+    router_params = list(student.router.parameters())
+    other_params = [p for p in combined.parameters() if p.requires_grad and not any(p is r for r in router_params)]
+    train_stage(stage="distill", model=model, checkpoint_modules={"student": student, "heads": student_heads},
+                parameters=[{"params": other_params},
+                            {"params": router_params, "lr_scale": config.router_lr_scale}],
                 loss_fn=loss_fn,
                 dataset=demos.train, config=config.distill, ctx=ctx, out_dir=out_dir, run_log=run_log, resume=resume,
                 seed=config.seed + 1, checkpoint_every=config.checkpoint_every, log_every=config.log_every,
-                amp_bf16=config.amp_bf16)
-    return student
+                amp_bf16=config.amp_bf16, fsdp=fsdp)
+    if not fsdp:
+        return student
+    # Export (main process only) needs a plain student: gather the shards (collective; the full
+    # state lands on the main process) and rebuild it there.
+    state = full_state(combined, {"student": student}, fsdp=True)
+    if not ctx.is_main:
+        return student
+    plain = RoutedStudent.derive_from(teacher, student.router_config)
+    plain.load_state_dict({k[len("student."):]: v for k, v in state.items()})
+    plain.threshold = student.threshold
+    return plain
 
 
 # ---- entry point -----------------------------------------------------------------------------
@@ -335,6 +346,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--teacher-targets", choices=["cache", "on_the_fly"])
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--seed", type=int)
+    p.add_argument("--fsdp", action="store_true", default=None,
+                   help="under torchrun: shard the student over processes (FSDP) instead of DDP")
     p.set_defaults(func=run)
 
 
@@ -343,7 +356,7 @@ def run(args: argparse.Namespace) -> int:
                  "probe.batch_size": args.batch_size, "distill.batch_size": args.batch_size,
                  "target_keep": args.target_keep, "lambda_budget": args.lambda_budget,
                  "teacher_targets": args.teacher_targets, "checkpoint_every": args.checkpoint_every,
-                 "seed": args.seed}
+                 "seed": args.seed, "fsdp": args.fsdp}
     config = DistillConfig.from_yaml(args.config, overrides)
     run_distillation(args.teacher, args.data, args.out, config, topics_from_args(args), args.stage, args.resume,
                      args.device)

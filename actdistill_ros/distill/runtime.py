@@ -85,27 +85,33 @@ def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
 
 
 # ---- checkpoints ---------------------------------------------------------------------------
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    state = optimizer.state_dict()
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer state dict -> (tensors for safetensors, JSON-able rest). Parameters are keyed by
+    index (plain optimizers) or by name (FSDP full optimizer state)."""
     tensors, scalars = {}, {}
     for param_id, slots in state["state"].items():
         for slot, value in slots.items():
             if torch.is_tensor(value):
-                tensors[f"optimizer.{param_id}.{slot}"] = value
+                tensors[f"optimizer.{param_id}\t{slot}"] = value
             else:
-                scalars[f"{param_id}.{slot}"] = value
+                scalars[f"{param_id}\t{slot}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
+    state: dict = {}
+
+    def slot_of(name: str) -> tuple:
+        param_id, slot = name.split("\t", 1)
+        return (int(param_id) if param_id.isdigit() else param_id), slot
+
     for name, value in tensors.items():
         if name.startswith("optimizer."):
-            _, param_id, slot = name.split(".", 2)
-            state.setdefault(int(param_id), {})[slot] = value
+            param_id, slot = slot_of(name[len("optimizer."):])
+            state.setdefault(param_id, {})[slot] = value
     for name, value in meta["scalars"].items():
-        param_id, slot = name.split(".", 1)
-        state.setdefault(int(param_id), {})[slot] = value
+        param_id, slot = slot_of(name)
+        state.setdefault(param_id, {})[slot] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
@@ -117,17 +123,15 @@ class Checkpointer:
         self.directory, self.stage = Path(directory), stage
         self.pointer = self.directory / f"{stage}.json"
 
-    def save(self, step: int, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
-             extra: dict | None = None) -> None:
+    def save(self, step: int, model_state: dict[str, torch.Tensor], optimizer_state: dict) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        tensors = {f"{name}.{key}": value.detach().cpu().contiguous().clone()
-                   for name, module in modules.items() for key, value in module.state_dict().items()}
-        optim_tensors, optim_meta = _flatten_optimizer(optimizer)
+        tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model_state.items()}
+        optim_tensors, optim_meta = _flatten_optimizer(optimizer_state)
         tensors.update({k: v.detach().cpu().contiguous().clone() for k, v in optim_tensors.items()})
         tensors["rng.torch"] = torch.get_rng_state()
         weights = self.directory / f"{self.stage}-{step:08d}.safetensors"
         atomic_write(weights, lambda p: save_file(tensors, str(p)))
-        meta = {"step": step, "weights": weights.name, "optimizer": optim_meta, "extra": extra or {}}
+        meta = {"step": step, "weights": weights.name, "optimizer": optim_meta}
         previous = self.load_meta()
         atomic_write(self.pointer, lambda p: p.write_text(json.dumps(meta)))
         if previous and previous["weights"] != weights.name:
@@ -138,18 +142,15 @@ class Checkpointer:
             return None
         return json.loads(self.pointer.read_text())
 
-    def restore(self, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer) -> dict | None:
-        """Load the latest checkpoint into modules and optimizer; returns its meta (step, extra)."""
+    def restore(self) -> tuple[int, dict[str, torch.Tensor], dict] | None:
+        """(step, model state, optimizer state) of the latest checkpoint, with the torch RNG restored."""
         meta = self.load_meta()
         if meta is None:
             return None
         tensors = load_file(str(self.directory / meta["weights"]))
-        for name, module in modules.items():
-            prefix = f"{name}."
-            module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-        optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+        model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         torch.set_rng_state(tensors["rng.torch"])
-        return meta
+        return meta["step"], model_state, _unflatten_optimizer(tensors, meta["optimizer"])
 
     def clear(self) -> None:
         meta = self.load_meta()

@@ -17,7 +17,7 @@ from actdistill_ros.distill.evaluation import evaluate_routing
 from actdistill_ros.distill.losses import masked_mse
 from actdistill_ros.distill.plots import plot_losses
 from actdistill_ros.distill.runtime import Checkpointer, RunLog, init_distributed
-from actdistill_ros.distill.training import train_stage, wrap_ddp
+from actdistill_ros.distill.training import train_stage, wrap_parallel
 from actdistill_ros.policies.vla import ReferenceVLA, VLAConfig
 from actdistill_ros.policy import make_card, save_model
 from actdistill_ros.weights import atomic_write
@@ -73,7 +73,7 @@ def train_teacher(args: argparse.Namespace) -> Path:
         return loss, {}
 
     run_log = RunLog(args.out, ctx.is_main)
-    train_stage(stage="teacher", model=wrap_ddp(model, ctx), checkpoint_modules={"model": model},
+    train_stage(stage="teacher", model=wrap_parallel(model, ctx), checkpoint_modules={"model": model},
                 parameters=list(model.parameters()), loss_fn=loss_fn, dataset=demos.train, config=train_config,
                 ctx=ctx, out_dir=args.out, run_log=run_log, resume=args.resume, seed=args.seed,
                 checkpoint_every=args.checkpoint_every, log_every=10)
