@@ -57,8 +57,10 @@ def test_closed_loop_through_ros_matches_the_in_process_loop(weights, tmp_path):
         outcome = episode.outcome
         assert isinstance(outcome.success, bool)
         assert outcome.steps == HORIZON or outcome.success
-        # Lockstep: one inference per step, each answering its own frame.
-        assert outcome.policy_calls >= outcome.steps and episode.status["frames_republished"] == 0
+        # Lockstep: at least one inference per step, each answering its own frame. (A frame may be
+        # re-sent when an answer is slower than sync.timeout_s on a loaded machine; the step still
+        # waits for that frame's action, so the trajectory below is unaffected.)
+        assert outcome.policy_calls >= outcome.steps
         assert len(episode.camera_to_action_ms) >= outcome.steps
         assert all(0.0 < ms < 5000.0 for ms in episode.camera_to_action_ms)
         assert 0.0 < outcome.executed_fraction <= 1.0
