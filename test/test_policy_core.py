@@ -262,3 +262,9 @@ def test_a_safetensors_header_length_that_looks_like_pickle_still_loads(tmp_path
             break
     assert struct.unpack("<Q", path.read_bytes()[:8])[0] % 256 == 0x80
     assert read_weights(path)["x"].shape == (2,)
+
+
+def test_the_reference_vla_implements_the_teacher_protocol():
+    from actdistill_ros.policies.teacher import DistillableVLA
+
+    assert isinstance(ReferenceVLA(VLAConfig.tiny()), DistillableVLA)
