@@ -21,19 +21,7 @@ from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironment
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
-
-def _threshold(context) -> float | None:
-    """The threshold argument as a float, or None when it was not given (the card's default applies)."""
-    text = LaunchConfiguration("threshold").perform(context).strip()
-    if not text:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"launch argument threshold must be a number in [0, 1], got {text!r}")
-    return value
+from actdistill_ros.ros.launch_arguments import threshold_override
 
 
 def _policy_node(context):
@@ -43,9 +31,8 @@ def _policy_node(context):
         "topics.command": LaunchConfiguration("command_topic").perform(context),
         "device": LaunchConfiguration("device").perform(context),
     }
-    threshold = _threshold(context)
-    if threshold is not None:  # only when given: it overrides the card's default_threshold
-        overrides["router.threshold"] = threshold
+    # Only when given: it overrides the card's default_threshold.
+    overrides.update(threshold_override(LaunchConfiguration("threshold").perform(context)))
     return [Node(
         package="actdistill_ros",
         executable="policy_node",

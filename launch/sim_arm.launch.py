@@ -20,6 +20,8 @@ from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
 
+from actdistill_ros.ros.launch_arguments import threshold_override
+
 
 def _policy_node(context):
     overrides = {
@@ -27,15 +29,8 @@ def _policy_node(context):
         "device": LaunchConfiguration("device").perform(context),
         "action.mode": "ee_twist",
     }
-    text = LaunchConfiguration("threshold").perform(context).strip()
-    if text:  # only when given: it overrides the card's default_threshold
-        try:
-            threshold = float(text)
-        except ValueError:
-            threshold = float("nan")
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"launch argument threshold must be a number in [0, 1], got {text!r}")
-        overrides["router.threshold"] = threshold
+    # Only when given: it overrides the card's default_threshold.
+    overrides.update(threshold_override(LaunchConfiguration("threshold").perform(context)))
     return [Node(
         package="actdistill_ros",
         executable="policy_node",

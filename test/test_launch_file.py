@@ -108,7 +108,10 @@ def test_launch_arguments_are_declared_and_used(launch_tree, policy_node_call):
 
 
 def test_every_launch_parameter_is_declared_by_the_node(launch_tree, policy_node_call, declared_parameters):
-    passed = set(_launch_parameter_names(launch_tree))
+    from actdistill_ros.ros.launch_arguments import threshold_override
+
+    # router.threshold comes from threshold_override (checked below) when the argument is given.
+    passed = set(_launch_parameter_names(launch_tree)) | set(threshold_override("0.5"))
     assert {"weights_path", "router.threshold"} <= passed
     assert passed <= declared_parameters, passed - declared_parameters
     parameters = _keyword(policy_node_call, "parameters")
@@ -117,15 +120,19 @@ def test_every_launch_parameter_is_declared_by_the_node(launch_tree, policy_node
 
 def test_launch_sets_the_threshold_only_when_given(launch_tree):
     """An empty threshold argument must leave the card's default_threshold in force."""
+    from actdistill_ros.ros.launch_arguments import threshold_override
+
     (argument,) = [call for call in _calls(launch_tree, "DeclareLaunchArgument")
                    if ast.literal_eval(call.args[0]) == "threshold"]
     assert ast.literal_eval(_keyword(argument, "default_value")) == ""
-    conditional = [node for node in ast.walk(launch_tree) if isinstance(node, ast.If)
-                   for inner in ast.walk(node) if isinstance(inner, ast.Subscript)
-                   and isinstance(inner.ctx, ast.Store) and ast.literal_eval(inner.slice) == "router.threshold"]
-    assert conditional, "router.threshold must be set inside an `if` (only when the argument is given)"
+    assert _calls(launch_tree, "threshold_override"), "the launch file must set router.threshold via threshold_override"
     assert not [d for d in ast.walk(launch_tree) if isinstance(d, ast.Dict)
                 and "router.threshold" in [ast.literal_eval(key) for key in d.keys]]
+    assert threshold_override("") == {} and threshold_override("  ") == {}
+    assert threshold_override("0.7") == {"router.threshold": 0.7}
+    for bad in ("1.5", "-0.1", "abc", "nan"):
+        with pytest.raises(ValueError, match="threshold"):
+            threshold_override(bad)
 
 
 def test_yaml_lists_exactly_the_declared_parameters(declared_parameters):
