@@ -66,11 +66,6 @@ class NormStats:
     def unnormalize_actions(self, actions: np.ndarray) -> np.ndarray:
         return (np.asarray(actions, np.float32) * np.float32(self.action_std) + np.float32(self.action_mean)).astype(np.float32)
 
-    def normalize_state(self, state: np.ndarray) -> np.ndarray:
-        if self.state_dim == 0:
-            return np.zeros(np.shape(state)[:-1] + (0,), np.float32)
-        return ((np.asarray(state, np.float32) - np.float32(self.state_mean)) / np.float32(self.state_std)).astype(np.float32)
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "action_mean": list(self.action_mean), "action_std": list(self.action_std),

@@ -17,7 +17,6 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 import warnings  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
-from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -273,11 +272,6 @@ class MetaWorldTask:
         model = self._env.model
         ids = [mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_SITE, s) for s in GOAL_MARKER_SITES]
         return np.array([model.site_rgba[i] for i in ids if i >= 0], dtype=np.float32)
-
-    @property
-    def raw_env(self) -> Any:
-        """The underlying Meta-World env (for diagnostics)."""
-        return self._env
 
     def close(self) -> None:
         if self._renderer is not None:
