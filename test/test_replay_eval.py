@@ -234,6 +234,9 @@ def _listen_only_replay(weights: Path, bag: Path, tmp_path: Path, after_frame=No
         command = player.node.create_publisher(String, "/instruction", QoSProfile(
             depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
         assert wait_until(lambda: camera.get_subscription_count() >= 2, 30.0)  # the node and replay_eval
+        # This side seeing the subscriptions does not mean the best-effort readers have matched this
+        # writer yet; like the launch file's play_delay, give discovery a moment before playing.
+        time.sleep(1.0)
         with Reader(bag) as reader:  # raw CDR at the recorded timing, as ros2 bag play does
             start_wall, start_bag, frame_index = time.monotonic(), None, 0
             for conn, stamp, raw in reader.messages():
