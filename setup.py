@@ -16,6 +16,9 @@ CORE_REQUIREMENTS = [
     "rosbags>=0.11",
     "tqdm>=4.66",
     "matplotlib>=3.8",
+    # hf_vla teachers (PaliGemma, SmolVLM, Qwen2.5-VL, ...): requirements.txt pins the tested
+    # 5.x release; loading such a weights directory needs it, so it is core, not an extra.
+    "transformers>=5.23,<6",
 ]
 
 EXTRAS = {
@@ -42,8 +45,9 @@ setup(
         "console_scripts": [
             "actdistill = actdistill_ros.cli:main",
             "policy_node = actdistill_ros.ros.policy_node:main",
+            "policy_lifecycle_node = actdistill_ros.ros.policy_lifecycle_node:main",
             "sim_arm_node = actdistill_ros.ros.sim_arm_node:main",
-            "replay_eval = actdistill_ros.ros.replay_eval:main",
+            "replay_eval = actdistill_ros.ros.replay.cli:main",
         ],
     },
     classifiers=[

@@ -1,7 +1,9 @@
 """`actdistill bench`: teacher vs routed student at batch 1, measured in one run.
 
-Without weights it builds a random `--size` teacher and derives a student whose router keeps
-`--keep` of the layers: routing cost and skip savings do not depend on trained weights.
+Without weights it builds a random `--size` teacher (or wraps `--backbone`, a transformers model
+with fresh VLA heads); without `--student` it derives the student from the teacher, its router
+biased to keep `--keep` of the layers: routing cost and skip savings do not depend on trained
+weights, so teacher and student differ only in the layers run.
 """
 
 from __future__ import annotations
@@ -15,16 +17,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from actdistill_ros.policy import Policy, create_untrained_policy
+from actdistill_ros.policies.actdistill import RouterConfig, RoutedStudent
+from actdistill_ros.policy import Policy, create_untrained_policy, make_card
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("bench", help="teacher vs student latency and FLOPs at batch 1")
     p.add_argument("--teacher", type=Path, help="teacher weights directory (default: random --size model)")
-    p.add_argument("--student", type=Path, help="student weights directory (default: derived, --keep)")
+    p.add_argument("--student", type=Path, help="student weights directory (default: derived from the teacher, --keep)")
     p.add_argument("--size", default="bench", choices=["tiny", "bench", "default"])
+    p.add_argument("--backbone", help="without --teacher: wrap this transformers model (directory or hub id) "
+                                      "instead of a random --size reference VLA")
     p.add_argument("--keep", type=float, default=0.5, help="layer fraction an untrained router keeps")
     p.add_argument("--threshold", type=float, help="router threshold for the student (default: its card's)")
+    p.add_argument("--keep-fraction", type=float,
+                   help="student keep routing: top round(keep * L) layers per observation (default: the card's; "
+                        "0 = threshold routing)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--iters", type=int, default=50)
@@ -41,7 +49,7 @@ def _time(policy: Policy, image, instruction, state) -> tuple[float, float, floa
 def measure(teacher: Policy, student: Policy, iters: int = 50, warmup: int = 10, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     size = teacher.vla.config.image_size
-    image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    image = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(teacher.num_cameras)]
     state = np.zeros(teacher.vla.config.state_dim, np.float32) if teacher.vla.config.state_dim else None
     instruction = "push the puck to the goal"
     for _ in range(warmup):
@@ -55,7 +63,7 @@ def measure(teacher: Policy, student: Policy, iters: int = 50, warmup: int = 10,
     (t_total, t_backbone, t_gflops), (s_total, s_backbone, s_gflops) = med["teacher"], med["student"]
     return {
         "device": str(student.device), "dtype": str(student.dtype).replace("torch.", ""),
-        "num_layers": student.num_layers, "threshold": student.threshold,
+        "num_layers": student.num_layers, "threshold": student.threshold, "keep_fraction": student.keep_fraction,
         "teacher_ms": round(t_total, 3), "student_ms": round(s_total, 3),
         "end_to_end_speedup": round(t_total / s_total, 3),
         "teacher_backbone_ms": round(t_backbone, 3), "student_backbone_ms": round(s_backbone, 3),
@@ -67,15 +75,27 @@ def measure(teacher: Policy, student: Policy, iters: int = 50, warmup: int = 10,
     }
 
 
+def derived_student(teacher: Policy, keep: float) -> Policy:
+    """The teacher's own weights plus a router biased to keep about ``keep`` of the layers."""
+    model = RoutedStudent.derive_from(teacher.vla, RouterConfig()).eval()
+    model.router.bias_to_keep(keep)
+    card = teacher.card
+    student_card = make_card(model, card.action_space, norm_stats=card.norm_stats, state_names=card.state_names,
+                             camera_names=card.camera_names, provenance={"source": f"derived (keep {keep})"})
+    return Policy(model, student_card, teacher.device, teacher.dtype)
+
+
 def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
-        teacher_dir = args.teacher or create_untrained_policy(Path(tmp, "teacher"), args.size, student=False)
-        student_dir = args.student or create_untrained_policy(Path(tmp, "student"), args.size, student=True,
-                                                              keep=args.keep)
+        teacher_dir = args.teacher or create_untrained_policy(Path(tmp, "teacher"), args.size, student=False,
+                                                              backbone=args.backbone)
         teacher = Policy.load(teacher_dir, args.device, args.dtype)
-        student = Policy.load(student_dir, args.device, args.dtype)
+        student = Policy.load(args.student, args.device, args.dtype) if args.student else derived_student(
+            teacher, args.keep)
     if args.threshold is not None:
         student.threshold = args.threshold
+    if args.keep_fraction is not None:
+        student.keep_fraction = args.keep_fraction
     result = measure(teacher, student, args.iters, args.warmup)
     if args.json:
         print(json.dumps(result))

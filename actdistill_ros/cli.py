@@ -15,13 +15,20 @@ import sys
 SUBCOMMANDS = {
     "bench": "actdistill_ros.bench",
     "train-teacher": "actdistill_ros.distill.teacher_training",
+    "make-backbone": "actdistill_ros.policies.hf_vla.tiny_backbone",
     "distill": "actdistill_ros.distill.distillation",
     "bench-distill": "actdistill_ros.distill.bench_distill",
     "collect": "actdistill_ros.sim.collect",
     "eval-sim": "actdistill_ros.sim.evaluate",
     "bench-node": "actdistill_ros.ros.bench_node",
-    "replay-eval": "actdistill_ros.ros.replay_eval",
+    "soak": "actdistill_ros.ros.soak",
+    "replay-eval": "actdistill_ros.ros.replay.cli",
     "demo": "actdistill_ros.demo",
+}
+# A flag that hands a subcommand to another module's function: the in-process evaluator stays
+# ROS-free, and the ROS layer runs `eval-sim --through-ros`.
+MODE_FLAGS = {
+    ("eval-sim", "through_ros"): "actdistill_ros.ros.closed_loop:run_eval_sim",
 }
 
 
@@ -34,12 +41,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_function(args: argparse.Namespace):
+    """The function that runs the parsed command: its parser's default, unless a MODE_FLAGS flag is set."""
+    for (command, flag), target in MODE_FLAGS.items():
+        if args.command == command and getattr(args, flag, False):
+            module_name, name = target.split(":")
+            return getattr(importlib.import_module(module_name), name)
+    return args.func
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args) or 0)
+        return int(command_function(args)(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

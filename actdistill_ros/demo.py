@@ -47,7 +47,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _check_weights(student_dir: Path, teacher_dir: Path) -> None:
     """Both weight sets exist and fit together; raises WeightsError / ValueError with one line."""
-    from actdistill_ros.ros.closed_loop import load_card
+    from actdistill_ros.weights import load_card
 
     for role, path in (("student", student_dir), ("teacher", teacher_dir)):
         if not Path(path).exists():
@@ -126,7 +126,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             plot_filmstrip(episode, out / name)
             filmstrips.append(name)
     report["filmstrips"] = filmstrips
-    from actdistill_ros.sim.evaluate import write_json, write_text
+    from actdistill_ros.sim.report import write_json, write_text
 
     write_json(out / "demo.json", report)
     write_text(out / "demo.md", demo_markdown(report, result))
@@ -180,7 +180,7 @@ def demo_markdown(r: dict[str, Any], result: dict[str, Any]) -> str:
 
 def plot_filmstrip(episode, path: Path) -> None:
     """A few camera frames of one episode, as the policy saw them over ROS."""
-    from actdistill_ros.sim.evaluate import pyplot, save_figure
+    from actdistill_ros.sim.report import pyplot, save_figure
 
     plt = pyplot()
     frames = episode.frames

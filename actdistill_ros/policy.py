@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from actdistill_ros import __version__
+from actdistill_ros.data.images import resize_rgb
 from actdistill_ros.policies.actdistill import RouterConfig, RoutedStudent, run_backbone
 from actdistill_ros.policies.vla import ReferenceVLA, VLAConfig
 from actdistill_ros.weights import (ActionSpace, ModelCard, WeightsError, identity_norm_stats, load_state_into,
@@ -46,13 +47,27 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def build_model(card: ModelCard) -> ReferenceVLA | RoutedStudent:
-    """The (randomly initialised) module a card describes, with its normalisation loaded."""
-    vla = ReferenceVLA(VLAConfig.from_dict(card.vla_config))
+def build_model(card: ModelCard, weights_dir: str | Path | None = None,
+                trust_remote_code: bool = False) -> ReferenceVLA | RoutedStudent:
+    """The (randomly initialised) module a card describes, with its normalisation loaded.
+
+    An hf_vla card also needs its ``weights_dir``, whose backbone/ holds the transformers config
+    and tokenizer (read offline). ``trust_remote_code`` allows a backbone whose code ships in that
+    directory (never on by default).
+    """
+    if card.family == "hf_vla":
+        from actdistill_ros.policies.hf_vla import HFVLA, HFVLAConfig  # transformers only when needed
+
+        if weights_dir is None:
+            raise ValueError("an hf_vla card is rebuilt from its weights directory (backbone/); none was given")
+        vla = HFVLA.from_weights_dir(Path(weights_dir), HFVLAConfig.from_dict(card.vla_config), trust_remote_code)
+    else:
+        vla = ReferenceVLA(VLAConfig.from_dict(card.vla_config))
     vla.set_normalization(card.norm_stats)
     if card.is_student:
         student = RoutedStudent(vla, RouterConfig.from_dict(card.router_config))
         student.threshold = card.default_threshold
+        student.keep_fraction = card.default_keep_fraction
         return student
     return vla
 
@@ -86,13 +101,15 @@ class Policy:
         self._layer_gflops = self.vla.layer_flops(self.vla.config.num_tokens) / 1e9
 
     @classmethod
-    def load(cls, weights_path: str | Path, device: str = "auto", dtype: str = "float32") -> "Policy":
+    def load(cls, weights_path: str | Path, device: str = "auto", dtype: str = "float32",
+             trust_remote_code: bool = False) -> "Policy":
         weights_file, card_file = resolve_weights_path(weights_path)
         card = read_card(card_file)
         try:
-            model = build_model(card)
-        except (TypeError, ValueError) as err:
-            raise WeightsError(f"{card_file}: invalid architecture in card: {err}") from None
+            model = build_model(card, weights_file.parent, trust_remote_code)
+        except (TypeError, ValueError, OSError) as err:
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise WeightsError(f"{card_file}: invalid architecture in card: {message}") from None
         load_state_into(model, read_weights(weights_file), weights_file)
         torch_device = resolve_device(device)
         return cls(model, card, torch_device, resolve_dtype(dtype, torch_device))
@@ -111,8 +128,29 @@ class Policy:
             self.student.threshold = value
 
     @property
+    def keep_fraction(self) -> float:
+        """> 0: each observation runs its top round(keep * L) layers by gate; 0.0: threshold routing."""
+        return self.student.keep_fraction if self.student else 0.0
+
+    @keep_fraction.setter
+    def keep_fraction(self, value: float | None) -> None:
+        try:
+            keep = 0.0 if value is None else float(value)
+        except (TypeError, ValueError):
+            keep = float("nan")
+        if not 0.0 <= keep <= 1.0:
+            raise ValueError(f"router keep_fraction must be a number in [0, 1] (0 = threshold routing), got {value!r}")
+        if self.student:
+            self.student.keep_fraction = keep
+
+    @property
     def num_layers(self) -> int:
         return self.vla.num_layers
+
+    @property
+    def num_cameras(self) -> int:
+        """Images per observation, in the order of ``card.camera_names``."""
+        return self.vla.config.num_cameras
 
     # ---- inference -----------------------------------------------------------------------
     def _sync(self) -> float:
@@ -122,9 +160,11 @@ class Policy:
 
     @torch.inference_mode()
     def predict_batch(self, images, instructions: list[str], states=None) -> list[PolicyOutput]:
-        """images: (B, h, w, 3) uint8 RGB array or a list of such frames (sizes may differ)."""
+        """images: a uint8 RGB array (B, C, h, w, 3), or (B, h, w, 3) with one camera; or a list
+        with one entry per sample, each a list of C frames (h, w, 3) in camera order, or one frame
+        with one camera. Frames may have any size: each is resized with ``resize_rgb``."""
         t0 = self._sync()
-        frames = _stack_images(images, self.vla.config.image_size)
+        frames = _stack_images(images, self.vla.config.image_size, self.num_cameras)
         pixels = torch.from_numpy(frames).to(self.device, non_blocking=True)
         state_tensor = self._state_tensor(states, len(frames))
         encoded = self.vla.encode(pixels, list(instructions), state_tensor)
@@ -153,9 +193,11 @@ class Policy:
                 gates=None if gates_np is None else gates_np[row].tolist()))
         return outputs
 
-    def predict(self, image: np.ndarray, instruction: str, state: np.ndarray | None = None) -> PolicyOutput:
+    def predict(self, images, instruction: str, state: np.ndarray | None = None) -> PolicyOutput:
+        """images: a list of C uint8 RGB frames (h, w, 3) in camera order (any size), or one
+        frame when the policy has one camera."""
         states = None if state is None else np.asarray(state, dtype=np.float32)[None]
-        return self.predict_batch([image], [instruction], states)[0]
+        return self.predict_batch([images], [instruction], states)[0]
 
     def _state_tensor(self, states, batch: int) -> torch.Tensor | None:
         state_dim = self.vla.config.state_dim
@@ -171,25 +213,40 @@ class Policy:
         return torch.from_numpy(array).to(self.device)
 
 
-def _stack_images(images, size: int) -> np.ndarray:
-    """Frames of any size -> one (B, h, w, 3) uint8 array; resized on the CPU only if sizes differ."""
-    if isinstance(images, np.ndarray) and images.ndim == 4:
-        frames = images
+def _camera_frames(sample, num_cameras: int) -> list:
+    """One observation's images -> its list of per-camera frames, checking the camera count."""
+    if isinstance(sample, np.ndarray) and sample.ndim == 3:
+        frames = [sample]  # a single frame
+    elif (isinstance(sample, np.ndarray) and sample.ndim == 4) or isinstance(sample, (list, tuple)):
+        frames = list(sample)
     else:
-        frames = list(images)
-        shapes = {f.shape for f in frames}
-        if len(shapes) > 1:
-            import cv2
-            frames = [cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in frames]
-        frames = np.stack(frames)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"images must be uint8 (h, w, 3) RGB, got {frames.dtype} {frames.shape[1:]}")
-    return np.ascontiguousarray(frames)
+        raise ValueError(f"images: expected a list of {num_cameras} uint8 (h, w, 3) RGB frame(s) per observation, "
+                         f"got {type(sample).__name__} {getattr(sample, 'shape', '')}")
+    if len(frames) != num_cameras:
+        raise ValueError(f"images: this policy takes {num_cameras} camera image(s) per observation, got {len(frames)}")
+    return frames
+
+
+def _stack_images(images, size: int, num_cameras: int) -> np.ndarray:
+    """Observations (see Policy.predict_batch) -> one uint8 (B, C, size, size, 3) array; every frame
+    not already size x size goes through resize_rgb, the resize the training data went through."""
+    if isinstance(images, np.ndarray) and images.ndim == 4 and num_cameras == 1:
+        images = images[:, None]
+    if isinstance(images, np.ndarray) and images.ndim == 5:
+        if images.shape[1] != num_cameras:
+            raise ValueError(f"images: this policy takes {num_cameras} camera image(s) per observation, "
+                             f"got an array of shape {images.shape}")
+        if images.dtype == np.uint8 and images.shape[2:] == (size, size, 3):
+            return np.ascontiguousarray(images)  # already model-sized: no per-frame work
+    if isinstance(images, np.ndarray) and images.ndim not in (4, 5):
+        raise ValueError(f"images: expected uint8 RGB (B, C, h, w, 3) or a list of observations, got shape {images.shape}")
+    return np.stack([np.stack([resize_rgb(frame, size) for frame in _camera_frames(sample, num_cameras)])
+                     for sample in images])
 
 
 def make_card(model: ReferenceVLA | RoutedStudent, action_space: ActionSpace, norm_stats: dict | None = None,
               state_names: list[str] | None = None, provenance: dict | None = None,
-              metrics: dict | None = None) -> ModelCard:
+              metrics: dict | None = None, camera_names: list[str] | None = None) -> ModelCard:
     student = model if isinstance(model, RoutedStudent) else None
     vla = student.vla if student else model
     config = vla.config
@@ -197,34 +254,53 @@ def make_card(model: ReferenceVLA | RoutedStudent, action_space: ActionSpace, no
         raise ValueError(f"action space has {action_space.dim} dimensions, the model predicts {config.action_dim}")
     return ModelCard(
         kind="student" if student else "teacher", vla_config=config.to_dict(), action_space=action_space,
+        family=getattr(vla, "family", "reference_vla"),
         norm_stats=norm_stats or identity_norm_stats(config.action_dim, config.state_dim),
         router_config=student.router_config.to_dict() if student else None,
         default_threshold=student.threshold if student else 0.5, state_names=list(state_names or []),
+        default_keep_fraction=student.keep_fraction if student else 0.0,
+        camera_names=list(camera_names or []),
         provenance={"actdistill_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     **(provenance or {})},
         metrics=metrics or {})
 
 
 def save_model(out_dir: str | Path, model: ReferenceVLA | RoutedStudent, card: ModelCard) -> Path:
-    return save_policy(out_dir, model.state_dict(), card)
+    vla = model.vla if isinstance(model, RoutedStudent) else model
+    # An hf_vla model also writes its backbone's config and tokenizer (backbone/) beside the weights.
+    return save_policy(out_dir, model.state_dict(), card, getattr(vla, "save_backbone_files", None))
 
 
 def create_untrained_policy(out_dir: str | Path, size: str = "tiny", student: bool = True, keep: float = 0.5,
                             action_space: ActionSpace | None = None, state_dim: int = 4, seed: int = 0,
-                            router_weight_std: float = 0.0) -> Path:
+                            router_weight_std: float = 0.0, camera_names: list[str] | None = None,
+                            backbone: str | Path | None = None) -> Path:
     """A randomly initialised teacher or student weights directory (tests, benchmarks, smoke runs).
 
     A student's router is biased to keep about ``keep`` of the layers at threshold 0.5;
     ``router_weight_std`` > 0 makes its gates depend on the input, so samples route differently.
+    ``camera_names`` gives a model with one camera per name (default: one unnamed camera).
+    ``backbone`` (a transformers model directory or hub id) wraps that model, weights kept, with
+    fresh state/query/head, instead of a reference VLA of ``size``.
     """
     action_space = action_space or ActionSpace.metaworld()
     torch.manual_seed(seed)
-    vla = ReferenceVLA(VLAConfig.sized(size, state_dim=state_dim, action_dim=action_space.dim))
+    num_cameras = len(camera_names) if camera_names else 1
+    if backbone is not None:
+        from actdistill_ros.policies.hf_vla import HFVLA, HFVLAConfig
+
+        vla = HFVLA.from_pretrained(backbone, HFVLAConfig(num_cameras=num_cameras, state_dim=state_dim,
+                                                          action_dim=action_space.dim))
+        size = f"backbone {backbone}"
+    else:
+        vla = ReferenceVLA(VLAConfig.sized(size, state_dim=state_dim, action_dim=action_space.dim,
+                                           num_cameras=num_cameras))
     model: ReferenceVLA | RoutedStudent = vla
     if student:
         model = RoutedStudent.derive_from(vla, RouterConfig())
         model.router.bias_to_keep(keep)
         if router_weight_std > 0:
             torch.nn.init.normal_(model.router.gate.weight, std=router_weight_std)
-    card = make_card(model, action_space, provenance={"source": f"untrained ({size}, seed {seed}, keep {keep})"})
+    card = make_card(model, action_space, camera_names=camera_names,
+                     provenance={"source": f"untrained ({size}, seed {seed}, keep {keep})"})
     return save_model(out_dir, model, card)

@@ -1,7 +1,8 @@
 """Metrics, plots and the on-disk report of a rosbag replay evaluation (no ROS needed).
 
-The ROS side (``actdistill_ros.ros.replay_eval``) fills one ``PolicyReplay`` per evaluated policy
-with one ``FrameRecord`` per camera frame it sent; this module turns them into report.json,
+The ROS side (``actdistill_ros.ros.replay``) fills one ``PolicyReplay`` per evaluated policy
+with one ``FrameRecord`` per frame set it sent (one frame per camera, keyed by the first camera's
+stamp) and the stamps of every camera's frames; this module turns them into report.json,
 report.md and PNG plots, written into a temp directory next to the output and renamed at the end.
 """
 
@@ -29,10 +30,11 @@ PLOTS = {
 
 @dataclass
 class FrameRecord:
-    """One camera frame of a bag as sent to (or seen by) the node, and what came back for it."""
+    """One frame set of a bag (its first camera's frame) as sent to (or seen by) the node, and what
+    came back for it."""
 
     bag: str
-    stamp_ns: int  # camera header stamp: the key that ties chunk and RouterStats to the frame
+    stamp_ns: int  # first camera's header stamp: the key that ties chunk and RouterStats to the frame set
     sent_ns: int  # system clock when the frame was published here (listen-only: received here)
     chunk: np.ndarray | None = None  # (H, D) float32 from ActionChunk
     chunk_received_ns: int | None = None  # system clock when the ActionChunk reached this process
@@ -40,6 +42,8 @@ class FrameRecord:
     layer_mask: list[bool] | None = None  # from RouterStats
     inference_ms: float | None = None
     node_camera_to_action_ms: float | None = None  # the node's own figure (its receipt -> first action)
+    source_stamps: list[int] | None = None  # RouterStats: the stamp of each camera's frame the node used
+    newest_stamps: list[int] | None = None  # per camera: its newest frame sent (seen) when this frame set opened
 
     @property
     def latency_ms(self) -> float | None:
@@ -57,11 +61,15 @@ class PolicyReplay:
     kind: str  # the card's kind: "student" or "teacher"
     action_names: list[str]
     num_layers: int
+    camera_topics: list[str] = field(default_factory=list)  # the bags' camera topics, in the model's order
     frames: list[FrameRecord] = field(default_factory=list)
+    # Per camera topic: (bag, header stamp) of every frame published to the node (listen-only: seen).
+    camera_frames: dict[str, set[tuple[str, int]]] = field(default_factory=dict)
     messages_published: int = 0
     replay_seconds: float = 0.0
     unmatched_chunks: int = 0  # chunks whose stamp matched no frame sent (late, or another publisher)
     malformed_chunks: int = 0  # ActionChunks not readable as (chunk_size, action_dim) finite values
+    frame_sets_resent: int = 0  # --rate max: first-camera frames sent again after the node paired an older frame
     callback_errors: int = 0  # subscription callbacks that raised (logged; the replay went on)
 
     def received(self) -> list[FrameRecord]:
@@ -134,6 +142,25 @@ def _agreement(student: PolicyReplay, teacher: PolicyReplay) -> dict:
     return result
 
 
+def camera_usage(replay: PolicyReplay) -> dict[str, dict]:
+    """Per camera: frames published (listen-only: seen); frames the node used for an inference (the
+    camera's entry in RouterStats.source_stamps) and the rest, dropped; and ``older_frame_used``:
+    inferences that took an older frame of this camera than the newest one sent before their frame
+    set's first-camera frame (the node paired frames that do not belong together). The node's figures
+    are None when it reports no source stamps."""
+    reported = [f for f in replay.frames
+                if f.source_stamps is not None and len(f.source_stamps) == len(replay.camera_topics)]
+    usage = {}
+    for k, topic in enumerate(replay.camera_topics):
+        published = replay.camera_frames.get(topic, set())
+        used = {(f.bag, f.source_stamps[k]) for f in reported} & published
+        older = sum(f.source_stamps[k] < f.newest_stamps[k] for f in reported if f.newest_stamps is not None)
+        usage[topic] = {"frames_published": len(published), "frames_used": len(used) if reported else None,
+                        "frames_dropped": len(published) - len(used) if reported else None,
+                        "older_frame_used": older if reported else None}
+    return usage
+
+
 def summarize(replay: PolicyReplay, recorded: dict[str, RecordedActions]) -> dict:
     """The JSON section of one policy."""
     received = replay.received()
@@ -146,8 +173,10 @@ def summarize(replay: PolicyReplay, recorded: dict[str, RecordedActions]) -> dic
         "frames_published": len(replay.frames),
         "chunks_received": len(received),
         "frames_dropped": len(replay.frames) - len(received),
+        "cameras": camera_usage(replay),
         "unmatched_chunks": replay.unmatched_chunks,
         "malformed_chunks": replay.malformed_chunks,
+        "frame_sets_resent": replay.frame_sets_resent,
         "callback_errors": replay.callback_errors,
         "messages_published": replay.messages_published,
         "replay_seconds": round(replay.replay_seconds, 3),
@@ -271,9 +300,24 @@ def render_markdown(report: dict) -> str:
     lines = ["# Rosbag replay evaluation", ""]
     lines += [f"- bags: {', '.join(b['path'] for b in report['bags'])}",
               f"- mode: {report['mode']}, rate: {report['rate']}, node: {report.get('node', '-')}", ""]
+    lines += ["## Cameras", "", "In the bags (first camera: its frames are the frame sets):", "",
+              "| bag | camera | type | encoding | resolution | frames |", "|---|---|---|---|---|---|"]
+    for bag in report["bags"]:
+        for camera in bag["cameras"]:
+            lines.append(f"| {Path(bag['path']).name} | {camera['topic']} | {bag['camera_type'].rsplit('/', 1)[-1]} | "
+                         f"{camera['encoding']} | {camera['resolution']} | {camera['frames']} |")
+    lines += ["", "Sent to the node: frames published / used by an inference (RouterStats source_stamps) / dropped / "
+              "inferences that used an older frame than the newest sent with the frame set:", "",
+              "| camera | " + " | ".join(report["policies"]) + " |", "|---|" + "---|" * len(report["policies"])]
+    usage_keys = ("frames_published", "frames_used", "frames_dropped", "older_frame_used")
+    for topic in next(iter(report["policies"].values()))["cameras"]:
+        cells = [" / ".join(_fmt(p["cameras"][topic][key]) for key in usage_keys) for p in report["policies"].values()]
+        lines.append(f"| {topic} | " + " | ".join(cells) + " |")
+    lines += ["", "## Results", ""]
     lines += ["| | " + " | ".join(report["policies"]) + " |", "|---|" + "---|" * len(report["policies"])]
     rows = [("frames published", "frames_published"), ("chunks received", "chunks_received"),
             ("frames dropped", "frames_dropped"), ("malformed chunks", "malformed_chunks"),
+            ("frame sets resent", "frame_sets_resent"),
             ("messages/s", "messages_per_s"), ("frames/s", "frames_per_s")]
     policies = report["policies"].values()
     for label, key in rows:

@@ -15,6 +15,7 @@ import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,9 @@ WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
 CARD_FORMAT = 1
 PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin"}
+# Teacher families a card can describe (policy.build_model rebuilds each): our reference VLA, and a
+# Hugging Face image-text-to-text backbone whose config and tokenizer live in the weights directory.
+FAMILIES = ("reference_vla", "hf_vla")
 
 
 class WeightsError(ValueError):
@@ -86,26 +90,40 @@ def identity_norm_stats(action_dim: int, state_dim: int) -> dict:
 @dataclass
 class ModelCard:
     kind: str  # "teacher" or "student"
-    vla_config: dict
+    vla_config: dict  # the family's configuration dataclass, as a dict
     action_space: ActionSpace
     norm_stats: dict  # action_mean/std, state_mean/std (lists of floats)
     router_config: dict | None = None  # students only
     default_threshold: float = 0.5
+    # Keep routing by default: run the top round(keep * L) layers by gate. 0.0 = threshold routing
+    # (and what cards written before keep routing existed mean).
+    default_keep_fraction: float = 0.0
     state_names: list[str] = field(default_factory=list)
+    # Camera topics the model was trained on, in the order it takes their images; empty in cards
+    # written before multi-camera support (one camera).
+    camera_names: list[str] = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
+    family: str = "reference_vla"  # one of FAMILIES; cards written before hf_vla have none
     format: int = CARD_FORMAT
 
     def __post_init__(self) -> None:
         if self.kind not in ("teacher", "student"):
             raise ValueError(f"card kind must be 'teacher' or 'student', got {self.kind!r}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"card family must be one of {list(FAMILIES)}, got {self.family!r}")
         if self.kind == "student" and self.router_config is None:
             raise ValueError("a student card needs router_config")
         if not 0.0 <= float(self.default_threshold) <= 1.0:
             raise ValueError(f"default_threshold must be in [0, 1], got {self.default_threshold!r}")
+        if not 0.0 <= float(self.default_keep_fraction) <= 1.0:
+            raise ValueError(f"default_keep_fraction must be in [0, 1] (0 = threshold routing), "
+                             f"got {self.default_keep_fraction!r}")
         for name, values in self.norm_stats.items():
             if isinstance(values, list) and not all(math.isfinite(v) for v in values):
                 raise ValueError(f"norm_stats.{name} contains NaN or inf")
+        if self.camera_names and len(self.camera_names) != self.num_cameras:
+            raise ValueError(f"camera_names lists {len(self.camera_names)} cameras, the model takes {self.num_cameras}")
 
     @property
     def is_student(self) -> bool:
@@ -114,6 +132,10 @@ class ModelCard:
     @property
     def image_size(self) -> int:
         return int(self.vla_config["image_size"])
+
+    @property
+    def num_cameras(self) -> int:
+        return int(self.vla_config.get("num_cameras", 1))
 
     @property
     def chunk_size(self) -> int:
@@ -161,11 +183,14 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_policy(out_dir: str | Path, state_dict: dict[str, torch.Tensor], card: ModelCard) -> Path:
+def save_policy(out_dir: str | Path, state_dict: dict[str, torch.Tensor], card: ModelCard,
+                write_extra: Callable[[Path], None] | None = None) -> Path:
     """Write ``model.safetensors`` + ``card.json`` as one directory ``out_dir``; returns it.
 
-    Both files are written into a temporary sibling directory that then replaces ``out_dir``,
-    so a reader (or a crash) never sees new weights beside an old card.
+    ``write_extra(directory)`` adds what else the family needs to rebuild the model offline (an
+    hf_vla backbone's config and tokenizer, in ``backbone/``). Everything is written into a
+    temporary sibling directory that then replaces ``out_dir``, so a reader (or a crash) never
+    sees new weights beside an old card.
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -174,6 +199,8 @@ def save_policy(out_dir: str | Path, state_dict: dict[str, torch.Tensor], card: 
     try:
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         (staging / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2, sort_keys=True) + "\n")
+        if write_extra is not None:
+            write_extra(staging)
         if out_dir.exists():
             retired = staging.with_suffix(".old")
             os.replace(out_dir, retired)
@@ -215,6 +242,11 @@ def read_card(card_path: Path) -> ModelCard:
         return ModelCard.from_dict(data)
     except (TypeError, ValueError, KeyError) as err:
         raise WeightsError(f"{card_path}: invalid model card: {err}") from None
+
+
+def load_card(weights: str | Path) -> ModelCard:
+    """The card of a weights directory (or of the .safetensors file in one); WeightsError names the path."""
+    return read_card(resolve_weights_path(weights)[1])
 
 
 def _check_safetensors_header(path: Path) -> None:

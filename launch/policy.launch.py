@@ -1,8 +1,13 @@
 """Launch the ActDistill policy node.
 
     ros2 launch actdistill_ros policy.launch.py weights:=<weights dir> \
-        camera_topic:=/camera/image_raw command_topic:=/instruction device:=auto [threshold:=0.5]
+        [camera_topics:=/cam/scene,/cam/wrist] command_topic:=/instruction device:=auto [threshold:=0.5] \
+        [lifecycle:=true]
 
+camera_topics lists the cameras in the order the policy takes them (default: the card's
+camera_names, else /camera/image_raw). lifecycle:=true starts the managed node
+(policy_lifecycle_node, same name and parameters): it waits unconfigured until
+`ros2 lifecycle set /policy_node configure`, then `... activate`.
 Every other parameter comes from params_file (default: the package's config/policy.yaml).
 Without threshold (and without router.threshold in params_file) the node uses the card's
 default_threshold, the value the student was distilled for.
@@ -21,13 +26,14 @@ from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironment
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
-from actdistill_ros.ros.launch_arguments import threshold_override
+from actdistill_ros.ros.launch_arguments import camera_topics, policy_executable, threshold_override
 
 
 def _policy_node(context):
+    weights = LaunchConfiguration("weights").perform(context)
     overrides = {
-        "weights_path": LaunchConfiguration("weights").perform(context),
-        "topics.camera": LaunchConfiguration("camera_topic").perform(context),
+        "weights_path": weights,
+        "topics.cameras": camera_topics(LaunchConfiguration("camera_topics").perform(context), weights),
         "topics.command": LaunchConfiguration("command_topic").perform(context),
         "device": LaunchConfiguration("device").perform(context),
     }
@@ -35,7 +41,7 @@ def _policy_node(context):
     overrides.update(threshold_override(LaunchConfiguration("threshold").perform(context)))
     return [Node(
         package="actdistill_ros",
-        executable="policy_node",
+        executable=policy_executable(LaunchConfiguration("lifecycle").perform(context)),
         name="policy_node",
         output="screen",
         emulate_tty=True,
@@ -50,9 +56,11 @@ def generate_launch_description():
     fastdds_profile = os.path.join(share, "config", "fastdds_large_images.xml")
     arguments = [
         DeclareLaunchArgument("weights", description="weights directory (model.safetensors + card.json)"),
-        DeclareLaunchArgument("camera_topic", default_value="/camera/image_raw",
-                              description="camera topic (sensor_msgs/Image, or CompressedImage with "
-                                          "camera.transport: compressed in params_file)"),
+        DeclareLaunchArgument("camera_topics", default_value="",
+                              description="camera topics separated by commas, in the policy's camera order "
+                                          "(sensor_msgs/Image, or CompressedImage with camera.transport: "
+                                          "compressed in params_file); empty: the card's camera_names, else "
+                                          "/camera/image_raw"),
         DeclareLaunchArgument("command_topic", default_value="/instruction",
                               description="instruction topic (std_msgs/String)"),
         DeclareLaunchArgument("device", default_value="auto", description="auto, cpu, cuda or cuda:N"),
@@ -60,6 +68,9 @@ def generate_launch_description():
                               description="router threshold in [0, 1]; empty: the card's default_threshold"),
         DeclareLaunchArgument("params_file", default_value=os.path.join(share, "config", "policy.yaml"),
                               description="YAML with the remaining policy_node parameters"),
+        DeclareLaunchArgument("lifecycle", default_value="false",
+                              description="true: the managed node policy_lifecycle_node (configure and activate "
+                                          "it with ros2 lifecycle set); false: policy_node, active at start-up"),
     ]
     return LaunchDescription([
         SetEnvironmentVariable("FASTRTPS_DEFAULT_PROFILES_FILE", fastdds_profile),

@@ -108,9 +108,10 @@ def node_environment(domain_id: int, log_dir: Path) -> dict[str, str]:
 
 
 def start_policy_node(weights: Path | str, domain_id: int, work_dir: Path, params: dict[str, Any] | None = None,
-                      params_file: Path | None = POLICY_YAML, node_name: str | None = None) -> NodeProcess:
-    argv = ros_process.node_command("actdistill_ros.ros.policy_node", {"weights_path": str(weights), **(params or {})},
-                                    params_file, node_name)
+                      params_file: Path | None = POLICY_YAML, node_name: str | None = None,
+                      module: str = "actdistill_ros.ros.policy_node") -> NodeProcess:
+    """``module``: actdistill_ros.ros.policy_lifecycle_node for the managed node."""
+    argv = ros_process.node_command(module, {"weights_path": str(weights), **(params or {})}, params_file, node_name)
     return NodeProcess(argv, node_environment(domain_id, work_dir / "ros_log"), work_dir)
 
 
@@ -126,9 +127,9 @@ class Recorder:
         with self._lock:
             self._items.append((time.monotonic(), msg))
 
-    def messages(self, since: float = float("-inf")) -> list[Any]:
+    def messages(self, since: float = float("-inf"), until: float = float("inf")) -> list[Any]:
         with self._lock:
-            return [msg for t, msg in self._items if t >= since]
+            return [msg for t, msg in self._items if since <= t < until]
 
     def wait_for(self, predicate: Callable[[Any], bool] = lambda m: True, timeout: float = 10.0,
                  since: float = float("-inf"), count: int = 1) -> list[Any] | None:

@@ -40,7 +40,9 @@ def test_step_limit_moves_at_most_the_limit_and_spares_the_gripper():
     limits = SafetyLimits.combine([-5] * 3, [5] * 3, max_step_delta=0.1, gripper_index=2)
     out = limits.limit_step(np.array([1.0, -0.05, -1.0]), previous=np.array([0.0, 0.0, 1.0]))
     np.testing.assert_allclose(out, [0.1, -0.05, -1.0])  # gripper jumps, arm is limited
-    assert limits.limit_step(np.array([3.0, 3, 3]), None).tolist() == [3.0, 3, 3]  # nothing to compare with
+    # No previous command: only the bounds apply (the motion controller always passes one: zero or measured).
+    assert limits.limit_step(np.array([3.0, 3, 3]), None).tolist() == [3.0, 3, 3]
+    assert limits.limit_step(np.array([9.0, -9, 3]), None).tolist() == [5.0, -5, 3]  # but always within bounds
     sequence = limits.limit_sequence(np.array([[1.0, 0, 0], [1.0, 0, 0], [1.0, 0, 0]]), np.zeros(3))
     np.testing.assert_allclose(sequence[:, 0], [0.1, 0.2, 0.3])
 
@@ -77,6 +79,15 @@ def test_temporal_ensemble_weights_older_chunks_exponentially():
     assert scheduler.action_at(5) is None
 
 
+def test_scheduler_drops_chunks_by_source():
+    scheduler = ChunkScheduler(temporal_ensemble=True, decay=0.0)
+    scheduler.add(np.full((4, 1), 1.0), start_tick=0, source="old")
+    scheduler.add(np.full((4, 1), 3.0), start_tick=0, source="new")
+    assert scheduler.action_at(0).tolist() == [2.0]
+    assert scheduler.drop_where(lambda source: source == "old") == 1
+    assert scheduler.action_at(1).tolist() == [3.0] and len(scheduler) == 1
+
+
 def test_scheduler_rejects_malformed_chunks():
     with pytest.raises(ValueError):
         ChunkScheduler().add(np.zeros((0, 3)), 0)
@@ -94,7 +105,26 @@ def test_watchdog_reports_each_kind_of_staleness_once():
     stale = [watchdog.check(now, 10.0, has_command=True) for now in (10.6, 10.7, 10.8)]
     assert [v.allowed for v in stale] == [False] * 3 and [v.changed for v in stale] == [True, False, False]
     assert "0.60 s old" in stale[0].reason
-    assert watchdog.check(11.0, 10.9, has_command=True, waiting_for_state=True).reason == "no robot state received yet"
+    assert watchdog.check(11.0, 10.9, has_command=True, needs_state=True).reason == "no robot state received yet"
+
+
+def test_watchdog_holds_when_any_camera_is_missing_or_stale():
+    watchdog = MotionWatchdog(max_image_age_s=0.5)
+    cameras = ["/front", "/wrist"]
+    missing = watchdog.check(10.0, [9.9, None], True, cameras=cameras)
+    assert missing.kind == "no_frame" and missing.reason == "no camera frame received yet on /wrist"
+    stale = watchdog.check(10.0, [9.9, 9.2], True, cameras=cameras)
+    assert stale.kind == "stale_frame" and "0.80 s old on /wrist" in stale.reason
+    assert watchdog.check(10.0, [9.9, 9.6], True, cameras=cameras).allowed
+
+
+def test_watchdog_holds_without_a_fresh_measured_position():
+    watchdog = MotionWatchdog(max_image_age_s=0.5, max_state_age_s=0.3)
+    none = watchdog.check(10.0, 9.9, True, needs_measured=True, newest_measured_s=None)
+    assert none.kind == "no_measured" and "measured robot position" in none.reason
+    old = watchdog.check(10.0, 9.9, True, needs_measured=True, newest_measured_s=9.6)
+    assert old.kind == "stale_measured" and "0.40 s old" in old.reason
+    assert watchdog.check(10.0, 9.9, True, needs_measured=True, newest_measured_s=9.8).allowed
 
 
 def test_watchdog_holds_on_missing_or_stale_robot_state():

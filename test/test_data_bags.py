@@ -13,6 +13,7 @@ from rosbags.rosbag2 import StoragePlugin, Writer
 
 from actdistill_ros.data import BagDataError, TopicConfig, list_bags, read_episode, read_episodes, write_episode_bag
 from actdistill_ros.data.bag_writer import DEFAULT_START_NS, jazzy_typestore
+from actdistill_ros.data.images import resize_rgb
 
 STORAGES = ["mcap", "sqlite3"]
 CONFIG_YAML = Path(__file__).resolve().parents[1] / "config" / "topics.yaml"
@@ -143,8 +144,8 @@ def test_round_trip_lossless_encodings(tmp_path, storage, image_format):
     if image_format == "mono8":
         gray = np.stack([cv2.cvtColor(im, cv2.COLOR_RGB2GRAY) for im in images])
         images = np.repeat(gray[..., None], 3, axis=3)
-    assert ep.images.dtype == np.uint8 and ep.images.shape == (12, H, W, 3)
-    np.testing.assert_array_equal(ep.images, images)
+    assert ep.images.dtype == np.uint8 and ep.images.shape == (12, 1, H, W, 3)  # (T, cameras, h, w, 3)
+    np.testing.assert_array_equal(ep.images[:, 0], images)
     np.testing.assert_array_equal(ep.actions, actions.astype(np.float32))
     np.testing.assert_array_equal(ep.states, states.astype(np.float32))
     assert ep.actions.dtype == np.float32 and ep.states.dtype == np.float32 and ep.stamps_ns.dtype == np.int64
@@ -160,20 +161,20 @@ def test_round_trip_jpeg_is_close_and_resize_matches_inter_area(tmp_path, storag
     topics = TopicConfig(camera_topic="/camera/image_raw/compressed")
     images, _, actions = write_demo(tmp_path / "ep", storage=storage, image_format="jpeg", topics=topics)
     ep = read_episode(tmp_path / "ep", topics)
-    assert ep.images.shape == images.shape
-    assert np.abs(ep.images.astype(int) - images).mean() < 6.0
+    assert ep.images.shape == (12, 1, H, W, 3)
+    assert np.abs(ep.images[:, 0].astype(int) - images).mean() < 6.0
     np.testing.assert_array_equal(ep.actions, actions.astype(np.float32))
 
     small = read_episode(tmp_path / "ep", topics, image_size=16)
-    assert small.images.shape == (12, 16, 16, 3) and small.source_image_size == (H, W)
-    expected = cv2.resize(ep.images[3], (16, 16), interpolation=cv2.INTER_AREA)
-    assert np.abs(small.images[3].astype(int) - expected).max() <= 1
+    assert small.images.shape == (12, 1, 16, 16, 3) and small.source_image_size == (H, W)
+    expected = cv2.resize(ep.images[3, 0], (16, 16), interpolation=cv2.INTER_AREA)
+    assert np.abs(small.images[3, 0].astype(int) - expected).max() <= 1
 
 
 def test_raw_resize_and_geometry_action_types(tmp_path):
     images, _, actions = write_demo(tmp_path / "raw", num=5)
     ep = read_episode(tmp_path / "raw", image_size=16)
-    np.testing.assert_array_equal(ep.images[2], cv2.resize(images[2], (16, 16), interpolation=cv2.INTER_AREA))
+    np.testing.assert_array_equal(ep.images[2, 0], cv2.resize(images[2], (16, 16), interpolation=cv2.INTER_AREA))
 
     rng = np.random.default_rng(1)
     for action_type, dim, names in [("geometry_msgs/msg/TwistStamped", 6, "linear_x"),
@@ -209,8 +210,9 @@ def test_alignment_with_jitter_tolerance_drops_and_instruction_changes(tmp_path,
     np.testing.assert_array_equal(ep.stamps_ns, cam[kept])
     np.testing.assert_array_equal(ep.actions, np.array([[t, -t] for t in kept], np.float32))
     np.testing.assert_array_equal(ep.states[:, 0], np.array([10 * t for t in kept], np.float32))
-    np.testing.assert_array_equal(ep.images, images[kept])
-    assert ep.dropped_frames == {"duplicate_stamp": 0, "no_action_within_tolerance": 1, "no_state_within_tolerance": 1}
+    np.testing.assert_array_equal(ep.images[:, 0], images[kept])
+    assert ep.dropped_frames == {"duplicate_stamp": 0, "no_camera_within_tolerance": 0, "no_action_within_tolerance": 1,
+                                 "no_state_within_tolerance": 1}
     # Frames before the first command take the first; later frames the newest at or before them.
     assert ep.instructions == ["first", "first", "first", "first", "first", "second", "second", "second"]
 
@@ -230,7 +232,7 @@ def test_image_step_with_row_padding_decodes(tmp_path):
         return image_msg(stamp, images[t], "rgb8", step=W * 3 + pad, data=rows.reshape(-1))
 
     bag = write_raw_bag(tmp_path / "padded", "mcap", standard_messages(3, image_fn=padded))
-    np.testing.assert_array_equal(read_episode(bag).images, images)
+    np.testing.assert_array_equal(read_episode(bag).images[:, 0], images)
 
 
 def test_stable_keys_across_reads_and_locations(tmp_path):
@@ -251,7 +253,7 @@ def test_list_bags_and_read_episodes_over_directory(tmp_path):
     assert [b.name for b in bags] == ["ep_0", "ep_1", "ep_2"]
     assert list_bags([root / "ep_1", root / "ep_0"]) == [root / "ep_1", root / "ep_0"]
     episodes = read_episodes(root, image_size=8, progress=False)
-    assert [len(e) for e in episodes] == [5, 4, 3] and episodes[0].images.shape[1:] == (8, 8, 3)
+    assert [len(e) for e in episodes] == [5, 4, 3] and episodes[0].images.shape[1:] == (1, 8, 8, 3)
     with pytest.raises(BagDataError, match="no rosbag2 directories"):
         list_bags(root / "notes")
     write_demo(tmp_path / "other" / "ep_0", num=3)
@@ -358,12 +360,12 @@ def test_bad_messages_raise_bag_data_error(tmp_path, storage, case):
 def test_mixed_sizes_are_resized_by_default(tmp_path):
     bag = write_raw_bag(tmp_path / "mixed", "mcap", standard_messages(6, image_fn=_mixed_sizes))
     ep = read_episode(bag)
-    assert ep.images.shape == (6, H, W, 3) and len(ep) == 6
+    assert ep.images.shape == (6, 1, H, W, 3) and len(ep) == 6
     bigger = tmp_path / "bigger"
     write_demo(bigger / "ep_b", num=3, seed=2)
     write_episode_bag(bigger / "ep_c", images=smooth_frames(3, 16, 16), instruction="x",
                       states=np.zeros((3, 4)), actions=np.zeros((3, 4)), action_names=["delta_x", "delta_y", "delta_z", "gripper"])
-    assert read_episodes(bigger, progress=False)[1].images.shape == (3, H, W, 3)
+    assert read_episodes(bigger, progress=False)[1].images.shape == (3, 1, H, W, 3)
     with pytest.raises(BagDataError) as excinfo:
         read_episodes(bigger, TopicConfig(on_size_mismatch="error"), progress=False)
     assert_one_line_error(excinfo, bigger / "ep_c", "/camera/image_raw", "expected 32x24 like bag 'ep_b'")
@@ -431,3 +433,102 @@ def test_damaged_bags_raise_bag_data_error(tmp_path, storage):
     assert_one_line_error(excinfo, bag, None, "metadata.yaml is missing")
     with pytest.raises(BagDataError, match="does not exist"):
         read_episode(tmp_path / "nope")
+
+
+# --- several cameras ---------------------------------------------------------------------------
+
+CAMERAS = ["/cam/scene", "/cam/wrist"]
+
+
+def test_topic_config_cameras_list_and_the_single_camera_key(tmp_path):
+    config = tmp_path / "topics.yaml"
+    config.write_text("cameras: [/cam/scene, /cam/wrist]\nstate_topic: null\n")
+    cfg = TopicConfig.from_yaml(config)
+    assert cfg.cameras == CAMERAS and cfg.camera_topic == "/cam/scene" and cfg.num_cameras == 2
+    assert TopicConfig.from_yaml(config, cameras=["/cam/top"]).cameras == ["/cam/top"]  # CLI flags replace the list
+    assert TopicConfig.from_dict(cfg.to_dict()) == cfg
+    config.write_text("camera_topic: /cam/front\n")  # the older single-camera key is one camera
+    assert TopicConfig.from_yaml(config).cameras == ["/cam/front"]
+    assert TopicConfig.from_yaml(config, cameras=CAMERAS).cameras == CAMERAS
+    assert TopicConfig(camera_topic="/x").cameras == ["/x"] and TopicConfig().cameras == ["/camera/image_raw"]
+    for bad, needle in [("cameras: /cam/scene\n", "expected a non-empty list"), ("cameras: []\n", "non-empty list"),
+                        ("cameras: [/a, b]\n", r"cameras\[1\]"), ("cameras: [/a, /a]\n", "distinct"),
+                        ("camera_topic: /a\ncameras: [/b]\n", "disagree")]:
+        config.write_text(bad)
+        with pytest.raises(ValueError, match=needle) as excinfo:
+            TopicConfig.from_yaml(config)
+        assert "topics.yaml" in str(excinfo.value) and "\n" not in str(excinfo.value)
+
+
+def write_two_camera_demo(path: Path, storage: str, num: int = 6, offsets_ms=(0, 0), **kwargs):
+    """Camera 0 at H x W, camera 1 at 40 x 40 (another sensor), both raw rgb8."""
+    scene = smooth_frames(num, seed=1)
+    wrist = smooth_frames(num, 40, 40, seed=2)
+    rng = np.random.default_rng(0)
+    write_episode_bag(path, images=[scene, wrist], instruction="stack the cups", states=rng.normal(size=(num, 4)),
+                      actions=rng.normal(size=(num, 4)), topics=TopicConfig(cameras=CAMERAS), storage=storage,
+                      camera_offsets_ns=[int(o * MS) for o in offsets_ms], **kwargs)
+    return scene, wrist
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_two_cameras_round_trip_aligned_to_the_first_camera(tmp_path, storage):
+    bag = tmp_path / "two"
+    scene, wrist = write_two_camera_demo(bag, storage, offsets_ms=(0, 30))  # the wrist camera stamps 30 ms late
+    meta = yaml.safe_load((bag / "metadata.yaml").read_text())["rosbag2_bagfile_information"]
+    assert {t["topic_metadata"]["name"] for t in meta["topics_with_message_count"]} >= set(CAMERAS)
+
+    topics = TopicConfig(cameras=CAMERAS)
+    ep = read_episode(bag, topics)
+    assert ep.camera_topics == CAMERAS and ep.images.shape == (6, 2, H, W, 3)  # the first camera's size
+    assert ep.source_image_sizes == [(H, W), (40, 40)] and ep.num_dropped == 0
+    np.testing.assert_array_equal(ep.stamps_ns, DEFAULT_START_NS + np.arange(6) * 100 * MS)  # camera 0's stamps
+    np.testing.assert_array_equal(ep.images[:, 0], scene)
+    np.testing.assert_array_equal(ep.images[:, 1], [resize_rgb(f, (H, W)) for f in wrist])
+    assert ep.sample_key(1) == f"two//cam/scene@{DEFAULT_START_NS + 100 * MS}"
+
+    small = read_episode(bag, topics, image_size=16)  # the training path: one resize per frame, to the model size
+    assert small.images.shape == (6, 2, 16, 16, 3)
+    np.testing.assert_array_equal(small.images[:, 1], [resize_rgb(f, 16) for f in wrist])
+    # The order of `cameras` is the order of the images.
+    swapped = read_episode(bag, TopicConfig(cameras=CAMERAS[::-1]), image_size=16)
+    np.testing.assert_array_equal(swapped.images[:, 0], small.images[:, 1])
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_missing_or_unaligned_camera_is_one_line_naming_bag_and_topic(tmp_path, storage):
+    one = tmp_path / "one_camera"
+    write_demo(one, num=4, storage=storage, topics=TopicConfig(camera_topic=CAMERAS[0]))
+    with pytest.raises(BagDataError) as excinfo:
+        read_episode(one, TopicConfig(cameras=CAMERAS))
+    assert_one_line_error(excinfo, one, "/cam/wrist", "not in bag, expected sensor_msgs/msg/Image or")
+
+    late = tmp_path / "late_wrist"
+    write_two_camera_demo(late, storage, offsets_ms=(0, 80), fps=5.0)  # 200 ms apart: wrist 80 ms from any scene frame
+    with pytest.raises(BagDataError) as excinfo:
+        read_episode(late, TopicConfig(cameras=CAMERAS))
+    assert_one_line_error(excinfo, late, "/cam/wrist", "within 50 ms")
+    assert len(read_episode(late, TopicConfig(cameras=CAMERAS, sync_tolerance_ms=90))) == 6
+
+
+def test_a_frame_without_the_other_camera_is_dropped_and_counted(tmp_path):
+    wrist = smooth_frames(6, 40, 40, seed=2)
+    msgs = standard_messages(6)
+    msgs += [("/cam/wrist", "sensor_msgs/msg/Image", DEFAULT_START_NS + t * 100 * MS,
+              image_msg(DEFAULT_START_NS + t * 100 * MS + 5 * MS, wrist[t])) for t in range(6) if t != 3]
+    bag = write_raw_bag(tmp_path / "gap", "mcap", msgs)
+    ep = read_episode(bag, TopicConfig(cameras=["/camera/image_raw", "/cam/wrist"]), image_size=16)
+    kept = [0, 1, 2, 4, 5]
+    np.testing.assert_array_equal(ep.stamps_ns, DEFAULT_START_NS + np.array(kept) * 100 * MS)
+    np.testing.assert_array_equal(ep.images[:, 1], [resize_rgb(wrist[t], 16) for t in kept])
+    assert ep.dropped_frames["no_camera_within_tolerance"] == 1 and ep.num_dropped == 1
+
+
+def test_writer_refuses_a_camera_count_or_length_mismatch(tmp_path):
+    images = smooth_frames(3)
+    topics = TopicConfig(cameras=CAMERAS)
+    for frames, needle in [([images], "one frame sequence per camera"), ([images, images[:2]], "expected 3 frames")]:
+        with pytest.raises(ValueError, match=needle):
+            write_episode_bag(tmp_path / "bad", images=frames, instruction="x", states=np.zeros((3, 4)),
+                              actions=np.zeros((3, 4)), topics=topics)
+    assert not (tmp_path / "bad").exists()

@@ -10,6 +10,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from actdistill_ros.data import TopicConfig, read_episode, read_episodes, write_episode_bag
+from actdistill_ros.data.images import resize_rgb
+from actdistill_ros.data.synthetic import synthetic_camera_frames, write_synthetic_demos
 from actdistill_ros.data.dataset import DemoDataset, NormStats, collate_samples, compute_norm_stats, split_episodes
 from actdistill_ros.data.stats import STD_FLOOR
 
@@ -40,8 +42,8 @@ def test_items_chunks_padding_and_collate(tmp_path):
     item = ds[1]
     images, states, actions = arrays[0]
     assert item["key"] == episodes[0].sample_key(1) and item["key"].startswith("ep_00//camera/image_raw@")
-    assert item["image"].dtype == torch.uint8 and tuple(item["image"].shape) == (12, 16, 3)
-    assert torch.equal(item["image"], torch.from_numpy(images[1]))
+    assert item["image"].dtype == torch.uint8 and tuple(item["image"].shape) == (1, 12, 16, 3)  # (cameras, h, w, 3)
+    assert torch.equal(item["image"][0], torch.from_numpy(images[1]))
     assert item["instruction"] == "task 0"
     assert item["state"].dtype == torch.float32 and torch.equal(item["state"], torch.from_numpy(states[1].astype(np.float32)))
     assert torch.equal(item["actions"], torch.from_numpy(actions[1:5].astype(np.float32)))  # raw, un-normalised
@@ -55,13 +57,32 @@ def test_items_chunks_padding_and_collate(tmp_path):
     assert ds.keys() == [ds.key(i) for i in range(len(ds))] and len(set(ds.keys())) == 8
 
     batch = next(iter(DataLoader(ds, batch_size=8, shuffle=False, collate_fn=collate_samples)))
-    assert tuple(batch["image"].shape) == (8, 12, 16, 3) and tuple(batch["actions"].shape) == (8, 4, 4)
+    assert tuple(batch["image"].shape) == (8, 1, 12, 16, 3) and tuple(batch["actions"].shape) == (8, 4, 4)
     assert tuple(batch["state"].shape) == (8, 3) and batch["chunk_valid"].dtype == torch.bool
     assert batch["key"] == ds.keys() and batch["instruction"] == ["task 0"] * 5 + ["task 1"] * 3
     with pytest.raises(IndexError):
         ds[8]
     with pytest.raises(ValueError, match="chunk_size"):
         DemoDataset(episodes, chunk_size=0)
+
+
+def test_two_camera_items_stack_the_cameras_in_topic_order(tmp_path):
+    cameras = ["/cam/scene", "/cam/wrist"]
+    write_synthetic_demos(tmp_path, episodes=2, length=5, storage="sqlite3", size=24, cameras=cameras)
+    topics = TopicConfig(cameras=cameras)
+    episodes = read_episodes(tmp_path, topics, image_size=16, progress=False)
+    ds = DemoDataset(episodes, chunk_size=3)
+    views, *_ = synthetic_camera_frames(0, 5, 24, 2)
+    item = ds[2]
+    assert tuple(item["image"].shape) == (2, 16, 16, 3) and item["key"].startswith("episode_0000//cam/scene@")
+    for camera in range(2):  # each camera's own frame, resized like the Policy resizes it
+        assert torch.equal(item["image"][camera], torch.from_numpy(resize_rgb(views[camera][2], 16)))
+    assert not torch.equal(item["image"][0], item["image"][1])
+    batch = collate_samples([ds[i] for i in range(4)])
+    assert tuple(batch["image"].shape) == (4, 2, 16, 16, 3) and batch["image"].dtype == torch.uint8
+    one_camera = read_episodes(tmp_path, TopicConfig(camera_topic=cameras[0]), image_size=16, progress=False)
+    with pytest.raises(ValueError, match="cameras"):
+        DemoDataset([episodes[0], one_camera[1]], chunk_size=3)
 
 
 def test_stateless_episodes_give_empty_state(tmp_path):

@@ -69,9 +69,8 @@ def test_closed_loop_through_ros_matches_the_in_process_loop(weights, tmp_path):
     assert first.status["hand_state"] == again.status["hand_state"]
     assert first.status["hand_state"] != other.status["hand_state"]
 
-    # Same episode in this process (first action of each chunk, one inference per step): the twist
-    # round trip (delta * twist_scale / twist_scale) and the lockstep pairing of frame, state and
-    # action must leave the trajectory unchanged.
+    # Same episode in this process (first action of each chunk, one inference per step): the
+    # lockstep pairing of frame, state and the frame's ActionChunk must leave the trajectory unchanged.
     policy = Policy.load(student, device="cpu")
     with MetaWorldTask("reach", image_size=card_size, horizon=HORIZON, seed=10003) as task:
         outcome, _ = run_episode(policy, task, 10003, execute_steps=1)

@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 
 from actdistill_ros.cli import main as cli
 from actdistill_ros.data import TopicConfig, write_episode_bag
+from actdistill_ros.distill.config import DistillConfig
+from actdistill_ros.distill.distillation import step_budget
 from actdistill_ros.distill.runtime import batch_indices
 from actdistill_ros.policy import Policy
 from actdistill_ros.data.synthetic import ACTION_NAMES, STATE_NAMES, synthetic_episode, write_synthetic_demos
@@ -99,6 +101,61 @@ def test_budget_moves_the_executed_fraction_towards_the_target(distilled):
     keep = _losses(distilled, "distill", "keep")
     assert keep[0] == 1.0, "the derived student starts executing every layer (it is the teacher)"
     assert keep[-1] < 1.0, keep
+
+
+def test_one_student_trained_across_budgets_runs_every_keep_exactly(distilled):
+    rows = [json.loads(line) for line in (distilled / "train_log.jsonl").read_text().splitlines()]
+    budgets = {r["target"] for r in rows if r["stage"] == "distill" and "target" in r}
+    assert len(budgets) > 1 and all(0.25 <= b <= 1.0 for b in budgets), budgets
+    policy = Policy.load(distilled / "student", device="cpu")
+    assert policy.card.router_config["budget_conditioned"]
+    assert policy.keep_fraction == policy.card.default_keep_fraction == 0.5, "the card defaults to keep routing"
+    images, instruction, states, _ = synthetic_episode(7)
+    frames, observed = np.stack(images[:6]), np.stack(states[:6])
+    counts = []
+    for keep in (0.3, 0.5, 0.8):
+        policy.keep_fraction = keep
+        outputs = policy.predict_batch(frames, [instruction] * len(frames), observed)
+        k = round(keep * policy.num_layers)
+        assert all(o.executed_fraction == k / policy.num_layers for o in outputs), (keep, outputs[0].executed_layers)
+        counts.append(sum(len(o.executed_layers) for o in outputs))
+    assert counts[0] < counts[1] < counts[2], counts
+    sweep = {row["keep_fraction"]: row for row in policy.card.metrics["routing_sweep"]}
+    assert set(sweep) == {0.0, 0.3, 0.5, 0.8, 1.0}
+    assert [sweep[k]["executed_layer_fraction"] for k in (0.3, 0.5, 0.8, 1.0)] == [0.25, 0.5, 0.75, 1.0]
+    assert policy.card.metrics["executed_layer_fraction"] == 0.5 and policy.card.metrics["routing"] == "keep 0.5"
+
+
+def test_the_single_threshold_stage_two_still_trains_for_its_threshold(teacher, demos, tmp_path):
+    config = tmp_path / "single_threshold.yaml"
+    config.write_text("keep_range: null\nrouter_dropout: 0.0\nlog_every: 2\n"
+                      "probe: {lr: 3.0e-3, warmup_steps: 2}\ndistill: {lr: 3.0e-4, warmup_steps: 2}\n")
+    out = tmp_path / "out"
+    assert cli(["distill", "--teacher", str(teacher / "teacher"), "--data", str(demos), "--out", str(out),
+                "--config", str(config), *FAST]) == 0
+    keep = _losses(out, "distill", "keep")
+    assert keep[0] == 1.0 and keep[-1] < 1.0, keep
+    assert set(_losses(out, "distill", "target")) == {0.5}
+    policy = Policy.load(out / "student", device="cpu")
+    assert not policy.card.router_config["budget_conditioned"] and policy.keep_fraction == 0.0
+    assert policy.card.metrics["routing"] == "threshold 0.5"
+    images, instruction, states, _ = synthetic_episode(7)
+    out_frame = policy.predict(images[0], instruction, states[0])
+    assert out_frame.executed_layers == [i for i, g in enumerate(out_frame.gates) if g >= policy.threshold]
+
+
+def test_the_budget_of_a_step_is_a_function_of_seed_and_step():
+    config = DistillConfig(keep_range=[0.25, 1.0], threshold_route_fraction=0.2, seed=5)
+    drawn = [step_budget(step, config, 12) for step in range(400)]
+    assert drawn == [step_budget(step, config, 12) for step in range(400)]
+    assert {keep for keep, _ in drawn} == {k / 12 for k in range(3, 13)}, "every k in the range is drawn"
+    threshold_steps = sum(not keep_routes for _, keep_routes in drawn) / len(drawn)
+    assert 0.12 < threshold_steps < 0.28, threshold_steps
+    assert step_budget(3, DistillConfig(keep_range=None, target_keep=0.4), 12) == (0.4, False)
+    with pytest.raises(ValueError, match="keep_range"):
+        DistillConfig(keep_range=[0.6, 0.3])
+    with pytest.raises(ValueError, match="target_keep"):
+        DistillConfig(keep_range=[0.6, 0.9], target_keep=0.5)
 
 
 def test_rerun_without_resume_is_refused(teacher, demos, distilled, config_file):

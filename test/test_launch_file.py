@@ -20,7 +20,7 @@ LAUNCH_FILE = REPO_ROOT / "launch" / "policy.launch.py"
 NODE = "policy_node"
 # Declared parameters config/policy.yaml leaves out on purpose (the file says why in a comment):
 # a value there would beat the default the node computes at start-up.
-NOT_IN_YAML = {"router.threshold": "its default is the card's default_threshold"}
+NOT_IN_YAML = {"router.threshold": "default_threshold", "router.keep_fraction": "default_keep_fraction"}
 # Declared without a value by the node (the type of [] cannot be inferred); unset means [].
 UNSET_MEANS_EMPTY = {"action.joint_names", "action.position_limits_low", "action.position_limits_high"}
 
@@ -88,23 +88,33 @@ def _try_list(ros: RosSide):
         return None
 
 
-def test_launch_executable_is_a_console_script(policy_node_call):
+def test_launch_executable_is_a_console_script_for_either_node(policy_node_call):
+    """lifecycle:=false starts policy_node, lifecycle:=true policy_lifecycle_node; both installed."""
+    from actdistill_ros.ros.launch_arguments import policy_executable
+
     assert ast.literal_eval(_keyword(policy_node_call, "package")) == "actdistill_ros"
-    executable = ast.literal_eval(_keyword(policy_node_call, "executable"))
+    executable = _keyword(policy_node_call, "executable")
+    assert isinstance(executable, ast.Call) and executable.func.id == "policy_executable"
+    assert ast.literal_eval(executable.args[0].func.value.args[0]) == "lifecycle"
     setup = ast.parse((REPO_ROOT / "setup.py").read_text())
     scripts = next(ast.literal_eval(value) for d in ast.walk(setup) if isinstance(d, ast.Dict)
                    for key, value in zip(d.keys, d.values)
                    if isinstance(key, ast.Constant) and key.value == "console_scripts")
     entries = dict(re.fullmatch(r"\s*(\S+)\s*=\s*(\S+)\s*", entry).groups() for entry in scripts)
-    assert executable in entries
-    module_name, function = entries[executable].split(":")
-    assert callable(getattr(importlib.import_module(module_name), function))
+    assert (policy_executable("false"), policy_executable(" True ")) == ("policy_node", "policy_lifecycle_node")
+    for name in ("policy_node", "policy_lifecycle_node"):
+        module_name, function = entries[name].split(":")
+        module = importlib.import_module(module_name)
+        assert callable(getattr(module, function)) and module.NODE_NAME == "policy_node"
+    with pytest.raises(ValueError, match="lifecycle"):
+        policy_executable("yes")
 
 
 def test_launch_arguments_are_declared_and_used(launch_tree, policy_node_call):
     declared = {ast.literal_eval(call.args[0]) for call in _calls(launch_tree, "DeclareLaunchArgument")}
     used = {ast.literal_eval(call.args[0]) for call in _calls(launch_tree, "LaunchConfiguration")}
-    assert declared == used == {"weights", "camera_topic", "command_topic", "device", "threshold", "params_file"}
+    assert declared == used == {"weights", "camera_topics", "command_topic", "device", "threshold", "params_file",
+                                "lifecycle"}
 
 
 def test_every_launch_parameter_is_declared_by_the_node(launch_tree, policy_node_call, declared_parameters):
@@ -135,13 +145,43 @@ def test_launch_sets_the_threshold_only_when_given(launch_tree):
             threshold_override(bad)
 
 
+def test_lifecycle_node_declares_the_same_parameters(tmp_path, declared_parameters):
+    """policy_lifecycle_node: the same parameters once configured (the card's router.* come with the
+    card), and weights_path writable while unconfigured."""
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+    from rcl_interfaces.srv import DescribeParameters
+
+    from actdistill_ros.policy import create_untrained_policy
+
+    weights = create_untrained_policy(tmp_path / "w", size="tiny")
+    domain = reserve_domain()
+    ros = RosSide(domain)
+    process = start_policy_node(weights, domain, tmp_path / "node", params_file=None,
+                                module="actdistill_ros.ros.policy_lifecycle_node")
+    try:
+        names = wait_until(lambda: _try_list(ros), timeout=60.0, interval=0.5)
+        assert names, process.output()[-3000:]
+        own = {"use_sim_time", "start_type_description_service"}
+        assert set(names) - own == declared_parameters - set(NOT_IN_YAML)
+        descriptor, = ros.call(DescribeParameters, f"/{NODE}/describe_parameters",
+                               DescribeParameters.Request(names=["weights_path"])).descriptors
+        assert not descriptor.read_only
+        request = ChangeState.Request(transition=Transition(id=Transition.TRANSITION_CONFIGURE))
+        assert ros.call(ChangeState, f"/{NODE}/change_state", request, timeout=60.0).success
+        assert set(ros.list_parameters(NODE)) - own == declared_parameters
+    finally:
+        process.stop()
+        ros.close()
+
+
 def test_yaml_lists_exactly_the_declared_parameters(declared_parameters):
     in_yaml = set(yaml_parameter_names(POLICY_YAML))
     assert in_yaml == declared_parameters - set(NOT_IN_YAML), (in_yaml ^ (declared_parameters - set(NOT_IN_YAML)))
     assert set(NOT_IN_YAML) <= declared_parameters
     comments = "\n".join(line for line in POLICY_YAML.read_text().splitlines() if line.strip().startswith("#"))
-    for name in NOT_IN_YAML:  # documented where a user looks for it
-        assert name in comments and "default_threshold" in comments
+    for name, card_field in NOT_IN_YAML.items():  # documented where a user looks for it
+        assert name in comments and card_field in comments
 
 
 def test_yaml_values_equal_the_declared_defaults(node_defaults):

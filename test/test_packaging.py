@@ -43,6 +43,7 @@ def ros_env() -> dict[str, str]:
 
 ROUTER_STATS_FIELDS = {
     "header": "std_msgs/Header",
+    "source_stamps": "sequence<builtin_interfaces/Time>",
     "executed_layers": "sequence<uint16>",
     "layer_mask": "sequence<boolean>",
     "num_layers": "uint16",
@@ -50,6 +51,7 @@ ROUTER_STATS_FIELDS = {
     "backbone_gflops": "double",
     "full_backbone_gflops": "double",
     "threshold": "float",
+    "keep_fraction": "float",
     "inference_ms": "float",
     "camera_to_action_ms": "float",
 }
@@ -66,6 +68,8 @@ def test_router_stats_round_trips_through_rclpy_serialization(ros_env):
         msg.header.stamp.sec = 1_700_000_000
         msg.header.stamp.nanosec = 123_456_789
         msg.header.frame_id = "camera_optical"
+        msg.source_stamps = [msg.header.stamp, type(msg.header.stamp)(sec=1_700_000_000, nanosec=5)]
+        msg.keep_fraction = 0.25
         msg.executed_layers = [0, 1, 5, 65535]
         msg.layer_mask = [True, True, False, False, False, True]
         msg.num_layers = 6
@@ -228,7 +232,8 @@ def test_console_scripts_and_ros2_run_executables_match():
     assert scripts["actdistill"] == "actdistill_ros.cli:main"
     programs = _cmake_installed_programs()
     names = {Path(p).name for p in programs}
-    assert names == set(scripts) - {"actdistill"} == {"policy_node", "sim_arm_node", "replay_eval"}
+    assert names == set(scripts) - {"actdistill"} == {"policy_node", "policy_lifecycle_node", "sim_arm_node",
+                                                      "replay_eval"}
     for program in programs:
         launcher = REPO_ROOT / program
         assert launcher.is_file() and launcher.stat().st_mode & 0o111, f"{program}: missing or not executable"

@@ -2,6 +2,7 @@
 
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from actdistill_ros.data.images import resize_rgb
 from actdistill_ros.policies.actdistill import RouterConfig, RoutedStudent, run_backbone
 from actdistill_ros.policies.actdistill.modeling_actdistill import straight_through_mask
 from actdistill_ros.policies.vla import ReferenceVLA, VLAConfig
@@ -19,15 +21,23 @@ INSTRUCTIONS = ["push the puck to the goal", "open the drawer", "reach the targe
 
 
 def _observations(config: VLAConfig, batch: int, seed: int = 0):
+    """(B, h, w, 3) frames with one camera, (B, C, h, w, 3) with several; not the model's size."""
     rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (batch, 40, 56, 3), dtype=np.uint8)  # not the model's size: resized inside
+    cameras = () if config.num_cameras == 1 else (config.num_cameras,)
+    images = rng.integers(0, 256, (batch, *cameras, 40, 56, 3), dtype=np.uint8)  # resized inside
     states = rng.normal(size=(batch, config.state_dim)).astype(np.float32)
     return images, [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(batch)], states
 
 
-def _teacher_and_student(keep=None, router_weight_std=0.0, seed=0):
+def _model_sized(images: np.ndarray, config: VLAConfig) -> torch.Tensor:
+    """Frames as the model's encode takes them: (B, C, S, S, 3), resized like the Policy does."""
+    frames = images.reshape(len(images), config.num_cameras, *images.shape[-3:])
+    return torch.from_numpy(np.stack([[resize_rgb(f, config.image_size) for f in sample] for sample in frames]))
+
+
+def _teacher_and_student(keep=None, router_weight_std=0.0, seed=0, num_cameras=1):
     torch.manual_seed(seed)
-    teacher = ReferenceVLA(VLAConfig.tiny(num_layers=6)).eval()
+    teacher = ReferenceVLA(VLAConfig.tiny(num_layers=6, num_cameras=num_cameras)).eval()
     student = RoutedStudent.derive_from(teacher, RouterConfig()).eval()
     if keep is not None:
         student.router.bias_to_keep(keep)
@@ -83,7 +93,7 @@ def test_training_with_hard_gates_computes_the_inference_function():
     model: RoutedStudent = student.model
     images, instructions, states = _observations(model.vla.config, 5)
     with torch.no_grad():
-        encoded = model.vla.encode(torch.from_numpy(images), instructions, torch.from_numpy(states))
+        encoded = model.vla.encode(_model_sized(images, model.vla.config), instructions, torch.from_numpy(states))
         hiddens, gates, _ = model.forward_train(encoded, gate_mode="hard")
         trained = model.vla.predict_chunk(hiddens[-1], encoded)
         execute = gates >= model.threshold
@@ -100,12 +110,13 @@ def test_straight_through_mask_is_hard_forward_and_passes_gradient():
     assert gates.grad.tolist() == [1.0, 2.0, 3.0]
 
 
-def test_reported_backbone_flops_match_torch_flop_counter():
-    _, student = _teacher_and_student(keep=0.5)
+@pytest.mark.parametrize("num_cameras", [1, 2])
+def test_reported_backbone_flops_match_torch_flop_counter(num_cameras):
+    _, student = _teacher_and_student(keep=0.5, num_cameras=num_cameras)
     model: RoutedStudent = student.model
     images, instructions, states = _observations(model.vla.config, 1)
     with torch.no_grad():
-        encoded = model.vla.encode(torch.from_numpy(images), instructions, torch.from_numpy(states))
+        encoded = model.vla.encode(_model_sized(images, model.vla.config), instructions, torch.from_numpy(states))
         _, execute = model.execute_mask(encoded)
         counter = FlopCounterMode(display=False)
         # The math SDPA kernel is made of matmuls the counter sees (the fused CPU kernel is not counted).
@@ -268,3 +279,101 @@ def test_the_reference_vla_implements_the_teacher_protocol():
     from actdistill_ros.policies.teacher import DistillableVLA
 
     assert isinstance(ReferenceVLA(VLAConfig.tiny()), DistillableVLA)
+
+
+# ---- cameras and resizing ------------------------------------------------------------------------
+
+def test_a_policy_takes_exactly_its_number_of_cameras():
+    one, _ = _teacher_and_student()
+    two, two_student = _teacher_and_student(num_cameras=2)
+    rng = np.random.default_rng(0)
+    wide, square = rng.integers(0, 256, (48, 64, 3), np.uint8), rng.integers(0, 256, (20, 20, 3), np.uint8)
+    state = np.zeros(4)
+    assert one.num_cameras == 1 and two.num_cameras == 2
+    for policy, images in [(one, [wide, square]), (one, np.stack([square, square])), (two, wide), (two, [wide])]:
+        with pytest.raises(ValueError, match=f"takes {policy.num_cameras} camera image") as excinfo:
+            policy.predict(images, "open the drawer", state)
+        assert "\n" not in str(excinfo.value)
+    with pytest.raises(ValueError, match="takes 2 camera image"):
+        two.predict_batch(np.zeros((3, 32, 32, 3), np.uint8), ["a"] * 3, np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="uint8"):
+        two.predict([wide.astype(np.float32), square], "open the drawer", state)
+    # Frames of any size, as a list, an array per sample or a batch array, give the same actions.
+    for policy in (two, two_student):
+        listed = policy.predict([wide, square], "open the drawer", state).actions
+        resized = np.stack([resize_rgb(wide, 32), resize_rgb(square, 32)])
+        np.testing.assert_array_equal(policy.predict(resized, "open the drawer", state).actions, listed)
+        batch = policy.predict_batch(np.stack([resized, resized[::-1]]), ["open the drawer"] * 2, np.zeros((2, 4)))
+        np.testing.assert_allclose(batch[0].actions, listed, atol=1e-6)  # batch of 2: other matmul rounding
+        # The camera embedding tells the cameras apart: swapping them changes the actions.
+        assert np.abs(batch[1].actions - listed).max() > 1e-4
+    np.testing.assert_array_equal(one.predict([wide], "x", state).actions, one.predict(wide, "x", state).actions)
+
+
+def test_two_camera_token_layout():
+    config = VLAConfig.tiny(image_size=16, patch_size=8, max_text_tokens=5, state_dim=3, num_cameras=2)
+    vla = ReferenceVLA(config)
+    encoded = vla.encode(torch.zeros(2, 2, 16, 16, 3, dtype=torch.uint8), ["a b", ""], torch.zeros(2, 3))
+    assert encoded.num_tokens == config.num_tokens == 2 * 4 + 5 + 1 + 1
+    assert encoded.modality_mask(0).sum(1).tolist() == [8, 8]  # VISUAL: both cameras' patches
+    assert encoded.segment.tolist() == [0] * 8 + [1] * 5 + [2, 3] and encoded.action_index == 14
+    assert vla.camera_embed.shape == (2, config.width)
+    # Camera 0's patches come first and differ from camera 1's only by the camera embedding.
+    torch.testing.assert_close(encoded.tokens[:, 4:8] - encoded.tokens[:, :4],
+                               (vla.camera_embed[1] - vla.camera_embed[0]).expand(2, 4, -1))
+    with pytest.raises(ValueError, match=r"\(B, 2, 16, 16, 3\).*resize_rgb.*\(2, 16, 16, 3\)"):
+        vla.encode(torch.zeros(2, 16, 16, 3, dtype=torch.uint8), ["a", "b"], torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="num_cameras"):
+        VLAConfig(num_cameras=0)
+
+
+SHIPPED_STUDENT = Path(__file__).resolve().parents[1] / "weights" / "metaworld" / "student"
+
+
+@pytest.mark.skipif(not (SHIPPED_STUDENT / "card.json").is_file(), reason="shipped weights not in this checkout")
+def test_shipped_single_camera_weights_keep_the_single_camera_layout():
+    """Cards written before multi-camera support load as one camera and encode exactly as before:
+    patch embedding of the (B, 3, S, S) image plus positions, no camera embedding."""
+    policy = Policy.load(SHIPPED_STUDENT, device="cpu")
+    vla, config = policy.vla, policy.vla.config
+    assert policy.num_cameras == 1 and policy.card.num_cameras == 1 and vla.camera_embed is None
+    images, instructions, states = _observations(config, 3)
+    pixels = torch.from_numpy(np.stack([resize_rgb(f, config.image_size) for f in images]))
+    with torch.no_grad():
+        encoded = vla.encode(pixels, instructions, torch.from_numpy(states))
+        unit = pixels.permute(0, 3, 1, 2).float() / 255.0 * 2.0 - 1.0
+        visual = vla.patch_embed(unit).flatten(2).transpose(1, 2) + vla.visual_pos
+    assert encoded.num_tokens == config.num_patches + config.max_text_tokens + 2
+    assert torch.equal(encoded.tokens[:, : config.num_patches], visual)
+    assert torch.equal(vla.encode(pixels[:, None], instructions, torch.from_numpy(states)).tokens, encoded.tokens)
+    from_frames = policy.predict_batch(images, instructions, states)
+    from_pixels = policy.predict_batch(pixels.numpy(), instructions, states)
+    for a, b in zip(from_frames, from_pixels):
+        np.testing.assert_array_equal(a.actions, b.actions)
+        assert a.executed_layers == b.executed_layers
+
+
+def test_policy_resizes_camera_frames_exactly_like_the_bag_reader(tmp_path):
+    """Issue: training read frames with INTER_AREA while run time resized with torch bilinear.
+    Now both go through resize_rgb: a 640x480 frame gives the model the same pixels either way."""
+    from actdistill_ros.data import read_episode, write_episode_bag
+    from actdistill_ros.policy import _stack_images
+
+    yy, xx = np.mgrid[0:480, 0:640]
+    frames = np.stack([np.stack([(xx * 7 + yy * 3 + 40 * t) % 256, (xx ^ yy) % 256, (yy * 5) % 256], axis=2)
+                       for t in range(2)]).astype(np.uint8)  # fine detail: where resampling methods differ
+    write_episode_bag(tmp_path / "ep", images=frames, instruction="open the drawer", states=np.zeros((2, 4)),
+                      actions=np.zeros((2, 4)))
+    policy = Policy.load(create_untrained_policy(tmp_path / "w", size="tiny", student=False), device="cpu")
+    size = policy.vla.config.image_size
+    episode = read_episode(tmp_path / "ep", image_size=size)  # what training sees
+    np.testing.assert_array_equal(_stack_images(list(frames), size, 1), episode.images)  # what the Policy feeds
+    for t in range(2):
+        live = policy.predict(frames[t], "open the drawer", np.zeros(4)).actions
+        trained = policy.predict(episode.images[t, 0], "open the drawer", np.zeros(4)).actions
+        np.testing.assert_array_equal(live, trained)
+    # The torch bilinear resize the model used to apply gives other pixels: the check above can fail.
+    bilinear = torch.nn.functional.interpolate(torch.from_numpy(frames).permute(0, 3, 1, 2).float(), size=(size, size),
+                                               mode="bilinear", antialias=True, align_corners=False)
+    bilinear = bilinear.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    assert np.abs(bilinear.astype(int) - episode.images[:, 0]).max() > 10

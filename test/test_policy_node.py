@@ -1,7 +1,9 @@
 """The policy node as a real process over Fast DDS (loopback), driven by this test process.
 
 One ee_twist node (Meta-World-like tiny untrained student, started from config/policy.yaml)
-serves most tests; a joint_trajectory node with compressed images gets its own short test.
+serves every test here; the other action modes and several cameras are in
+test_policy_node_modes.py, the managed node in test_policy_lifecycle_node.py. Tests that change
+a parameter restore it.
 """
 
 from __future__ import annotations
@@ -10,23 +12,21 @@ import json
 import math
 import time
 
-import cv2
 import numpy as np
 import pytest
 
-from ros_harness import (RosSide, require_rclpy, Streamer, compressed_msg, diagnostic_values, image_msg,
+from ros_harness import (RosSide, require_rclpy, Streamer, diagnostic_values, image_msg,
                          load_router_stats_type, reserve_domain, serialized_string, start_policy_node)
 
 rclpy = require_rclpy()
-from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus  # noqa: E402
 from geometry_msgs.msg import TwistStamped  # noqa: E402
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
-from sensor_msgs.msg import CompressedImage, Image, JointState  # noqa: E402
-from std_msgs.msg import Float64, String  # noqa: E402
-from trajectory_msgs.msg import JointTrajectory  # noqa: E402
+from sensor_msgs.msg import Image, JointState  # noqa: E402
+from std_msgs.msg import Bool, Float64, String  # noqa: E402
+from std_srvs.srv import SetBool  # noqa: E402
 
 from actdistill_ros.policy import create_untrained_policy  # noqa: E402
-from actdistill_ros.weights import ActionSpace  # noqa: E402
 
 NODE = "policy_node"
 RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
@@ -36,10 +36,24 @@ MAX_IMAGE_AGE_S = 0.4
 MAX_STATE_AGE_S = 0.4
 TWIST_SCALE = 0.1  # config/policy.yaml
 CARD_THRESHOLD = 0.7  # the rig's card default_threshold: config/policy.yaml must not override it
+CONTROL_RATE_HZ = 20.0
+CARD_LOW, CARD_HIGH = [-1.0] * 4, [1.0] * 4  # Meta-World action limits (the card's)
 
 
 def _frame(rng, height=48, width=64) -> np.ndarray:
     return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def linear(msg: TwistStamped) -> np.ndarray:
+    return np.array([msg.twist.linear.x, msg.twist.linear.y, msg.twist.linear.z])
+
+
+def moving(msg: TwistStamped) -> bool:
+    return bool(np.any(linear(msg) != 0.0))
+
+
+def stamp_ns(stamp) -> int:
+    return stamp.sec * 1_000_000_000 + stamp.nanosec
 
 
 class TwistRig:
@@ -47,6 +61,7 @@ class TwistRig:
 
     def __init__(self, tmp_path_factory):
         self.RouterStats = load_router_stats_type()
+        from actdistill_ros.msg import ActionChunk
         self.domain = reserve_domain()
         self.ros = RosSide(self.domain)
         node = self.ros.node
@@ -66,14 +81,17 @@ class TwistRig:
         self.twists = self.ros.record(TwistStamped, "/action", RELIABLE)
         self.grippers = self.ros.record(Float64, "/gripper/command", RELIABLE)
         self.stats = self.ros.record(self.RouterStats, f"/{NODE}/router_stats", RELIABLE)
+        self.chunks = self.ros.record(ActionChunk, f"/{NODE}/action_chunk", RELIABLE)
         self.diagnostics = self.ros.record(DiagnosticArray, "/diagnostics", RELIABLE)
+        self.estop_pub = node.create_publisher(Bool, f"/{NODE}/emergency_stop", RELIABLE)
         frames = [_frame(rng) for _ in range(8)]
-        self.camera = Streamer(self.camera_pub, lambda: image_msg(frames[int(time.monotonic() * 10) % 8],
-                                                                  stamp=node.get_clock().now().to_msg()), 12.0)
+        self.frame_msg = lambda: image_msg(frames[int(time.monotonic() * 10) % 8],
+                                           stamp=node.get_clock().now().to_msg())
+        self.camera = Streamer(self.camera_pub, self.frame_msg, 12.0)
         self.state = Streamer(self.state_pub, lambda: JointState(
             name=["hand_x", "hand_y", "hand_z", "gripper_opening"], position=[0.0, 0.6, 0.2, 1.0]), 12.0)
         self.process = start_policy_node(weights, self.domain, tmp_path_factory.mktemp("twist_node"), params={
-            "control_rate_hz": 20.0, "watchdog.max_image_age_s": MAX_IMAGE_AGE_S,
+            "control_rate_hz": CONTROL_RATE_HZ, "watchdog.max_image_age_s": MAX_IMAGE_AGE_S,
             "watchdog.max_state_age_s": MAX_STATE_AGE_S})
         self.startup_threshold: float | None = None  # router.threshold before any test set it
         self.startup_stats = None  # the first RouterStats, before any test set the threshold
@@ -98,6 +116,10 @@ class TwistRig:
         found = self.diagnostics.wait_for(lambda m: predicate(diagnostic_values(m)), timeout, since=since)
         assert found, f"no matching /diagnostics after {timeout} s; node output:\n{self.process.output()[-3000:]}"
         return diagnostic_values(found[-1])
+
+    def set(self, values: dict) -> None:
+        results = self.ros.set_parameters(NODE, values)
+        assert all(r.successful for r in results), [r.reason for r in results]
 
     def assert_alive_and_acting(self) -> None:
         """The node still infers and commands motion after whatever happened before."""
@@ -293,68 +315,181 @@ def test_stale_robot_state_commands_zero_twist(twist_rig):
     assert output.count("holding position: robot state is") == 1, output[-3000:]  # once per episode
 
 
-JOINTS = [f"arm_joint_{i}" for i in range(1, 7)]
+def _window(recorder, seconds: float) -> list:
+    """The messages ``recorder`` receives during the next ``seconds``."""
+    start = time.monotonic()
+    time.sleep(seconds)
+    return recorder.messages(start, until=start + seconds)
 
 
-def test_joint_trajectory_with_compressed_camera(tmp_path):
-    RouterStats = load_router_stats_type()
-    space = ActionSpace(kind="joint", names=[f"j{i}" for i in range(6)] + ["gripper"], units=["rad"] * 6 + ["1"],
-                        low=[-3.0] * 6 + [0.0], high=[3.0] * 6 + [1.0], gripper_index=6)
-    weights = create_untrained_policy(tmp_path / "w", size="tiny", student=True, keep=0.5, action_space=space,
-                                      state_dim=0)
-    domain = reserve_domain()
-    ros = RosSide(domain)
-    node = ros.node
-    ok, jpeg = cv2.imencode(".jpg", np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8))
-    camera_pub = node.create_publisher(CompressedImage, "/arm/camera/compressed", SENSOR)
-    node.create_publisher(String, "/arm/instruction", LATCHED).publish(String(data="stack the blocks"))
-    trajectories = ros.record(JointTrajectory, "/arm/trajectory", RELIABLE)
-    grippers = ros.record(Float64, "/arm/gripper", RELIABLE)
-    stats = ros.record(RouterStats, "/arm/stats", RELIABLE)
-    diagnostics = ros.record(DiagnosticArray, "/diagnostics", RELIABLE)
-    low, high = [-0.05] * 6 + [0.0], [0.05] * 6 + [1.0]
-    process = start_policy_node(weights, domain, tmp_path / "node", node_name="arm_policy", params={
-        "action.mode": "joint_trajectory", "camera.transport": "compressed", "state.enabled": False,
-        "topics.camera": "/arm/camera/compressed", "topics.command": "/arm/instruction",
-        "topics.action": "/arm/trajectory", "topics.gripper": "/arm/gripper", "topics.router_stats": "/arm/stats",
-        "action.joint_names": JOINTS, "action.position_limits_low": low, "action.position_limits_high": high,
-        "control_rate_hz": 25.0})
-    streamer = Streamer(camera_pub, lambda: compressed_msg(jpeg.tobytes()), 10.0)
+def test_commands_leave_at_the_control_rate_whatever_the_camera_rate(twist_rig):
+    """A 60 Hz camera and a fast model, control at 5 Hz: 5 commands per second, not one per inference."""
+    rig = twist_rig
+    rate_hz, seconds = 5.0, 3.0
+    fast_camera = Streamer(rig.camera_pub, rig.frame_msg, 60.0)
+    rig.set({"control_rate_hz": rate_hz})
     try:
-        streamer.resume()
-        found = trajectories.wait_for(count=2, timeout=40.0)
-        assert found, f"no JointTrajectory:\n{process.output()[-3000:]}"
-        trajectory = found[-1]
-        assert list(trajectory.joint_names) == JOINTS
-        assert len(trajectory.points) == 4  # the tiny model's chunk
-        times = [p.time_from_start.sec + p.time_from_start.nanosec * 1e-9 for p in trajectory.points]
-        assert times == pytest.approx([0.04, 0.08, 0.12, 0.16])
-        for point in trajectory.points:
-            assert len(point.positions) == 6 and all(-0.05 - 1e-9 <= v <= 0.05 + 1e-9 for v in point.positions)
-        assert grippers.wait_for(timeout=5.0)
-        assert stats.wait_for(timeout=5.0)[-1].num_layers == 4
-        since = time.monotonic()
-        for _ in range(3):
-            camera_pub.publish(compressed_msg(b"\xff\xd8 this is not a jpeg"))
-            time.sleep(0.05)
-        assert diagnostics.wait_for(lambda m: int(diagnostic_values(m).get("bad_messages.image_decode", "0")) >= 1,
-                                    since=since, timeout=10.0), process.output()[-3000:]
-        after = time.monotonic()
-        assert trajectories.wait_for(since=after, timeout=10.0) and process.alive()
+        rig.state.resume()
+        fast_camera.resume()
+        assert rig.twists.wait_for(moving, since=time.monotonic(), timeout=20.0), rig.process.output()[-3000:]
+        start = time.monotonic()
+        twists = _window(rig.twists, seconds)
+        chunks = rig.chunks.messages(start)
+        grippers = rig.grippers.messages(start)
     finally:
-        streamer.close()
-        code = process.stop()
-        ros.close()
-    assert code == 0, process.output()[-3000:]
+        fast_camera.close()
+        rig.pause()
+        rig.set({"control_rate_hz": CONTROL_RATE_HZ})
+    assert len(chunks) >= 2 * len(twists), "precondition: inference must outpace the control rate"
+    # At most one command per control period (the old node sent one per inference as well);
+    # the lower bound only shows the timer ran (a loaded machine may delay some ticks).
+    assert rate_hz * seconds / 2 <= len(twists) <= rate_hz * seconds + 2, (len(twists), len(chunks))
+    assert len(grippers) <= rate_hz * (seconds + 1)
 
 
-@pytest.mark.parametrize("case", ["missing weights", "mode does not fit the card"])
+def test_clamp_and_velocity_limit_hold_with_outputs_beyond_them(twist):
+    """Limits narrower than the model's outputs: every twist within them, and the change per
+    control period at most the velocity limit (both limits must actually bite)."""
+    bound, velocity = 0.01, 0.002  # the untrained model's outputs reach about 0.03
+    twist.set({"action.position_limits_low": [-bound] * 3 + [-1.0],
+               "action.position_limits_high": [bound] * 3 + [1.0], "action.velocity_limit": velocity})
+    try:
+        since = time.monotonic() + 0.3  # messages from before the set may still be in flight
+        found = twist.twists.wait_for(since=since, count=40, timeout=20.0)
+        chunks = twist.chunks.messages(since)
+    finally:
+        twist.set({"action.position_limits_low": CARD_LOW, "action.position_limits_high": CARD_HIGH,
+                   "action.velocity_limit": 0.5})
+    assert found, twist.process.output()[-3000:]
+    commanded = np.array([linear(m) for m in found]) / TWIST_SCALE  # back to action units
+    assert np.abs(commanded).max() <= bound + 1e-9
+    # Every change is bounded, except a stop (a hold, e.g. a chunk ran out on a loaded machine),
+    # which is immediate by design; motion after it ramps from zero again.
+    steps = np.array([np.abs(b - a) for a, b in zip(commanded, commanded[1:]) if np.any(b != 0)])
+    assert steps.max() <= velocity + 1e-9
+    predicted = np.concatenate([np.asarray(m.actions).reshape(m.chunk_size, m.action_dim)[:, :3] for m in chunks])
+    assert np.isclose(np.abs(predicted).max(), bound), "the model's outputs must exceed the position limits"
+    assert np.isclose(steps.max(), velocity), "the model's outputs must change faster than the velocity limit"
+
+
+def test_temporal_ensembling_publishes_one_router_stats_per_inference(twist_rig):
+    rig = twist_rig
+    fast_camera = Streamer(rig.camera_pub, rig.frame_msg, 60.0)
+    rig.set({"action.temporal_ensemble": True, "control_rate_hz": 10.0})
+    try:
+        rig.state.resume()
+        fast_camera.resume()
+        time.sleep(1.0)
+        start = time.monotonic()
+        chunks = _window(rig.chunks, 3.0)
+        fast_camera.pause()
+        time.sleep(0.5)  # the last chunks' stats leave at the next tick
+        stats = rig.stats.messages(start)
+        twists = rig.twists.messages(start)
+    finally:
+        fast_camera.close()
+        rig.pause()
+        rig.set({"action.temporal_ensemble": False, "control_rate_hz": CONTROL_RATE_HZ})
+    chunk_stamps = [stamp_ns(m.header.stamp) for m in chunks]
+    stats_per_stamp = {}
+    for m in stats:
+        stats_per_stamp.setdefault(stamp_ns(m.header.stamp), []).append(m)
+    assert len(chunk_stamps) > 2 * 10.0 * 3.0 / 2, "precondition: several inferences per control period"
+    assert all(len(stats_per_stamp.get(stamp, [])) == 1 for stamp in chunk_stamps), "one RouterStats per inference"
+    executed = [stats_per_stamp[stamp][0] for stamp in chunk_stamps]
+    finite = [m for m in executed if math.isfinite(m.camera_to_action_ms)]
+    assert len(finite) >= 0.75 * len(executed)  # ensembling starts every chunk at the next tick
+    assert any(moving(m) for m in twists)
+
+
+def test_enable_output_toggled_while_moving_sends_one_stop_then_ramps_from_zero(twist):
+    velocity = 0.005  # the untrained model's outputs reach about 0.03
+    twist.set({"action.velocity_limit": velocity})
+    try:
+        assert twist.twists.wait_for(moving, since=time.monotonic(), timeout=20.0)
+        before_off = time.monotonic()
+        twist.set({"enable_output": False})
+        applied = time.monotonic()  # the stop leaves at the first tick after the set, before the reply or just after
+        time.sleep(1.5)
+        silent_from = time.monotonic() - 1.0
+        after_off = twist.twists.messages(before_off)
+        assert after_off and not moving(after_off[-1]), "no stop after enable_output false"
+        late = twist.twists.messages(applied)
+        assert len(late) <= 1 and not any(moving(m) for m in late)  # the stop is sent once ...
+        assert not twist.twists.messages(silent_from), "... then the dry run commands nothing"
+        assert twist.chunks.messages(silent_from), "the dry run still infers"
+        before_on = time.monotonic()
+        twist.set({"enable_output": True})
+        moved = twist.twists.wait_for(moving, since=before_on, timeout=20.0, count=3)
+    finally:
+        twist.set({"enable_output": True, "action.velocity_limit": 0.5})
+    assert moved, twist.process.output()[-3000:]
+    after_on = twist.twists.messages(before_on)
+    start = next(i for i, m in enumerate(after_on) if moving(m))
+    ramp = [np.abs(linear(m) / TWIST_SCALE).max() for m in after_on[start:start + 3]]
+    assert all(value <= (k + 1) * velocity + 1e-9 for k, value in enumerate(ramp)), ramp  # from zero, not a jump
+    assert ramp[0] == pytest.approx(velocity), "the model's output must exceed the first ramp step"
+
+
+def test_emergency_stop_latches_until_released_by_topic_or_service(twist):
+    period = 1.0 / CONTROL_RATE_HZ
+    for engage, release in (("topic", "service"), ("service", "topic")):
+        assert twist.twists.wait_for(moving, since=time.monotonic(), timeout=20.0)
+        engaged_at = time.monotonic()
+        if engage == "topic":
+            twist.estop_pub.publish(Bool(data=True))
+        else:
+            response = twist.ros.call(SetBool, f"/{NODE}/emergency_stop", SetBool.Request(data=True))
+            assert response.success and "engaged" in response.message
+        first_stop = twist.twists.wait_for(lambda m: not moving(m), since=engaged_at, timeout=5.0)
+        assert first_stop, "no stop after the emergency stop"
+        time.sleep(1.5)  # inputs stay fresh: the stop must hold (latched)
+        latched = twist.twists.messages(engaged_at + period + 0.3)
+        assert len(latched) >= 5 and not any(moving(m) for m in latched), "motion during the emergency stop"
+        reported = twist.diagnostics.wait_for(lambda m: diagnostic_values(m).get("emergency_stop") == "true",
+                                              since=engaged_at, timeout=8.0)
+        assert reported and reported[-1].status[0].level == DiagnosticStatus.ERROR
+        released_at = time.monotonic()
+        if release == "topic":
+            twist.estop_pub.publish(Bool(data=False))
+        else:
+            response = twist.ros.call(SetBool, f"/{NODE}/emergency_stop", SetBool.Request(data=False))
+            assert response.success and "released" in response.message
+        assert twist.twists.wait_for(moving, since=released_at, timeout=20.0), "no motion after the release"
+    output = twist.process.output()
+    assert output.count("EMERGENCY STOP engaged") == 2 and output.count("emergency stop released") == 2
+
+
+def test_router_keep_fraction_is_live_settable_and_reported(twist):
+    assert twist.ros.get_parameters(NODE, ["router.keep_fraction"]) == {"router.keep_fraction": 0.0}
+    try:
+        for keep, layers in ((0.25, 1), (0.75, 3)):
+            since = time.monotonic()
+            twist.set({"router.keep_fraction": keep})
+            found = twist.stats.wait_for(lambda m: abs(m.keep_fraction - keep) < 1e-6, since=since, timeout=15.0)
+            assert found, f"no RouterStats with keep_fraction {keep}"
+            assert len(found[-1].executed_layers) == layers and found[-1].executed_fraction == pytest.approx(keep)
+        values = twist.diagnostics_after(time.monotonic(), lambda v: v.get("keep_fraction") == "0.75")
+        assert values["keep_fraction"] == "0.75"
+        refused, = twist.ros.set_parameters(NODE, {"router.keep_fraction": 1.5})
+        assert not refused.successful
+    finally:
+        twist.set({"router.keep_fraction": 0.0})
+    since = time.monotonic()
+    assert twist.stats.wait_for(lambda m: m.keep_fraction == 0.0, since=since, timeout=15.0)
+
+
+@pytest.mark.parametrize("case", ["missing weights", "mode does not fit the card", "one topic per camera"])
 def test_start_up_errors_exit_non_zero_with_one_line(tmp_path, case):
     if case == "missing weights":
         weights, params, expect = tmp_path / "nowhere", {}, "cannot load weights"
-    else:
+    elif case == "mode does not fit the card":
         weights = create_untrained_policy(tmp_path / "w", size="tiny")
         params, expect = {"action.mode": "joint_state"}, "action.mode joint_state needs a joint action space"
+    else:
+        weights = create_untrained_policy(tmp_path / "w", size="tiny")
+        params = {"topics.cameras": ["/cam/front", "/cam/wrist"]}
+        expect = "topics.cameras lists 2 topic(s) ['/cam/front', '/cam/wrist'], the policy takes 1 camera image(s)"
     process = start_policy_node(weights, reserve_domain(), tmp_path / "node", params=params)
     code = process.wait(timeout=60)
     lines = [line for line in process.output().splitlines() if line.strip()]

@@ -1,17 +1,21 @@
 """Rosbag replay evaluation end to end: real bags (mcap and sqlite3), real policy_node subprocesses,
-real Fast DDS over loopback, tiny untrained policies.
+real Fast DDS over loopback, tiny untrained policies with one and with two cameras.
 
 The metric is checked against values computed here: a bag whose recorded actions are the
 teacher's own outputs must give (near) zero teacher error, and a bag with shuffled actions
-must give exactly the error between the shuffled and the true actions.
+must give exactly the error between the shuffled and the true actions. With two cameras, a zero
+error also proves that every chunk came from the right frame of each camera: a stale or swapped
+camera frame gives an error far above it.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,12 +31,16 @@ require_rclpy()  # skips on a machine without ROS 2; fails instead with ACTDISTI
 from actdistill_ros.data import TopicConfig, write_episode_bag  # noqa: E402
 from actdistill_ros.policy import Policy, create_untrained_policy  # noqa: E402
 from actdistill_ros.replay_report import PLOTS, REPORT_JSON, REPORT_MD  # noqa: E402
-from actdistill_ros.ros import replay_eval  # noqa: E402
+from actdistill_ros.ros.launch_arguments import camera_topic_flags, camera_topics  # noqa: E402
+from actdistill_ros.ros.replay import cli as replay_cli  # noqa: E402
+from actdistill_ros.ros.replay.bag_inspection import header_stamp_ns  # noqa: E402
 
 FRAMES = 12
 INSTRUCTION = "push the puck to the goal"
 NO_STATE = TopicConfig(state_topic=None)
 LAUNCH_FILE = REPO_ROOT / "launch" / "replay_eval.launch.py"
+SCENE, WRIST = "/cam/scene", "/cam/wrist"  # the two-camera policies' camera_names, in their order
+TWO_CAMERAS = TopicConfig(cameras=[SCENE, WRIST], state_topic=None)
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +58,23 @@ def teacher(policies) -> Policy:
     return Policy.load(policies["teacher"], device="cpu")
 
 
+@pytest.fixture(scope="module")
+def two_camera_policies(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("two_camera_policies")
+    cameras = [SCENE, WRIST]
+    return {
+        "student": create_untrained_policy(root / "student", size="tiny", student=True, keep=0.5, state_dim=0,
+                                           camera_names=cameras),
+        "teacher": create_untrained_policy(root / "teacher", size="tiny", student=False, state_dim=0, seed=1,
+                                           camera_names=cameras),
+    }
+
+
+@pytest.fixture(scope="module")
+def two_camera_teacher(two_camera_policies) -> Policy:
+    return Policy.load(two_camera_policies["teacher"], device="cpu")
+
+
 def _frames(seed: int, height: int = 48, width: int = 64) -> np.ndarray:
     # Very different frames (dark / bright / noisy halves) so that the policy's outputs differ.
     rng = np.random.default_rng(seed)
@@ -59,13 +84,22 @@ def _frames(seed: int, height: int = 48, width: int = 64) -> np.ndarray:
     return frames
 
 
-def _first_steps(policy: Policy, images: np.ndarray) -> np.ndarray:
+def _first_steps(policy: Policy, images) -> np.ndarray:
+    """Step 0 of the policy's chunk at each frame; ``images``: T frames, or T per-camera lists of frames."""
     return np.stack([policy.predict(image, INSTRUCTION).actions[0] for image in images]).astype(np.float64)
+
+
+def _frame_sets(*cameras: np.ndarray) -> list[list[np.ndarray]]:
+    return [list(frames) for frames in zip(*cameras)]
+
+
+def _mse(a: np.ndarray, b: np.ndarray) -> float:
+    return float(((a - b) ** 2).mean())
 
 
 def _replay(args: list, work: Path, timeout: float = 120.0) -> subprocess.CompletedProcess:
     env = node_environment(reserve_domain(), work / "ros_log")
-    return subprocess.run([sys.executable, "-m", "actdistill_ros.ros.replay_eval", *map(str, args)], cwd=REPO_ROOT,
+    return subprocess.run([sys.executable, "-m", "actdistill_ros.ros.replay.cli", *map(str, args)], cwd=REPO_ROOT,
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -83,6 +117,10 @@ def _report(result: subprocess.CompletedProcess, out: Path) -> dict:
         latency = section["latency_ms"]["camera_to_action"]
         assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"]
         assert section["frames_dropped"] == section["frames_published"] - section["chunks_received"]
+        bag_cameras = [c["topic"] for c in report["bags"][0]["cameras"]]
+        assert list(section["cameras"]) == bag_cameras  # per camera, in the policy's order
+        for camera in section["cameras"].values():
+            assert camera["frames_published"] == camera["frames_used"] + camera["frames_dropped"]
     assert not [p for p in out.parent.iterdir() if ".partial" in p.name]
     return report
 
@@ -98,7 +136,7 @@ def test_teacher_recorded_bag_gives_zero_teacher_error_with_rate_max(policies, t
                       "--out", out, "--device", "cpu"], tmp_path)
     report = _report(result, out)
     student, teacher_section = report["policies"]["student"], report["policies"]["teacher"]
-    assert report["rate"] == "max" and report["bags"][0]["encoding"] == "rgb8"
+    assert report["rate"] == "max" and report["bags"][0]["cameras"][0]["encoding"] == "rgb8"
     for section in (student, teacher_section):
         assert section["frames_published"] == FRAMES and section["chunks_received"] == FRAMES  # max: none dropped
         assert section["action_error"]["frames_compared"] == FRAMES
@@ -163,8 +201,10 @@ def test_other_setup_bgr8_other_size_renamed_topics_state_and_recorded_timing(po
                       "--device", "cpu"], tmp_path)
     report = _report(result, out)
     section = report["policies"]["student"]
-    assert report["rate"] == 1.0 and report["bags"][0]["encoding"] == "bgr8"
-    assert report["bags"][0]["resolution"] == "40x30"
+    camera, = report["bags"][0]["cameras"]
+    assert report["rate"] == 1.0 and camera["encoding"] == "bgr8" and camera["resolution"] == "40x30"
+    assert camera["topic"] == "/cam/front" and camera["frames"] == FRAMES
+    assert section["cameras"]["/cam/front"]["frames_published"] == FRAMES
     assert section["frames_published"] == FRAMES
     assert section["messages_published"] == FRAMES * 2 + 1  # frames, states, one latched command
     # Recorded timing: 12 frames at 10 Hz take about 1.1 s of replay, not the milliseconds of --rate max.
@@ -173,6 +213,161 @@ def test_other_setup_bgr8_other_size_renamed_topics_state_and_recorded_timing(po
     assert section["action_error"]["overall"]["mse"] > 0.05  # uniform random recording vs an untrained policy
     assert "frames are 40x30" in result.stderr
     assert time.monotonic() - started < 60
+
+
+def test_two_camera_bag_gives_a_chunk_per_frame_set_from_the_right_frames(two_camera_policies, two_camera_teacher,
+                                                                          tmp_path):
+    """mcap, raw frames of two sizes, cameras from the cards' camera_names, student and teacher nodes."""
+    scene, wrist = _frames(6), _frames(7, height=40, width=40)
+    actions = _first_steps(two_camera_teacher, _frame_sets(scene, wrist))  # the recording IS the teacher's output
+    # What a node that paired the wrong frames would answer: the cameras swapped, or the wrist frame one behind.
+    swapped = _first_steps(two_camera_teacher, _frame_sets(wrist, scene))
+    stale = _first_steps(two_camera_teacher, _frame_sets(scene[1:], wrist[:-1]))
+    wrong = min(_mse(swapped, actions), _mse(stale, actions[1:]))
+    assert wrong > 1e-9
+    bag = write_episode_bag(tmp_path / "two_cameras_mcap", images=[scene, wrist], instruction=INSTRUCTION, states=None,
+                            actions=actions, topics=TWO_CAMERAS, storage="mcap", image_format="rgb8",
+                            action_names=two_camera_teacher.card.action_space.names)
+    out = tmp_path / "report"
+    result = _replay([bag, "--weights", two_camera_policies["student"], "--teacher", two_camera_policies["teacher"],
+                      "--rate", "max", "--out", out, "--device", "cpu"], tmp_path)
+    report = _report(result, out)
+    assert [(c["topic"], c["resolution"], c["frames"]) for c in report["bags"][0]["cameras"]] == [
+        (SCENE, "64x48", FRAMES), (WRIST, "40x40", FRAMES)]
+    for role in ("student", "teacher"):
+        section = report["policies"][role]
+        assert section["frames_published"] == FRAMES and section["chunks_received"] == FRAMES  # a chunk per frame set
+        for camera in (SCENE, WRIST):
+            assert section["cameras"][camera] == {"frames_published": FRAMES, "frames_used": FRAMES,
+                                                  "frames_dropped": 0, "older_frame_used": 0}, (role, camera)
+        assert f"{role}: {FRAMES} frames" in result.stdout
+    assert f"(cameras: {SCENE} {FRAMES}/{FRAMES} used, {WRIST} {FRAMES}/{FRAMES} used)" in result.stdout
+    # Zero error at every frame: each chunk came from that frame set's scene AND wrist frames.
+    teacher_error = report["policies"]["teacher"]["action_error"]
+    assert teacher_error["frames_compared"] == FRAMES
+    assert teacher_error["overall"]["mse"] < 1e-3 * wrong
+    markdown = (out / REPORT_MD).read_text()
+    assert f"| two_cameras_mcap | {SCENE} | Image | rgb8 | 64x48 | {FRAMES} |" in markdown
+    assert f"| {WRIST} | {FRAMES} / {FRAMES} / 0 / 0 | {FRAMES} / {FRAMES} / 0 / 0 |" in markdown
+    # Both cameras are resized by the node, each named once.
+    assert "topic /cam/scene: frames are 64x48" in result.stderr and "topic /cam/wrist: frames are 40x40" in result.stderr
+
+
+def test_two_camera_sqlite_jpeg_bag_with_other_topic_names_and_a_remap(two_camera_policies, two_camera_teacher,
+                                                                       tmp_path):
+    """sqlite3, CompressedImage, the bag's camera topics given with --camera-topic (the card names others)."""
+    front, hand = "/robot/front/compressed", "/robot/hand/compressed"
+    scene, wrist = _frames(8), _frames(9, height=36, width=36)
+    encoded = [[cv2.imencode(".jpg", image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])[1] for image in frames]
+               for frames in (scene, wrist)]
+    decoded = [np.stack([cv2.imdecode(buf, cv2.IMREAD_COLOR)[:, :, ::-1] for buf in bufs]) for bufs in encoded]
+    actions = _first_steps(two_camera_teacher, _frame_sets(*decoded))  # what the node sees
+    stale = _first_steps(two_camera_teacher, _frame_sets(decoded[0][1:], decoded[1][:-1]))
+    bag = write_episode_bag(tmp_path / "two_cameras_sqlite", images=[scene, wrist], instruction=INSTRUCTION,
+                            states=None, actions=actions, topics=TopicConfig(cameras=[front, hand], state_topic=None),
+                            storage="sqlite3", image_format="jpeg", jpeg_quality=95,
+                            action_names=two_camera_teacher.card.action_space.names)
+    out = tmp_path / "report"
+    result = _replay([bag, "--weights", two_camera_policies["teacher"], "--camera-topic", front, "--camera-topic", hand,
+                      "--remap", f"{hand}:=/gripper_camera/compressed", "--rate", "max", "--out", out,
+                      "--device", "cpu"], tmp_path)
+    report = _report(result, out)
+    bag_info = report["bags"][0]
+    assert bag_info["storage"] == "sqlite3" and bag_info["camera_type"] == "sensor_msgs/msg/CompressedImage"
+    assert [c["topic"] for c in bag_info["cameras"]] == [front, hand]
+    assert all("jpeg" in c["encoding"] for c in bag_info["cameras"])  # the CompressedImage format field
+    section = report["policies"]["student"]
+    assert section["chunks_received"] == FRAMES
+    assert [c["frames_used"] for c in section["cameras"].values()] == [FRAMES, FRAMES]
+    assert section["action_error"]["overall"]["mse"] < 1e-3 * _mse(stale, actions[1:])
+
+
+def test_rate_max_sends_a_frame_set_again_when_the_node_paired_an_older_frame(two_camera_policies, two_camera_teacher,
+                                                                             tmp_path, monkeypatch, capsys):
+    """The wrist camera's transport is slow (its frames arrive 30 ms late, after the scene frame that starts
+    the inference): the node pairs scene frame t with wrist frame t-1, RouterStats.source_stamps show it, and
+    --rate max sends the scene frame again until the pairing is right."""
+    from actdistill_ros.ros.replay.player import Player
+
+    scene, wrist = _frames(12), _frames(13, height=40, width=40)
+    actions = _first_steps(two_camera_teacher, _frame_sets(scene, wrist))
+    stale = _first_steps(two_camera_teacher, _frame_sets(scene[1:], wrist[:-1]))
+    bag = write_episode_bag(tmp_path / "slow_wrist", images=[scene, wrist], instruction=INSTRUCTION, states=None,
+                            actions=actions, topics=TWO_CAMERAS, action_names=two_camera_teacher.card.action_space.names)
+    publish = Player._publish
+    late = []
+
+    def slow_wrist(self, plan, topic, raw):
+        if topic == WRIST:
+            timer = threading.Timer(0.03, publish, (self, plan, topic, raw))
+            late.append(timer)
+            timer.start()
+        else:
+            publish(self, plan, topic, raw)
+
+    monkeypatch.setattr(Player, "_publish", slow_wrist)
+    for key in ("ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOG_DIR", "FASTRTPS_DEFAULT_PROFILES_FILE",
+                "FASTDDS_DEFAULT_PROFILES_FILE"):  # set by the replay in this process: restored afterwards
+        if key in os.environ:
+            monkeypatch.setenv(key, os.environ[key])
+        else:
+            monkeypatch.delenv(key, raising=False)
+    out = tmp_path / "report"
+    code = replay_cli.main([str(bag), "--weights", str(two_camera_policies["teacher"]), "--rate", "max", "--out",
+                            str(out), "--device", "cpu"])
+    for timer in late:
+        timer.join()
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    section = json.loads((out / REPORT_JSON).read_text())["policies"]["student"]
+    assert section["chunks_received"] == FRAMES
+    assert section["frame_sets_resent"] >= FRAMES // 2  # the late wrist frames were noticed ...
+    assert section["cameras"][WRIST]["older_frame_used"] == 0  # ... and every frame set ended up paired right
+    assert section["action_error"]["overall"]["mse"] < 1e-3 * _mse(stale, actions[1:])
+    assert "| frame sets resent |" in (out / REPORT_MD).read_text()
+
+
+def test_resolve_topics_cameras_come_from_the_flags_then_the_card_then_the_topics_yaml(two_camera_policies, policies,
+                                                                                      tmp_path):
+    from actdistill_ros.weights import load_card
+
+    topics_yaml = tmp_path / "topics.yaml"
+    topics_yaml.write_text("cameras:\n  - /yaml/left\n  - /yaml/right\ncommand_topic: /task\nstate_topic: null\n")
+    two = load_card(two_camera_policies["student"])
+    one_unnamed = load_card(policies["student"])  # a card without camera_names
+
+    def resolve(card, *argv):
+        args = replay_cli.build_parser().parse_args(["bag", "--weights", "w", *map(str, argv)])
+        return replay_cli.resolve_topics(args, [card])
+
+    assert resolve(two).cameras == [SCENE, WRIST]
+    assert resolve(two, "--camera-topic", "/a", "--camera-topic", "/b").cameras == ["/a", "/b"]
+    assert resolve(two, "--topics", topics_yaml).cameras == [SCENE, WRIST]  # the card wins over the YAML
+    assert resolve(two, "--topics", topics_yaml).command_topic == "/task"
+    assert resolve(one_unnamed).cameras == ["/camera/image_raw"]
+    with pytest.raises(ValueError, match=r"the cameras of .*topics.yaml \['/yaml/left', '/yaml/right'\]: 2 camera\(s\), "
+                                         r"but w takes 1 camera image\(s\)"):
+        resolve(one_unnamed, "--topics", topics_yaml)
+
+
+def _one_line_failure(capfd, argv: list, code: int = 2) -> str:
+    result = replay_cli.main([str(a) for a in argv])
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert result == code and len(lines) == 1, lines
+    return lines[0]
+
+
+def test_a_bag_missing_a_camera_or_too_few_camera_topics_fail_with_one_line(two_camera_policies, tmp_path, capfd):
+    scene_only = write_episode_bag(tmp_path / "scene_only", images=_frames(3), instruction=INSTRUCTION, states=None,
+                                   actions=np.zeros((FRAMES, 4)), topics=TopicConfig(camera_topic=SCENE, state_topic=None))
+    out = tmp_path / "report"
+    line = _one_line_failure(capfd, [scene_only, "--weights", two_camera_policies["student"], "--out", out])
+    assert str(scene_only) in line and f"topic '{WRIST}': not in bag" in line and SCENE in line  # lists what is there
+    line = _one_line_failure(capfd, [scene_only, "--weights", two_camera_policies["student"], "--camera-topic", SCENE,
+                                     "--out", out])
+    assert f"--camera-topic ['{SCENE}']: 1 camera(s), but" in line and "takes 2 camera image(s)" in line
+    assert "give --camera-topic once per camera" in line
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == [scene_only.name]
 
 
 def _missing_topic_bag(tmp_path: Path) -> tuple[Path, str]:
@@ -195,7 +390,7 @@ def _corrupt_bag(tmp_path: Path) -> tuple[Path, str]:
 def test_unusable_bag_fails_with_one_line_and_writes_nothing(policies, tmp_path, capfd, make_bag):
     bag, expected = make_bag(tmp_path)
     out = tmp_path / "report"
-    code = replay_eval.main([str(bag), "--weights", str(policies["student"]), "--out", str(out)])
+    code = replay_cli.main([str(bag), "--weights", str(policies["student"]), "--out", str(out)])
     stderr = capfd.readouterr().err
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert code != 0
@@ -203,10 +398,12 @@ def test_unusable_bag_fails_with_one_line_and_writes_nothing(policies, tmp_path,
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == [bag.name]
 
 
-def _listen_only_replay(weights: Path, bag: Path, tmp_path: Path, after_frame=None):
+def _listen_only_replay(weights: Path, bag: Path, tmp_path: Path, after_frame=None,
+                        cameras: tuple[str, ...] = ("/camera/image_raw",)):
     """What the launch file does with `ros2 bag play`: node + replay_eval --listen-only, a third process (this
-    one) plays the bag. ``after_frame(player, frame_index, raw)`` runs after each camera frame is published.
-    Returns (replay_eval's CompletedProcess, the ActionChunks seen on the node's topic)."""
+    one) plays the bag in its recorded order. ``after_frame(player, frame_index, raw)`` runs after each
+    first-camera frame is published. Returns (replay_eval's CompletedProcess, the ActionChunks seen on the
+    node's topic)."""
     from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
     from rosbags.rosbag2 import Reader
     from sensor_msgs.msg import Image
@@ -214,14 +411,15 @@ def _listen_only_replay(weights: Path, bag: Path, tmp_path: Path, after_frame=No
 
     domain = reserve_domain()
     node = start_policy_node(weights, domain, tmp_path / "node",
-                             params={"enable_output": False, "state.enabled": False})
+                             params={"enable_output": False, "state.enabled": False, "topics.cameras": list(cameras)})
     out = tmp_path / "report"
     env = node_environment(domain, tmp_path / "replay_log")
     stderr_path = tmp_path / "replay_stderr.txt"
     with stderr_path.open("w") as stderr:
-        replay = subprocess.Popen([sys.executable, "-m", "actdistill_ros.ros.replay_eval", str(bag), "--weights",
+        replay = subprocess.Popen([sys.executable, "-m", "actdistill_ros.ros.replay.cli", str(bag), "--weights",
                                    str(weights), "--listen-only", "--attach", "policy_node", "--out",
-                                   str(out), "--idle-timeout", "2.0", "--startup-timeout", "60"], cwd=REPO_ROOT,
+                                   str(out), "--idle-timeout", "2.0", "--startup-timeout", "60",
+                                   *camera_topic_flags(cameras)], cwd=REPO_ROOT,
                                   env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
     player = RosSide(domain, "player")
     chunks = player.record(load_action_chunk_type(), "/policy_node/action_chunk", QoSProfile(
@@ -229,11 +427,13 @@ def _listen_only_replay(weights: Path, bag: Path, tmp_path: Path, after_frame=No
     try:
         assert wait_until(lambda: "listening on" in stderr_path.read_text() or replay.poll() is not None, 60.0)
         assert replay.poll() is None, stderr_path.read_text()[-3000:]
-        camera = player.node.create_publisher(Image, "/camera/image_raw", QoSProfile(
-            depth=1, reliability=ReliabilityPolicy.RELIABLE))
+        publishers = {topic: player.node.create_publisher(Image, topic, QoSProfile(
+            depth=1, reliability=ReliabilityPolicy.RELIABLE)) for topic in cameras}
         command = player.node.create_publisher(String, "/instruction", QoSProfile(
             depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
-        assert wait_until(lambda: camera.get_subscription_count() >= 2, 30.0)  # the node and replay_eval
+        publishers["/instruction"] = command
+        # Every camera has two readers: the node and replay_eval.
+        assert wait_until(lambda: all(publishers[t].get_subscription_count() >= 2 for t in cameras), 30.0)
         # This side seeing the subscriptions does not mean the best-effort readers have matched this
         # writer yet; like the launch file's play_delay, give discovery a moment before playing.
         time.sleep(1.0)
@@ -242,10 +442,9 @@ def _listen_only_replay(weights: Path, bag: Path, tmp_path: Path, after_frame=No
             for conn, stamp, raw in reader.messages():
                 start_bag = stamp if start_bag is None else start_bag
                 time.sleep(max(0.0, start_wall + (stamp - start_bag) / 1e9 - time.monotonic()))
-                if conn.topic == "/instruction":
-                    command.publish(bytes(raw))
-                elif conn.topic == "/camera/image_raw":
-                    camera.publish(bytes(raw))
+                if conn.topic in publishers:
+                    publishers[conn.topic].publish(bytes(raw))
+                if conn.topic == cameras[0]:
                     if after_frame is not None:
                         after_frame(player, frame_index, bytes(raw))
                     frame_index += 1
@@ -285,6 +484,29 @@ def test_listen_only_records_what_another_player_publishes(policies, teacher, tm
     assert chunk.threshold == pytest.approx(0.5) and chunk.executed_fraction == 1.0
 
 
+def test_listen_only_records_two_cameras_that_another_player_publishes(two_camera_policies, two_camera_teacher,
+                                                                      tmp_path):
+    """--attach reads the node's topics.cameras; every camera is listened to and counted."""
+    scene, wrist = _frames(10), _frames(11, height=40, width=40)
+    bag = write_episode_bag(tmp_path / "played_two", images=[scene, wrist], instruction=INSTRUCTION, states=None,
+                            actions=_first_steps(two_camera_teacher, _frame_sets(scene, wrist)), topics=TWO_CAMERAS,
+                            fps=10.0, action_names=two_camera_teacher.card.action_space.names)
+    result, chunks = _listen_only_replay(two_camera_policies["teacher"], bag, tmp_path, cameras=(SCENE, WRIST))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = _report(result, tmp_path / "report")
+    section = report["policies"]["student"]
+    assert report["mode"] == "listen-only" and section["chunks_received"] >= FRAMES // 2
+    assert f"listening on {SCENE}, {WRIST}" in result.stderr
+    for camera in (SCENE, WRIST):
+        usage = section["cameras"][camera]
+        assert usage["frames_published"] >= FRAMES - 2 and usage["frames_used"] >= FRAMES // 2, (camera, usage)
+    # The player sends the frames in the bag's order, as ros2 bag play does: the node (an inference on each
+    # scene frame) may pair a scene frame with the previous wrist frame; the report counts how often.
+    assert 0 <= section["cameras"][WRIST]["older_frame_used"] <= section["frames_published"]
+    assert section["cameras"][SCENE]["older_frame_used"] == 0
+    assert chunks and all(c.header.frame_id == "camera" for c in chunks)  # stamped with the first camera's frame
+
+
 def test_malformed_action_chunks_are_counted_and_the_replay_goes_on(policies, teacher, tmp_path):
     """ActionChunks that cannot be read as (chunk_size, action_dim) arrive for frames the node has yet to answer."""
     from rclpy.qos import QoSProfile, ReliabilityPolicy
@@ -310,7 +532,7 @@ def test_malformed_action_chunks_are_counted_and_the_replay_goes_on(policies, te
             assert wait_until(lambda: publisher["chunks"].get_subscription_count() >= 2, 10.0)
         if frame_index < len(malformed):
             size, dim, values = malformed[frame_index]
-            stamp = replay_eval._header_stamp_ns(raw)
+            stamp = header_stamp_ns(raw)
             msg = action_chunk(names=space.names, units=space.units, chunk_size=size, action_dim=dim, actions=values)
             msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp, 1_000_000_000)
             publisher["chunks"].publish(msg)
@@ -370,18 +592,37 @@ def test_launch_file_runs_listen_only_replay_beside_ros2_bag_play():
                  if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)}
     declared = {ast.literal_eval(call.args[0]) for call in _calls(tree, "DeclareLaunchArgument")}
     used = {ast.literal_eval(call.args[0]) for call in _calls(tree, "LaunchConfiguration")}
-    assert declared == used
+    assert declared == used and "camera_topics" in declared
+    cameras = ["/cam/scene", "/cam/wrist"]
+
+    def element(e: ast.expr) -> list[str]:
+        # Launch arguments and the weights become placeholders; *camera_topic_flags(cameras) the flags for
+        # two cameras; the rest of the command line is literal.
+        if isinstance(e, ast.Starred):
+            assert _calls(e, "camera_topic_flags")
+            return camera_topic_flags(cameras)
+        if isinstance(e, ast.Constant):
+            return [ast.literal_eval(e)]
+        return [constants.get(getattr(e, "id", None), "/x")]
+
     commands = []
     for call in _calls(tree, "ExecuteProcess"):
         cmd = next(k.value for k in call.keywords if k.arg == "cmd")
-        # Launch arguments become placeholders; the rest of the command line is literal.
-        commands.append([ast.literal_eval(e) if isinstance(e, ast.Constant) else constants.get(getattr(e, "id", None), "/x")
-                         for e in cmd.elts])
+        commands.append([part for e in cmd.elts for part in element(e)])
     replay_cmd = next(c for c in commands if c[:4] == ["ros2", "run", "actdistill_ros", "replay_eval"])
     assert any(c[:3] == ["ros2", "bag", "play"] for c in commands)
-    args = replay_eval.build_parser().parse_args(replay_cmd[4:])
-    assert args.listen_only and args.attach == "policy_node"
+    args = replay_cli.build_parser().parse_args(replay_cmd[4:])
+    assert args.listen_only and args.attach == "policy_node" and args.camera_topic == cameras
     node = _calls(tree, "Node")[0]
     parameters = next(k.value for k in node.keywords if k.arg == "parameters")
     names = {ast.literal_eval(key) for d in parameters.elts if isinstance(d, ast.Dict) for key in d.keys}
-    assert "enable_output" in names  # a replay never commands a robot
+    assert {"enable_output", "topics.cameras"} <= names  # a replay never commands a robot; the node reads every camera
+
+
+def test_camera_topics_launch_argument(two_camera_policies, policies):
+    assert camera_topics("/cam/scene,/cam/wrist") == camera_topics("[/cam/scene, /cam/wrist]") == [SCENE, WRIST]
+    assert camera_topics("", str(two_camera_policies["teacher"])) == [SCENE, WRIST]  # the card's camera_names
+    assert camera_topics("", str(policies["teacher"])) == ["/camera/image_raw"]  # a card without them
+    assert camera_topics("/only") == ["/only"]
+    with pytest.raises(ValueError, match="launch argument camera_topics: expected absolute topic names"):
+        camera_topics("cam/scene,/cam/wrist")

@@ -6,6 +6,8 @@ import argparse
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -148,7 +150,7 @@ def test_collection_writes_readable_bags_and_resumes(tmp_path):
             episode = read_episode(path)
             steps = record["episodes"][path.name]["steps"]
             assert len(episode) == steps and 0 < steps < HORIZON
-            assert episode.images.shape == (steps, SIZE, SIZE, 3)
+            assert episode.images.shape == (steps, 1, SIZE, SIZE, 3)  # (T, cameras, h, w, 3)
             assert episode.action_names == list(ACTION_NAMES) and episode.state_names == list(STATE_NAMES)
             assert set(episode.instructions) == {record["instructions"][task]}
             assert np.abs(episode.actions).max() <= 1.0
@@ -230,6 +232,30 @@ def test_cli_parsers():
     args = parser.parse_args(["eval-sim", "--policy", "w", "--sweep-threshold", "--gif"])
     assert args.sweep_threshold == [] and args.gif and args.func is evaluate_mod.run
 
+
+
+def test_evaluator_and_reports_import_without_ros():
+    # The in-process loop must not depend on the ROS layer (which depends on it): no rclpy, no ros/.
+    code = ("import sys; sys.modules['rclpy'] = None\n"
+            "import actdistill_ros.sim.evaluate, actdistill_ros.sim.report\n"
+            "print(sorted(m for m, module in sys.modules.items()\n"
+            "             if module is not None and m.startswith(('rclpy', 'actdistill_ros.ros'))))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_cli_hands_through_ros_to_the_ros_layer(capsys):
+    from actdistill_ros import cli
+
+    parser = cli.build_parser()
+    assert cli.command_function(parser.parse_args(["eval-sim", "--policy", "w"])) is evaluate_mod.run
+    through_ros = cli.command_function(parser.parse_args(["eval-sim", "--policy", "w", "--through-ros"]))
+    assert (through_ros.__module__, through_ros.__name__) == ("actdistill_ros.ros.closed_loop", "run_eval_sim")
+    # In-process-only options are refused in one line before any node starts.
+    assert cli.main(["eval-sim", "--policy", "w", "--through-ros", "--gif"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--through-ros runs one threshold" in err
 
 def test_collect_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     parser = argparse.ArgumentParser()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import os
 import shutil
 from collections.abc import Sequence
@@ -59,7 +60,7 @@ def _check_finite_2d(name: str, values: np.ndarray, length: int) -> np.ndarray:
 def write_episode_bag(
     path: str | Path,
     *,
-    images: np.ndarray | Sequence[np.ndarray],
+    images: np.ndarray | Sequence[np.ndarray] | Sequence[Sequence[np.ndarray]],
     instruction: str,
     states: np.ndarray | None,
     actions: np.ndarray,
@@ -72,14 +73,19 @@ def write_episode_bag(
     action_names: Sequence[str] | None = None,
     command_repeat_hz: float | None = None,
     jpeg_quality: int = 95,
+    camera_offsets_ns: Sequence[int] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write one episode (T frames) as a rosbag2 directory at `path`; returns `path`.
 
-    images: RGB uint8 (T, h, w, 3). states: (T, S) or None (requires topics.state_topic set
+    images: RGB uint8 (T, h, w, 3) (or T frames) for one camera; with several cameras
+    (topics.cameras), one such sequence per camera in that order (sizes may differ between
+    cameras). states: (T, S) or None (requires topics.state_topic set
     iff given). actions: (T, D); for TwistStamped D=6 [lin xyz, ang xyz], PoseStamped D=7
     [pos xyz, quat xyzw]. stamps_ns: per-frame header stamps (default: `fps` spacing from a
-    fixed epoch); camera, state and action share the frame stamp, bag receive time = stamp.
+    fixed epoch); cameras, state and action share the frame stamp, bag receive time = stamp.
+    camera_offsets_ns: added to each camera's stamps (one value per camera, default 0), as
+    unsynchronised cameras would stamp their frames.
     instruction: published once (latched, transient-local QoS) at the first stamp, or every
     1/command_repeat_hz seconds. Written into the hidden `.<name>.partial/` next to `path`
     and renamed when complete;
@@ -100,12 +106,23 @@ def write_episode_bag(
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: bag already exists; pass overwrite=True to replace it")
 
-    num_frames = len(images)
+    cameras = topics.cameras
+    per_camera = [images] if len(cameras) == 1 else list(images)
+    if len(per_camera) != len(cameras):
+        raise ValueError(f"images: expected one frame sequence per camera ({len(cameras)}: {cameras}), got {len(per_camera)}")
+    num_frames = len(per_camera[0])
     if num_frames == 0:
         raise ValueError("images: expected at least one frame, got 0")
-    for i, image in enumerate(images):
-        if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
-            raise ValueError(f"images[{i}]: expected RGB uint8 (h, w, 3), got {getattr(image, 'dtype', type(image))} {getattr(image, 'shape', '')}")
+    for camera, frames in zip(cameras, per_camera):
+        if len(frames) != num_frames:
+            raise ValueError(f"images for {camera}: expected {num_frames} frames like {cameras[0]}, got {len(frames)}")
+        for i, image in enumerate(frames):
+            if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
+                raise ValueError(f"images[{i}] of {camera}: expected RGB uint8 (h, w, 3), got "
+                                 f"{getattr(image, 'dtype', type(image))} {getattr(image, 'shape', '')}")
+    offsets = [0] * len(cameras) if camera_offsets_ns is None else [int(o) for o in camera_offsets_ns]
+    if len(offsets) != len(cameras):
+        raise ValueError(f"camera_offsets_ns: expected {len(cameras)} values (one per camera), got {len(offsets)}")
     actions = _check_finite_2d("actions", np.asarray(actions, dtype=np.float64), num_frames)
     action_dim = actions.shape[1]
     if topics.action_type == TWIST_STAMPED_TYPE and action_dim != 6:
@@ -133,6 +150,8 @@ def write_episode_bag(
             raise ValueError(f"stamps_ns: expected shape ({num_frames},), got {stamps.shape}")
         if (stamps <= 0).any() or (np.diff(stamps) <= 0).any():
             raise ValueError("stamps_ns: expected positive, strictly increasing stamps")
+    if int(stamps[0]) + min(offsets) <= 0:
+        raise ValueError(f"camera_offsets_ns: {min(offsets)} would stamp a frame at or before 0")
 
     store = jazzy_typestore()
     Header = store.types["std_msgs/msg/Header"]
@@ -152,31 +171,40 @@ def write_episode_bag(
     JointState = store.types[JOINT_STATE_TYPE]
     empty = np.zeros(0, dtype=np.float64)
 
-    def messages():
-        """(receive time, topic, message) in time order, built one frame at a time."""
-        next_command = 0
+    def command_messages():
+        for stamp in command_stamps:
+            yield stamp, topics.command_topic, String(data=instruction)
+
+    def camera_messages(index: int):
+        topic, frames, frame_id = cameras[index], per_camera[index], CAMERA_FRAME_ID if index == 0 else f"camera_{index}"
         for t in range(num_frames):
-            stamp = int(stamps[t])
-            while next_command < len(command_stamps) and command_stamps[next_command] <= stamp:
-                yield command_stamps[next_command], topics.command_topic, String(data=instruction)
-                next_command += 1
-            image = images[t]
+            stamp, image = int(stamps[t]) + offsets[index], frames[t]
             if camera_type == IMAGE_TYPE:
                 raw, step = rgb_to_raw(image, image_format)
-                yield stamp, topics.camera_topic, Image(
-                    header=header(stamp, CAMERA_FRAME_ID), height=int(image.shape[0]), width=int(image.shape[1]),
+                yield stamp, topic, Image(
+                    header=header(stamp, frame_id), height=int(image.shape[0]), width=int(image.shape[1]),
                     encoding=image_format, is_bigendian=0, step=step, data=raw.reshape(-1))
             else:
                 # image_transport's format string convention.
-                yield stamp, topics.camera_topic, CompressedImage(
-                    header=header(stamp, CAMERA_FRAME_ID), format=f"rgb8; {image_format} compressed bgr8",
+                yield stamp, topic, CompressedImage(
+                    header=header(stamp, frame_id), format=f"rgb8; {image_format} compressed bgr8",
                     data=rgb_to_compressed(image, image_format, jpeg_quality))
+
+    def robot_messages():
+        for t in range(num_frames):
+            stamp = int(stamps[t])
             if states is not None:
                 yield stamp, topics.state_topic, JointState(
                     header=header(stamp, ROBOT_FRAME_ID), name=list(state_names), position=states[t].copy(),
                     velocity=empty, effort=empty)
             yield stamp, topics.action_topic, _action_msg(
                 store, topics.action_type, header(stamp, ROBOT_FRAME_ID), actions[t], action_names)
+
+    def messages():
+        """(receive time, topic, message) in time order, built lazily; at equal times the command
+        comes first, then the cameras in order, then state and action."""
+        streams = [command_messages(), *(camera_messages(i) for i in range(len(cameras))), robot_messages()]
+        return heapq.merge(*streams, key=lambda message: message[0])
 
     # Written as <parent>/.<name>.partial/<name> (storage files keep the bag's name), then renamed.
     staging = path.parent / f".{path.name}.partial"
@@ -190,7 +218,8 @@ def write_episode_bag(
         writer.set_custom_data("actdistill.instruction", instruction)
         writer.open()
         try:
-            msgtypes = {topics.command_topic: STRING_TYPE, topics.camera_topic: camera_type, topics.action_topic: topics.action_type}
+            msgtypes = {topics.command_topic: STRING_TYPE, **dict.fromkeys(cameras, camera_type),
+                        topics.action_topic: topics.action_type}
             if states is not None:
                 msgtypes[topics.state_topic] = JOINT_STATE_TYPE
             qos = {topic: _qos(QosDurability.VOLATILE) for topic in msgtypes}

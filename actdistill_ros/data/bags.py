@@ -2,9 +2,10 @@
 
 One bag directory = one episode. A path given to `list_bags`/`read_episodes` is either a bag
 directory (it holds metadata.yaml) or a directory whose immediate sub-directories are bags
-(one level, sorted by name). Frames are the camera messages; each keeps the nearest state and
-nearest action within `TopicConfig.sync_tolerance_ms` of its stamp (header stamp, or bag
-receive time when the header stamp is zero), else it is dropped and counted.
+(one level, sorted by name). Frames are the messages of the first camera; each keeps the nearest
+frame of every other camera, the nearest state and the nearest action within
+`TopicConfig.sync_tolerance_ms` of its stamp (header stamp, or bag receive time when the header
+stamp is zero), else it is dropped and counted.
 """
 
 from __future__ import annotations
@@ -32,25 +33,28 @@ from .config import (
     BagDataError,
     TopicConfig,
 )
-from .images import ImageDecodeError, compressed_msg_to_rgb, image_msg_to_rgb, resize_to
+from .images import ImageDecodeError, compressed_msg_to_rgb, image_msg_to_rgb, resize_rgb
 
 log = logging.getLogger(__name__)
 
 STORAGE_SUFFIXES = (".mcap", ".db3")
-DROP_REASONS = ("duplicate_stamp", "no_action_within_tolerance", "no_state_within_tolerance")
+DROP_REASONS = ("duplicate_stamp", "no_camera_within_tolerance", "no_action_within_tolerance",
+                "no_state_within_tolerance")
 
 
 @dataclass
 class Episode:
-    """One demonstration, aligned on camera frames (T frames after drops).
+    """One demonstration, aligned on the first camera's frames (T frames after drops).
 
     `instructions` holds the instruction in force at each frame (T strings; usually all the
-    same object). Arrays: images uint8 (T, h, w, 3) RGB, actions float32 (T, D), states float32
-    (T, S) or None, stamps_ns int64 (T,). `dropped_frames` counts camera frames left out, by reason.
+    same object). Arrays: images uint8 (T, C, h, w, 3) RGB with C = len(camera_topics), in that
+    order; actions float32 (T, D), states float32 (T, S) or None, stamps_ns int64 (T,) (the first
+    camera's stamps). `source_image_sizes` is each camera's (height, width) in the bag.
+    `dropped_frames` counts first-camera frames left out, by reason.
     """
 
     key: str
-    camera_topic: str
+    camera_topics: list[str]
     images: np.ndarray
     instructions: list[str]
     actions: np.ndarray
@@ -58,12 +62,22 @@ class Episode:
     stamps_ns: np.ndarray
     action_names: list[str]
     state_names: list[str]
-    source_image_size: tuple[int, int]
+    source_image_sizes: list[tuple[int, int]]
     dropped_frames: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
     bag_path: Path | None = None
 
     def __len__(self) -> int:
         return int(self.stamps_ns.shape[0])
+
+    @property
+    def camera_topic(self) -> str:
+        """The first camera: its frames are the samples."""
+        return self.camera_topics[0]
+
+    @property
+    def source_image_size(self) -> tuple[int, int]:
+        """(height, width) of the first camera's frames in the bag."""
+        return self.source_image_sizes[0]
 
     @property
     def num_dropped(self) -> int:
@@ -78,7 +92,7 @@ class Episode:
         return 0 if self.states is None else int(self.states.shape[1])
 
     def sample_key(self, t: int) -> str:
-        """Stable across runs and machines: bag name, camera topic and the frame's stamp."""
+        """Stable across runs and machines: bag name, first camera topic and the frame's stamp."""
         return f"{self.key}/{self.camera_topic}@{int(self.stamps_ns[t])}"
 
     def sample_keys(self) -> list[str]:
@@ -197,9 +211,10 @@ def read_episode(
     *,
     _target_hw: tuple[int, int] | None = None,
 ) -> Episode:
-    """Read one bag into an aligned Episode; images resized to (image_size, image_size) at load.
+    """Read one bag into an aligned Episode; every camera's frames are resized at load to
+    (image_size, image_size) with `resize_rgb`, the resize the Policy applies at run time.
 
-    `image_size=None` keeps the first frame's size. Raises BagDataError on unusable data.
+    `image_size=None` keeps the first camera's first frame size. Raises BagDataError on unusable data.
     """
     topics = topics or TopicConfig()
     path = Path(bag_path)
@@ -236,15 +251,50 @@ def _check_size(ctx: _BagContext, topic: str, stamp: int, source_hw: tuple[int, 
                                f"{first_hw[1]}x{first_hw[0]} like the first frame (on_size_mismatch='error')")
 
 
+class _CameraFrames:
+    """Decoded frames of one camera topic, in bag order."""
+
+    def __init__(self, topic: str, msgtype: str) -> None:
+        self.topic, self.msgtype = topic, msgtype
+        self.stamps: list[int] = []
+        self.images: list[np.ndarray] = []
+        self.first_source_hw: tuple[int, int] | None = None
+
+    def add(self, ctx: _BagContext, msg: Any, stamp: int, target_hw: tuple[int, int] | None, size_policy: str) -> None:
+        # Frames after the first are brought to the first frame's size unless a size is fixed.
+        frame_target = target_hw if target_hw is not None else self.first_source_hw
+        try:
+            if self.msgtype == COMPRESSED_IMAGE_TYPE:
+                image = compressed_msg_to_rgb(msg)
+                source_hw = (int(image.shape[0]), int(image.shape[1]))
+            else:
+                source_hw = (int(msg.height), int(msg.width))
+                _check_size(ctx, self.topic, stamp, source_hw, self.first_source_hw, size_policy)  # before decoding
+                image = image_msg_to_rgb(msg)
+            image = np.ascontiguousarray(image if frame_target is None else resize_rgb(image, frame_target))
+        except ImageDecodeError as err:
+            raise ctx.error(self.topic, f"frame at {stamp} ns: {err}") from None
+        _check_size(ctx, self.topic, stamp, source_hw, self.first_source_hw, size_policy)
+        self.first_source_hw = self.first_source_hw or source_hw
+        self.stamps.append(stamp)
+        self.images.append(image)
+
+
+def _match(stamps: list[int], frame_stamps: np.ndarray, tolerance_ns: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each frame stamp: index (in `stamps`) of the nearest message, and whether it is within tolerance."""
+    sorted_stamps = np.asarray(stamps, dtype=np.int64)
+    order = np.argsort(sorted_stamps, kind="stable")
+    idx, dist = _nearest(sorted_stamps[order], frame_stamps)
+    return order[idx], dist <= tolerance_ns
+
+
 def _read_open_bag(reader: Reader, path: Path, ctx: _BagContext, topics: TopicConfig,
                    target_hw: tuple[int, int] | None) -> Episode:
     present = {topic: info.msgtype for topic, info in reader.topics.items()}
     present_text = ", ".join(f"{t} ({present[t]})" for t in sorted(present)) or "none"
-    wanted: dict[str, tuple[str, ...]] = {
-        topics.camera_topic: CAMERA_TYPES,
-        topics.command_topic: (STRING_TYPE,),
-        topics.action_topic: (topics.action_type,),
-    }
+    wanted: dict[str, tuple[str, ...]] = {camera: CAMERA_TYPES for camera in topics.cameras}
+    wanted[topics.command_topic] = (STRING_TYPE,)
+    wanted[topics.action_topic] = (topics.action_type,)
     if topics.state_topic is not None:
         wanted[topics.state_topic] = (JOINT_STATE_TYPE,)
     for topic, types in wanted.items():
@@ -253,13 +303,10 @@ def _read_open_bag(reader: Reader, path: Path, ctx: _BagContext, topics: TopicCo
             raise ctx.error(topic, f"not in bag, expected {expected}; topics present: {present_text}")
         if present[topic] not in types:
             raise ctx.error(topic, f"has type {present[topic]}, expected {expected}")
-    camera_type = present[topics.camera_topic]
 
     store = jazzy_typestore()
     connections = [c for c in reader.connections if c.topic in wanted]
-    camera_stamps: list[int] = []
-    images: list[np.ndarray] = []
-    first_source_hw: tuple[int, int] | None = None
+    cameras = {camera: _CameraFrames(camera, present[camera]) for camera in topics.cameras}
     commands: list[tuple[int, str]] = []
     state_stamps: list[int] = []
     state_values: list[np.ndarray] = []
@@ -267,7 +314,6 @@ def _read_open_bag(reader: Reader, path: Path, ctx: _BagContext, topics: TopicCo
     action_stamps: list[int] = []
     action_values: list[np.ndarray] = []
     action_names: list[str] = []
-    size_policy = topics.on_size_mismatch
 
     for conn, receive_ns, raw in _iter_messages(reader, connections, ctx, sorted(wanted)):
         topic = conn.topic
@@ -275,25 +321,8 @@ def _read_open_bag(reader: Reader, path: Path, ctx: _BagContext, topics: TopicCo
             msg = store.deserialize_cdr(raw, conn.msgtype)
         except Exception as err:  # a cut or garbage CDR payload
             raise ctx.error(topic, f"message at {receive_ns} ns does not deserialize as {conn.msgtype} ({_first_line(err)})") from None
-        if topic == topics.camera_topic:
-            stamp = _header_stamp(msg, receive_ns)
-            # Frames after the first are brought to the first frame's size unless a size is fixed.
-            frame_target = target_hw if target_hw is not None else first_source_hw
-            try:
-                if camera_type == COMPRESSED_IMAGE_TYPE:
-                    image = compressed_msg_to_rgb(msg)
-                    source_hw = (int(image.shape[0]), int(image.shape[1]))
-                else:
-                    source_hw = (int(msg.height), int(msg.width))
-                    _check_size(ctx, topic, stamp, source_hw, first_source_hw, size_policy)  # before decoding
-                    image = image_msg_to_rgb(msg)
-                image = np.ascontiguousarray(resize_to(image, frame_target))
-            except ImageDecodeError as err:
-                raise ctx.error(topic, f"frame at {stamp} ns: {err}") from None
-            _check_size(ctx, topic, stamp, source_hw, first_source_hw, size_policy)
-            first_source_hw = first_source_hw or source_hw
-            camera_stamps.append(stamp)
-            images.append(image)
+        if topic in cameras:
+            cameras[topic].add(ctx, msg, _header_stamp(msg, receive_ns), target_hw, topics.on_size_mismatch)
         elif topic == topics.command_topic:
             commands.append((int(receive_ns), str(msg.data)))
         elif topic == topics.state_topic:
@@ -326,7 +355,8 @@ def _read_open_bag(reader: Reader, path: Path, ctx: _BagContext, topics: TopicCo
             action_stamps.append(stamp)
             action_values.append(values)
 
-    counts = {topics.camera_topic: len(images), topics.command_topic: len(commands), topics.action_topic: len(action_values)}
+    counts = {camera: len(frames.images) for camera, frames in cameras.items()}
+    counts.update({topics.command_topic: len(commands), topics.action_topic: len(action_values)})
     if topics.state_topic is not None:
         counts[topics.state_topic] = len(state_values)
     declared = {topic: 0 for topic in counts}
@@ -339,43 +369,44 @@ def _read_open_bag(reader: Reader, path: Path, ctx: _BagContext, topics: TopicCo
             raise ctx.error(topic, f"storage holds {count} messages but metadata.yaml lists {declared[topic]} "
                                    "(truncated bag), expected an intact rosbag2 bag")
 
-    # Frames in stamp order; a repeated stamp would give two samples the same key.
-    cam_stamps = np.asarray(camera_stamps, dtype=np.int64)
+    # The first camera's frames in stamp order; a repeated stamp would give two samples the same key.
+    first = cameras[topics.cameras[0]]
+    cam_stamps = np.asarray(first.stamps, dtype=np.int64)
     order = np.argsort(cam_stamps, kind="stable")
     cam_stamps = cam_stamps[order]
-    unique = np.ones(cam_stamps.shape[0], dtype=bool)
-    unique[1:] = cam_stamps[1:] != cam_stamps[:-1]
+    keep = np.ones(cam_stamps.shape[0], dtype=bool)
+    keep[1:] = cam_stamps[1:] != cam_stamps[:-1]
     dropped = dict.fromkeys(DROP_REASONS, 0)
-    dropped["duplicate_stamp"] = int((~unique).sum())
+    dropped["duplicate_stamp"] = int((~keep).sum())
 
-    tolerance = topics.sync_tolerance_ns
-    act_stamps = np.asarray(action_stamps, dtype=np.int64)
-    act_order = np.argsort(act_stamps, kind="stable")
-    act_stamps = act_stamps[act_order]
-    act_idx, act_dist = _nearest(act_stamps, cam_stamps)
-    has_action = act_dist <= tolerance
-    keep = unique & has_action
-    dropped["no_action_within_tolerance"] = int((unique & ~has_action).sum())
+    # Every other source is matched to those frames; a frame missing any of them is dropped.
+    sources = [(camera, cameras[camera].stamps, "no_camera_within_tolerance") for camera in topics.cameras[1:]]
+    sources.append((topics.action_topic, action_stamps, "no_action_within_tolerance"))
     if topics.state_topic is not None:
-        st_stamps = np.asarray(state_stamps, dtype=np.int64)
-        st_order = np.argsort(st_stamps, kind="stable")
-        st_stamps = st_stamps[st_order]
-        st_idx, st_dist = _nearest(st_stamps, cam_stamps)
-        has_state = st_dist <= tolerance
-        dropped["no_state_within_tolerance"] = int((keep & ~has_state).sum())
-        keep &= has_state
-    if not keep.any():
-        missing = topics.action_topic if not (unique & has_action).any() else topics.state_topic
-        raise ctx.error(missing, f"no camera frame on {topics.camera_topic} has a message within "
-                                 f"{topics.sync_tolerance_ms:g} ms of its stamp ({len(images)} frames), expected overlapping stamps")
+        sources.append((topics.state_topic, state_stamps, "no_state_within_tolerance"))
+    matched: dict[str, np.ndarray] = {}
+    for topic, stamps, reason in sources:
+        matched[topic], within = _match(stamps, cam_stamps, topics.sync_tolerance_ns)
+        if not (keep & within).any():
+            raise ctx.error(topic, f"no frame of camera {first.topic!r} has a message of this topic within "
+                                   f"{topics.sync_tolerance_ms:g} ms of its stamp ({len(first.images)} frames), "
+                                   "expected overlapping stamps")
+        dropped[reason] += int((keep & ~within).sum())
+        keep &= within
 
     kept = np.flatnonzero(keep)
     frame_stamps = cam_stamps[kept]
-    image_array = np.stack([images[order[i]] for i in kept])
-    action_array = np.stack(action_values)[act_order][act_idx[kept]].astype(np.float32)
+    # Without a fixed size, every camera is brought to the first camera's frame size.
+    frame_hw = target_hw or first.first_source_hw
+    per_camera = [[first.images[i] for i in order[kept]]]
+    for camera in topics.cameras[1:]:
+        images = cameras[camera].images
+        per_camera.append([resize_rgb(images[i], frame_hw) for i in matched[camera][kept]])
+    image_array = np.stack([np.stack(frames) for frames in zip(*per_camera)])
+    action_array = np.stack(action_values)[matched[topics.action_topic][kept]].astype(np.float32)
     state_array = None
     if topics.state_topic is not None:
-        state_array = np.stack(state_values)[st_order][st_idx[kept]].astype(np.float32)
+        state_array = np.stack(state_values)[matched[topics.state_topic][kept]].astype(np.float32)
 
     # Instruction in force at a frame: newest command at or before it, else the first one.
     commands.sort(key=lambda c: c[0])
@@ -384,9 +415,10 @@ def _read_open_bag(reader: Reader, path: Path, ctx: _BagContext, topics: TopicCo
     instructions = [commands[i][1] for i in command_idx]
 
     return Episode(
-        key=path.name, camera_topic=topics.camera_topic, images=image_array, instructions=instructions,
+        key=path.name, camera_topics=list(topics.cameras), images=image_array, instructions=instructions,
         actions=action_array, states=state_array, stamps_ns=frame_stamps, action_names=action_names,
-        state_names=state_names if topics.state_topic is not None else [], source_image_size=first_source_hw,
+        state_names=state_names if topics.state_topic is not None else [],
+        source_image_sizes=[cameras[camera].first_source_hw for camera in topics.cameras],
         dropped_frames=dropped, bag_path=path,
     )
 
@@ -401,8 +433,8 @@ def read_episodes(
     """Read every bag under `paths` (see `list_bags`) with a progress bar on stderr.
 
     All episodes must agree on action names/dims and state dims; keys (bag names) must be
-    unique. With `image_size=None` every episode is brought to the first episode's frame size
-    (or refused when `on_size_mismatch='error'`). Dropped frames are logged per bag.
+    unique. With `image_size=None` every episode is brought to the first episode's (first camera's)
+    frame size (or refused when `on_size_mismatch='error'`). Dropped frames are logged per bag.
     """
     topics = topics or TopicConfig()
     bags = list_bags(paths)
@@ -422,10 +454,11 @@ def read_episodes(
             if episode.state_dim != first.state_dim:
                 raise BagDataError(f"bag {str(bag)!r} topic {topics.state_topic!r}: state has {episode.state_dim} dims, "
                                    f"expected {first.state_dim} like bag {first.key!r}")
-            if topics.on_size_mismatch == "error" and episode.source_image_size != first.source_image_size:
-                h, w = episode.source_image_size
-                raise BagDataError(f"bag {str(bag)!r} topic {topics.camera_topic!r}: frames are {w}x{h}, expected "
-                                   f"{first.source_image_size[1]}x{first.source_image_size[0]} like bag {first.key!r} (on_size_mismatch='error')")
+            for camera, (h, w), (first_h, first_w) in zip(topics.cameras, episode.source_image_sizes,
+                                                          first.source_image_sizes):
+                if topics.on_size_mismatch == "error" and (h, w) != (first_h, first_w):
+                    raise BagDataError(f"bag {str(bag)!r} topic {camera!r}: frames are {w}x{h}, expected "
+                                       f"{first_w}x{first_h} like bag {first.key!r} (on_size_mismatch='error')")
         else:
             target_hw = target_hw or episode.source_image_size
         if episode.num_dropped:

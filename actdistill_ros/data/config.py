@@ -27,6 +27,7 @@ POSE_ACTION_NAMES = [
 ]
 
 SIZE_MISMATCH_POLICIES = ("resize", "error")
+DEFAULT_CAMERA_TOPIC = "/camera/image_raw"
 
 
 class BagDataError(ValueError):
@@ -50,16 +51,20 @@ class TopicConfig:
 
     Defaults match the project's data conventions. `state_topic=None` (or "") means the
     demos carry no robot state; when set, every bag must contain it.
-    The camera topic may hold sensor_msgs/Image or sensor_msgs/CompressedImage (detected
-    from the bag). `action_type` selects how the action vector is read.
+    `cameras` lists every camera topic in the order the model takes their images; the first
+    camera's frames are the samples and the others are aligned to them. `camera_topic` is the
+    single-camera key of older configs: give it or `cameras`; after construction it is always
+    the first camera. A camera topic may hold sensor_msgs/Image or sensor_msgs/CompressedImage
+    (detected from the bag). `action_type` selects how the action vector is read.
     """
 
-    camera_topic: str = "/camera/image_raw"
+    camera_topic: str | None = None
+    cameras: list[str] | None = None
     command_topic: str = "/instruction"
     state_topic: str | None = "/joint_states"
     action_topic: str = "/action"
     action_type: str = JOINT_STATE_TYPE
-    # A frame is kept only if a state and an action lie within this many ms of its stamp.
+    # A frame is kept only if every other camera, a state and an action lie within this many ms of its stamp.
     sync_tolerance_ms: float = 50.0
     # Frames whose source size differs from the first frame's: "resize" them or raise "error".
     on_size_mismatch: str = "resize"
@@ -67,7 +72,20 @@ class TopicConfig:
     def __post_init__(self) -> None:
         if self.state_topic == "":
             self.state_topic = None
-        for name in ("camera_topic", "command_topic", "action_topic"):
+        if self.cameras is None:
+            self.cameras = [self.camera_topic or DEFAULT_CAMERA_TOPIC]
+        else:
+            if isinstance(self.cameras, str) or not isinstance(self.cameras, (list, tuple)) or not self.cameras:
+                raise ValueError(f"TopicConfig.cameras: expected a non-empty list of camera topics, got {self.cameras!r}")
+            self.cameras = list(self.cameras)
+            if self.camera_topic is not None and self.camera_topic != self.cameras[0]:
+                raise ValueError(f"TopicConfig: camera_topic {self.camera_topic!r} and cameras {self.cameras} disagree; "
+                                 "expected one of them (camera_topic for one camera, cameras for a list)")
+        for i, camera in enumerate(self.cameras):
+            if not isinstance(camera, str) or not camera.startswith("/"):
+                raise ValueError(f"TopicConfig.cameras[{i}]: expected an absolute topic name like '/x', got {camera!r}")
+        self.camera_topic = self.cameras[0]
+        for name in ("command_topic", "action_topic"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value.startswith("/"):
                 raise ValueError(f"TopicConfig.{name}: expected an absolute topic name like '/x', got {value!r}")
@@ -86,9 +104,13 @@ class TopicConfig:
             raise ValueError(f"TopicConfig.sync_tolerance_ms: expected a finite value >= 0, got {self.sync_tolerance_ms}")
         if self.on_size_mismatch not in SIZE_MISMATCH_POLICIES:
             raise ValueError(f"TopicConfig.on_size_mismatch: expected one of {list(SIZE_MISMATCH_POLICIES)}, got {self.on_size_mismatch!r}")
-        topics = [self.camera_topic, self.command_topic, self.action_topic] + ([self.state_topic] if self.state_topic else [])
+        topics = [*self.cameras, self.command_topic, self.action_topic] + ([self.state_topic] if self.state_topic else [])
         if len(set(topics)) != len(topics):
             raise ValueError(f"TopicConfig: topics must be distinct, got {topics}")
+
+    @property
+    def num_cameras(self) -> int:
+        return len(self.cameras)
 
     @property
     def sync_tolerance_ns(self) -> int:
@@ -114,7 +136,8 @@ class TopicConfig:
     def from_yaml(cls, path: str | Path | None, **overrides: Any) -> "TopicConfig":
         """Load a YAML file of TopicConfig fields; non-None `overrides` (e.g. CLI flags) win.
 
-        `path=None` starts from the defaults.
+        `path=None` starts from the defaults. Overriding the cameras (`cameras` or `camera_topic`)
+        replaces the file's cameras, whichever key the file used.
         """
         data: dict[str, Any] = {}
         source = "TopicConfig overrides"
@@ -132,5 +155,9 @@ class TopicConfig:
             if not isinstance(loaded, dict):
                 raise ValueError(f"{path}: expected a mapping of TopicConfig fields, got {type(loaded).__name__}")
             data.update(loaded)
-        data.update({k: v for k, v in overrides.items() if v is not None})
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if overrides.keys() & {"cameras", "camera_topic"}:
+            data.pop("cameras", None)
+            data.pop("camera_topic", None)
+        data.update(overrides)
         return cls.from_dict(data, source=source)

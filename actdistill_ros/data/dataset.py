@@ -16,8 +16,9 @@ __all__ = ["DemoDataset", "collate_samples", "compute_norm_stats", "split_episod
 
 
 class DemoDataset(Dataset):
-    """Items: key, image uint8 (h, w, 3), instruction, state float32 (S,) (zeros(0) without state),
-    actions float32 (H, D) un-normalised, chunk_valid bool (H,).
+    """Items: key, image uint8 (C, h, w, 3) (one frame per camera, in the episode's camera order),
+    instruction, state float32 (S,) (zeros(0) without state), actions float32 (H, D)
+    un-normalised, chunk_valid bool (H,). A collated batch's image is (B, C, h, w, 3).
 
     Images are shared with the episodes (no copy); normalisation is the model's job.
     """
@@ -27,9 +28,10 @@ class DemoDataset(Dataset):
             raise ValueError(f"chunk_size: expected >= 1, got {chunk_size}")
         if not episodes:
             raise ValueError("DemoDataset: expected at least one episode, got 0")
-        dims = {(ep.action_dim, ep.state_dim, ep.images.shape[1:]) for ep in episodes}
+        dims = {(ep.action_dim, ep.state_dim, ep.images.shape[1:], tuple(ep.camera_topics)) for ep in episodes}
         if len(dims) != 1:
-            raise ValueError(f"DemoDataset: episodes disagree on (action dim, state dim, image shape): {sorted(map(str, dims))}")
+            raise ValueError("DemoDataset: episodes disagree on (action dim, state dim, image shape, cameras): "
+                             f"{sorted(map(str, dims))}")
         self.episodes = list(episodes)
         self.chunk_size = int(chunk_size)
         lengths = np.array([len(ep) for ep in self.episodes], dtype=np.int64)

@@ -27,11 +27,23 @@ class ImageDecodeError(ValueError):
         self.kind = kind
 
 
-def resize_to(image: np.ndarray, size_hw: tuple[int, int] | None) -> np.ndarray:
-    """Resize to (height, width) with INTER_AREA; None (or the same size) keeps the image as is."""
-    if size_hw is None or (image.shape[0] == size_hw[0] and image.shape[1] == size_hw[1]):
-        return image
-    return cv2.resize(np.ascontiguousarray(image), (int(size_hw[1]), int(size_hw[0])), interpolation=cv2.INTER_AREA)
+def resize_rgb(frame: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """RGB uint8 (h, w, 3) -> contiguous (size, size, 3) uint8 with cv2 INTER_AREA.
+
+    The one resize of the package: the bag reader (training data), the Policy and the node all
+    call it, so a model sees the same pixels in training and at run time. ``size`` may also be
+    (height, width). A frame already at that size is returned as is (made contiguous).
+    """
+    height, width = (int(size), int(size)) if np.ndim(size) == 0 else (int(size[0]), int(size[1]))
+    if height <= 0 or width <= 0:
+        raise ValueError(f"resize size: expected positive pixels, got {size!r}")
+    if not (isinstance(frame, np.ndarray) and frame.dtype == np.uint8 and frame.ndim == 3 and frame.shape[2] == 3):
+        raise ValueError(f"image: expected an RGB uint8 (h, w, 3) array, got "
+                         f"{getattr(frame, 'dtype', type(frame).__name__)} {getattr(frame, 'shape', '')}")
+    frame = np.ascontiguousarray(frame)
+    if frame.shape[:2] == (height, width):
+        return frame
+    return cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
 
 
 def raw_image_to_rgb(data: Any, height: int, width: int, encoding: str, step: int) -> np.ndarray:

@@ -46,6 +46,14 @@ class DistillConfig:
     router_dropout: float = 0.1  # dropout on the router's pooled features
     threshold: float = 0.5  # tau used in training (hard masks) and written as the card default
     soft_gate_fraction: float = 0.2  # first part of stage 2 uses soft gates m = g, then straight-through
+    # --- one student across budgets (keep routing; METHOD.md "Beyond the paper") ---
+    # Each step draws k uniformly from round(lo*L)..round(hi*L), tells the router keep = k/L and trains
+    # the top-k routes it picks; the card then defaults to keep routing at target_keep. None: the
+    # paper's single-threshold stage 2 (unconditioned router, threshold routes, budget target_keep).
+    keep_range: list[float] | None = dataclasses.field(default_factory=lambda: [0.25, 1.0])
+    # With keep_range: this fraction of the hard-gate steps trains the threshold routes instead, at
+    # the same drawn budget, so that threshold routing also runs routes it was trained on.
+    threshold_route_fraction: float = 0.2
     # --- stages ---
     probe: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(steps=300, lr=1e-3))
     distill: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(steps=600, lr=1e-4))
@@ -70,6 +78,17 @@ class DistillConfig:
             raise ValueError(f"target_keep must be in (0, 1], got {self.target_keep}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.keep_range is not None:
+            if (not isinstance(self.keep_range, (list, tuple)) or len(self.keep_range) != 2
+                    or not 0.0 < self.keep_range[0] <= self.keep_range[1] <= 1.0):
+                raise ValueError(f"keep_range must be [low, high] with 0 < low <= high <= 1, or null, "
+                                 f"got {self.keep_range!r}")
+            self.keep_range = [float(v) for v in self.keep_range]
+            if not self.keep_range[0] <= self.target_keep <= self.keep_range[1]:
+                raise ValueError(f"target_keep {self.target_keep} (the card's default keep) must lie in "
+                                 f"keep_range {self.keep_range}")
+        if not 0.0 <= self.threshold_route_fraction <= 1.0:
+            raise ValueError(f"threshold_route_fraction must be in [0, 1], got {self.threshold_route_fraction}")
         if not 0.0 <= self.soft_gate_fraction <= 1.0:
             raise ValueError(f"soft_gate_fraction must be in [0, 1], got {self.soft_gate_fraction}")
         if self.teacher_targets not in ("cache", "on_the_fly"):

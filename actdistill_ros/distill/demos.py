@@ -24,6 +24,7 @@ class Demonstrations:
     stats: NormStats
     action_names: list[str]
     state_names: list[str]
+    camera_names: list[str]  # camera topics, in the order of each sample's images
     bags: list[str]
 
 
@@ -39,7 +40,7 @@ def load_demonstrations(paths: list[str | Path], topics: TopicConfig, image_size
     return Demonstrations(
         train=DemoDataset(train, chunk_size), val=DemoDataset(val, chunk_size) if val else None, stats=stats,
         action_names=list(episodes[0].action_names), state_names=list(episodes[0].state_names),
-        bags=sorted(e.key for e in episodes))
+        camera_names=list(episodes[0].camera_topics), bags=sorted(e.key for e in episodes))
 
 
 def infer_action_space(preset: str, topics: TopicConfig, names: list[str], stats: NormStats) -> ActionSpace:
@@ -68,7 +69,8 @@ def add_data_arguments(parser) -> None:
     parser.add_argument("--data", nargs="+", required=True, type=Path,
                         help="rosbag2 directories (one per episode) or directories holding them")
     parser.add_argument("--topics", type=Path, help="topic config YAML (default: config/topics.yaml defaults)")
-    parser.add_argument("--camera-topic")
+    parser.add_argument("--camera-topic", action="append", metavar="TOPIC",
+                        help="camera topic; repeat once per camera, in the order the model takes them")
     parser.add_argument("--command-topic")
     parser.add_argument("--state-topic")
     parser.add_argument("--action-topic")
@@ -77,6 +79,6 @@ def add_data_arguments(parser) -> None:
 
 
 def topics_from_args(args) -> TopicConfig:
-    return TopicConfig.from_yaml(args.topics, camera_topic=args.camera_topic, command_topic=args.command_topic,
+    return TopicConfig.from_yaml(args.topics, cameras=args.camera_topic, command_topic=args.command_topic,
                                  state_topic=args.state_topic, action_topic=args.action_topic,
                                  action_type=args.action_type)

@@ -4,7 +4,9 @@ Stage 1 freezes the teacher and trains one graph-informed head per layer to read
 chunk out of that layer's hidden states. Stage 2 derives the student from the teacher (same
 weights plus a router), starts its heads from the probed ones, and trains it with the task,
 layer-wise semantic and action distillation, router balance and compute-budget losses
-(METHOD.md). Export drops the heads; the card records where routing landed.
+(METHOD.md). With ``keep_range`` one student is trained for every budget in it: each step draws a
+keep fraction, tells the router, and trains the top-k routes it picks (METHOD.md, "Beyond the
+paper"). Export drops the heads; the card records where routing landed.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
@@ -34,7 +37,7 @@ from actdistill_ros.distill.losses import (balance_loss, budget_loss, depth_weig
 from actdistill_ros.distill.plots import plot_layer_usage, plot_losses
 from actdistill_ros.distill.runtime import Checkpointer, DistContext, RunLog, init_distributed
 from actdistill_ros.distill.training import full_state, to_device, train_stage, wrap_parallel
-from actdistill_ros.policies.actdistill import RouterConfig, RoutedStudent
+from actdistill_ros.policies.actdistill import RouterConfig, RoutedStudent, num_kept_layers
 from actdistill_ros.policies.vla import EncodedObservation, ReferenceVLA
 from actdistill_ros.policy import Policy, make_card, save_model
 from actdistill_ros.weights import atomic_write
@@ -44,6 +47,8 @@ log = logging.getLogger(__name__)
 TEACHER_HEADS = "teacher_heads.safetensors"
 TEACHER_TARGETS = "teacher_targets.safetensors"
 STUDENT_DIR = "student"
+# Keep fractions the card's metrics report (held-out action MSE and executed fraction at each).
+KEEP_SWEEP = (0.3, 0.5, 0.8, 1.0)
 
 
 def _states(vla: ReferenceVLA, batch: dict) -> Tensor | None:
@@ -88,13 +93,14 @@ class StudentWithHeads(nn.Module):
         super().__init__()
         self.student, self.heads = student, heads
 
-    def forward(self, batch: dict, gate_mode: str) -> dict[str, Tensor]:
+    def forward(self, batch: dict, gate_mode: str, keep_fraction: float = 0.0) -> dict[str, Tensor]:
         vla = self.student.vla
         encoded = vla.encode(batch["image"], batch["instruction"], _states(vla, batch))
-        hiddens, gates, masks = self.student.forward_train(encoded, gate_mode)
+        routes = self.student.train_routes(encoded, gate_mode, keep_fraction)
+        hiddens = self.student.gated_layers(encoded, routes.masks)
         semantic, probes = self.heads(hiddens, encoded.valid)
         return {"chunk": vla.predict_chunk(hiddens[-1], encoded), "semantic": semantic, "probes": probes,
-                "gates": gates, "masks": masks}
+                "gates": routes.gates, "masks": routes.masks, "threshold_masks": routes.threshold_masks}
 
 
 class TeacherTargets:
@@ -173,15 +179,31 @@ def probe_teacher(teacher: ReferenceVLA, demos: Demonstrations, config: DistillC
 
 
 # ---- stage 2 ---------------------------------------------------------------------------------
+def step_budget(step: int, config: DistillConfig, num_layers: int) -> tuple[float, bool]:
+    """(keep fraction the router is told, whether keep routing is trained) for a stage-2 step.
+
+    With ``keep_range``, keep = k / L with k drawn uniformly over the range, and a
+    ``threshold_route_fraction`` share of steps trains threshold routes at that budget instead.
+    A pure function of (seed, step), like the data order: every process draws the same budget,
+    and a resumed run draws what the killed one would have.
+    """
+    if config.keep_range is None:
+        return config.target_keep, False
+    low, high = (num_kept_layers(keep, num_layers) for keep in config.keep_range)
+    rng = np.random.default_rng([config.seed, step, 0x6B656570])  # a stream of its own ("keep")
+    kept = int(rng.integers(low, high + 1))
+    return kept / num_layers, bool(rng.random() >= config.threshold_route_fraction)
+
+
 def distill_student(teacher: ReferenceVLA, teacher_heads: LayerHeads, demos: Demonstrations, config: DistillConfig,
                     ctx: DistContext, out_dir: Path, run_log: RunLog, resume: bool) -> RoutedStudent:
     torch.manual_seed(config.seed + 1)
-    student = RoutedStudent.derive_from(teacher, RouterConfig(default_threshold=config.threshold,
-                                                                 dropout=config.router_dropout)).to(ctx.device)
+    router_config = RouterConfig(default_threshold=config.threshold, dropout=config.router_dropout,
+                                 budget_conditioned=config.keep_range is not None, threshold_keep=config.target_keep)
+    student = RoutedStudent.derive_from(teacher, router_config).to(ctx.device)
     student_heads = copy.deepcopy(teacher_heads).requires_grad_(True)
     if config.freeze_vision:
-        student.vla.patch_embed.requires_grad_(False)
-        student.vla.visual_pos.requires_grad_(False)
+        student.vla.freeze_vision()
     combined = StudentWithHeads(student, student_heads)
     probed_teacher = ProbedTeacher(teacher, teacher_heads.requires_grad_(False))
     targets = None
@@ -198,7 +220,8 @@ def distill_student(teacher: ReferenceVLA, teacher_heads: LayerHeads, demos: Dem
 
     def loss_fn(model, batch, step):
         gate_mode = "soft" if step < soft_steps else "hard"
-        out = model(batch, gate_mode)
+        keep, keep_routes = step_budget(step, config, teacher.num_layers)
+        out = model(batch, gate_mode, keep if keep_routes else 0.0)
         target = teacher.normalize_actions(batch["actions"])
         if targets is not None:
             teacher_semantic, teacher_probes = targets.lookup(batch["key"], ctx.device)
@@ -210,13 +233,17 @@ def distill_student(teacher: ReferenceVLA, teacher_heads: LayerHeads, demos: Dem
                                  _gather(teacher_semantic.float(), ctx, 1, False), config.eta)
         action = triple_action_loss(out["probes"].float(), teacher_probes.float(), target, batch["chunk_valid"])
         distill = (weights * (config.alpha * semantic + config.beta * action)).sum()
-        gates, masks = _gather(out["gates"], ctx, 0, True), _gather(out["masks"], ctx, 0, True)
-        balance, budget = balance_loss(gates), budget_loss(masks, config.target_keep)
+        gates = _gather(out["gates"], ctx, 0, True)
+        # The budget term acts on what threshold routing would run (soft gates while they are
+        # applied): it calibrates the threshold to the budget, also on the steps that train top-k routes.
+        budgeted = _gather(out["masks"] if gate_mode == "soft" else out["threshold_masks"], ctx, 0, True)
+        balance, budget = balance_loss(gates), budget_loss(budgeted, keep)
         total = task + distill + config.lambda_balance * balance + config.lambda_budget * budget
-        keep = (gates >= config.threshold).float().mean()
+        # "keep": the fraction threshold routing executes (eval-mode gates), "target": the budget told.
+        threshold_keep = out["threshold_masks"].detach().mean()
         return total, {"task": task.detach(), "distill": distill.detach(), "semantic": semantic.mean().detach(),
                        "action": action.mean().detach(), "balance": balance.detach(), "budget": budget.detach(),
-                       "keep": keep, "mean_gate": gates.mean().detach()}
+                       "keep": threshold_keep, "target": gates.new_tensor(keep), "mean_gate": gates.mean().detach()}
 
     fsdp = config.fsdp and ctx.distributed
     # Sharding replaces the parameters, so the optimizer groups are taken after wrapping.
@@ -231,6 +258,8 @@ def distill_student(teacher: ReferenceVLA, teacher_heads: LayerHeads, demos: Dem
                 dataset=demos.train, config=config.distill, ctx=ctx, out_dir=out_dir, run_log=run_log, resume=resume,
                 seed=config.seed + 1, checkpoint_every=config.checkpoint_every, log_every=config.log_every,
                 amp_bf16=config.amp_bf16, fsdp=fsdp)
+    # Trained across budgets: the card defaults to keep routing at the target budget.
+    student.keep_fraction = config.target_keep if config.keep_range is not None else 0.0
     if not fsdp:
         return student
     # Export (main process only) needs a plain student: gather the shards (collective; the full
@@ -240,7 +269,7 @@ def distill_student(teacher: ReferenceVLA, teacher_heads: LayerHeads, demos: Dem
         return student
     plain = RoutedStudent.derive_from(teacher, student.router_config)
     plain.load_state_dict({k[len("student."):]: v for k, v in state.items()})
-    plain.threshold = student.threshold
+    plain.threshold, plain.keep_fraction = student.threshold, student.keep_fraction
     return plain
 
 
@@ -256,7 +285,11 @@ def run_distillation(teacher_path: Path, data: list[Path], out_dir: Path, config
         raise ValueError(f"{teacher_path}: is a student; distil from a teacher's weights")
     teacher = teacher_policy.vla.to(ctx.device).eval()
     c = teacher.config
-    demos = load_demonstrations(data, topics or TopicConfig(), c.image_size, c.chunk_size, config.val_fraction,
+    topics = topics or TopicConfig()
+    if topics.num_cameras != c.num_cameras:
+        raise ValueError(f"{teacher_path}: the teacher takes {c.num_cameras} camera(s) {teacher_policy.card.camera_names}, "
+                         f"the topics name {topics.num_cameras} {topics.cameras}; give --camera-topic once per camera")
+    demos = load_demonstrations(data, topics, c.image_size, c.chunk_size, config.val_fraction,
                                 config.seed, progress=ctx.is_main)
     if len(demos.action_names) != c.action_dim:
         raise ValueError(f"demonstrations have {len(demos.action_names)} action dims, the teacher predicts {c.action_dim}")
@@ -302,19 +335,37 @@ def run_distillation(teacher_path: Path, data: list[Path], out_dir: Path, config
     return student_dir
 
 
+def routing_sweep(student: RoutedStudent, dataset, device) -> list[dict]:
+    """Held-out action MSE and executed-layer fraction in threshold routing (keep_fraction 0.0)
+    and at each keep fraction of KEEP_SWEEP."""
+    default, rows = student.keep_fraction, []
+    try:
+        for keep in (0.0, *KEEP_SWEEP):
+            student.keep_fraction = keep
+            result = evaluate_routing(student.vla, student, dataset, device)
+            rows.append({"keep_fraction": keep, "executed_layer_fraction": result["executed_layer_fraction"],
+                         "action_mse": result["action_mse"]})
+    finally:
+        student.keep_fraction = default
+    return rows
+
+
 def _export(teacher, student, teacher_policy, demos, config, ctx, out_dir, student_dir, run_log, teacher_path, data):
     held_out = demos.val or demos.train
     teacher_eval = evaluate_routing(teacher, None, held_out, ctx.device)
     student_eval = evaluate_routing(student.vla, student, held_out, ctx.device)
+    routing = f"keep {student.keep_fraction:g}" if student.keep_fraction else f"threshold {student.threshold:g}"
     metrics = {
         "held_out_samples": student_eval["samples"], "held_out_split": "val" if demos.val else "train",
-        "threshold": config.threshold, "executed_layer_fraction": student_eval["executed_layer_fraction"],
+        "routing": routing, "threshold": config.threshold, "keep_fraction": student.keep_fraction,
+        "executed_layer_fraction": student_eval["executed_layer_fraction"],
         "backbone_flops_fraction": student_eval["backbone_flops_fraction"],
         "teacher_action_mse": teacher_eval["action_mse"], "student_action_mse": student_eval["action_mse"],
         "layer_usage": student_eval["layer_usage"], "target_keep": config.target_keep,
+        "routing_sweep": routing_sweep(student, held_out, ctx.device),
     }
     card = make_card(student, teacher_policy.card.action_space, norm_stats=teacher_policy.card.norm_stats,
-                     state_names=teacher_policy.card.state_names,
+                     state_names=teacher_policy.card.state_names, camera_names=demos.camera_names,
                      provenance={"distilled_by": "actdistill distill", "teacher": str(teacher_path),
                                  "teacher_provenance": teacher_policy.card.provenance,
                                  "bags": demos.bags, "distill_config": config.to_dict(),
@@ -322,10 +373,10 @@ def _export(teacher, student, teacher_policy, demos, config, ctx, out_dir, stude
                      metrics=metrics)
     save_model(student_dir, student, card)
     plot_losses(run_log.records(), out_dir / "losses.png")
-    plot_layer_usage(student_eval["layer_usage"], config.threshold, out_dir / "layer_usage.png")
+    plot_layer_usage(student_eval["layer_usage"], routing, out_dir / "layer_usage.png")
     atomic_write(out_dir / "summary.json", lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"))
-    log.info("student written to %s: executes %.0f%% of layers, held-out action MSE %.4f (teacher %.4f)",
-             student_dir, 100 * metrics["executed_layer_fraction"], metrics["student_action_mse"],
+    log.info("student written to %s: at %s executes %.0f%% of layers, held-out action MSE %.4f (teacher %.4f)",
+             student_dir, routing, 100 * metrics["executed_layer_fraction"], metrics["student_action_mse"],
              metrics["teacher_action_mse"])
 
 
@@ -341,7 +392,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--probe-steps", type=int)
     p.add_argument("--distill-steps", type=int)
     p.add_argument("--batch-size", type=int, help="global batch for both stages")
-    p.add_argument("--target-keep", type=float, help="fraction of layers the student should execute")
+    p.add_argument("--target-keep", type=float,
+                   help="fraction of layers the student should execute (its card's default keep fraction)")
+    p.add_argument("--keep-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="train one student for every keep fraction in [LOW, HIGH] (YAML keep_range: null "
+                        "trains for the single threshold instead)")
     p.add_argument("--lambda-budget", type=float)
     p.add_argument("--teacher-targets", choices=["cache", "on_the_fly"])
     p.add_argument("--checkpoint-every", type=int)
@@ -355,6 +410,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = {"probe.steps": args.probe_steps, "distill.steps": args.distill_steps,
                  "probe.batch_size": args.batch_size, "distill.batch_size": args.batch_size,
                  "target_keep": args.target_keep, "lambda_budget": args.lambda_budget,
+                 "keep_range": args.keep_range,
                  "teacher_targets": args.teacher_targets, "checkpoint_every": args.checkpoint_every,
                  "seed": args.seed, "fsdp": args.fsdp}
     config = DistillConfig.from_yaml(args.config, overrides)

@@ -35,14 +35,15 @@ def plot_losses(records: list[dict], path: Path) -> Path:
     return path
 
 
-def plot_layer_usage(usage: list[float], threshold: float, path: Path) -> Path:
-    """Fraction of held-out observations that execute each backbone layer."""
+def plot_layer_usage(usage: list[float], routing: str, path: Path) -> Path:
+    """Fraction of held-out observations that execute each backbone layer under ``routing``
+    (e.g. "keep 0.5" or "threshold 0.5")."""
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(usage) + 2), 3))
     ax.bar(range(len(usage)), usage, color="tab:blue")
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("backbone layer")
     ax.set_ylabel("fraction executed")
-    ax.set_title(f"layer usage at threshold {threshold:.2f} (mean {sum(usage) / len(usage):.2f})")
+    ax.set_title(f"layer usage at {routing} (mean {sum(usage) / len(usage):.2f})")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

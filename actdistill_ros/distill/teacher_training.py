@@ -1,5 +1,13 @@
-"""`actdistill train-teacher`: behaviour cloning of the reference VLA on rosbag demonstrations,
-so that a real trained teacher exists to distil."""
+"""`actdistill train-teacher`: behaviour cloning of a VLA teacher on rosbag demonstrations, so
+that a real trained teacher exists to distil.
+
+The teacher is the reference VLA (``--size`` and the architecture flags), or, with ``--backbone``,
+a Hugging Face image-text-to-text model fine-tuned into a VLA (policies/hf_vla). Its vision tower
+is frozen by default (``--train-vision`` trains it too): robot datasets are small next to the
+tower's pretraining data, a frozen tower keeps its features and saves the memory and time of its
+backward pass; the projector, the whole decoder, the state/query tokens and the head train
+(SmolVLA's choice). A from-scratch ``make-backbone`` model has nothing to keep: use --train-vision.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ from actdistill_ros.distill.losses import masked_mse
 from actdistill_ros.distill.plots import plot_losses
 from actdistill_ros.distill.runtime import Checkpointer, RunLog, init_distributed
 from actdistill_ros.distill.training import train_stage, wrap_parallel
+from actdistill_ros.policies.hf_vla.configuration_hf_vla import HFVLAConfig
 from actdistill_ros.policies.vla import ReferenceVLA, VLAConfig
 from actdistill_ros.policy import make_card, save_model
 from actdistill_ros.weights import atomic_write
@@ -26,12 +35,21 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("train-teacher", help="behaviour-clone the reference VLA teacher on rosbags")
+    p = subparsers.add_parser("train-teacher",
+                              help="behaviour-clone a VLA teacher (reference VLA or --backbone) on rosbags")
     add_data_arguments(p)
     p.add_argument("--out", type=Path, required=True, help="output directory (teacher/ is the weights)")
-    p.add_argument("--size", default="default", choices=["tiny", "default", "bench"], help="model size preset")
-    p.add_argument("--image-size", type=int, help="override the preset's input resolution")
-    p.add_argument("--chunk-size", type=int, help="override the preset's action chunk length H")
+    p.add_argument("--backbone", help="fine-tune this transformers image-text-to-text model into the teacher: a local "
+                                      "directory (read offline) or a hub id (default: the reference VLA)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="--backbone: allow a model whose code ships with it (runs that code; off by default)")
+    p.add_argument("--train-vision", action="store_true",
+                   help="--backbone: train the vision tower too (default: frozen; the projector trains)")
+    p.add_argument("--max-text-tokens", type=int, help="--backbone: instruction length in tokens (default 16)")
+    p.add_argument("--size", choices=["tiny", "default", "bench"], help="reference VLA size preset (default: default)")
+    p.add_argument("--image-size", type=int, help="input resolution (reference: override the preset's; --backbone: "
+                                                  "default the vision tower's own)")
+    p.add_argument("--chunk-size", type=int, help="action chunk length H (default: the preset's, 8 with --backbone)")
     p.add_argument("--patch-size", type=int, help="override the preset's patch size")
     p.add_argument("--width", type=int, help="override the preset's model width")
     p.add_argument("--layers", type=int, help="override the preset's number of backbone layers")
@@ -48,19 +66,53 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def train_teacher(args: argparse.Namespace) -> Path:
-    ctx = init_distributed(args.device)
-    torch.manual_seed(args.seed)
+def _reference_teacher(args, topics, ctx):
+    """The reference VLA of --size and the architecture flags, and the demonstrations at its input size."""
     overrides = {k: v for k, v in (("image_size", args.image_size), ("chunk_size", args.chunk_size),
                                    ("patch_size", args.patch_size), ("width", args.width),
                                    ("num_layers", args.layers), ("num_heads", args.heads)) if v}
-    probe_config = VLAConfig.sized(args.size, **overrides)
-    topics = topics_from_args(args)
+    size = args.size or "default"
+    probe_config = VLAConfig.sized(size, **overrides)
     demos = load_demonstrations(args.data, topics, probe_config.image_size, probe_config.chunk_size,
                                 args.val_fraction, args.seed, progress=ctx.is_main)
-    config = VLAConfig.sized(args.size, **overrides, action_dim=len(demos.action_names),
-                             state_dim=len(demos.state_names) if demos.stats.state_dim else 0)
-    model = ReferenceVLA(config)
+    config = VLAConfig.sized(size, **overrides, action_dim=len(demos.action_names),
+                             state_dim=len(demos.state_names) if demos.stats.state_dim else 0,
+                             num_cameras=topics.num_cameras)
+    return ReferenceVLA(config), demos
+
+
+def _backbone_teacher(args, topics, ctx):
+    """--backbone fine-tuned into an HFVLA, and the demonstrations at its vision tower's input size."""
+    from actdistill_ros.policies.hf_vla import HFVLA
+    from actdistill_ros.policies.hf_vla.modeling_hf_vla import input_image_size, load_backbone
+
+    reference_only = [flag for flag, value in (("--size", args.size), ("--patch-size", args.patch_size),
+                                               ("--width", args.width), ("--layers", args.layers),
+                                               ("--heads", args.heads)) if value]
+    if reference_only:
+        raise ValueError(f"{', '.join(reference_only)}: set the reference VLA's architecture; "
+                         f"--backbone {args.backbone} brings its own")
+    backbone, tokenizer, image_stats = load_backbone(args.backbone, args.trust_remote_code)
+    image_size = input_image_size(backbone, args.image_size or 0)
+    chunk_size = args.chunk_size or HFVLAConfig.chunk_size
+    demos = load_demonstrations(args.data, topics, image_size, chunk_size, args.val_fraction, args.seed,
+                                progress=ctx.is_main)
+    config = HFVLAConfig(num_cameras=topics.num_cameras, max_text_tokens=args.max_text_tokens or 16,
+                         state_dim=len(demos.state_names) if demos.stats.state_dim else 0,
+                         action_dim=len(demos.action_names), chunk_size=chunk_size, image_size=image_size,
+                         trust_remote_code=args.trust_remote_code)
+    model = HFVLA(backbone, tokenizer, config, image_stats)
+    if not args.train_vision:
+        model.freeze_vision()
+    return model, demos
+
+
+def train_teacher(args: argparse.Namespace) -> Path:
+    ctx = init_distributed(args.device)
+    torch.manual_seed(args.seed)
+    topics = topics_from_args(args)
+    model, demos = (_backbone_teacher if args.backbone else _reference_teacher)(args, topics, ctx)
+    config = model.config
     model.set_normalization(demos.stats.to_dict())
     model.to(ctx.device)
     train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
@@ -73,8 +125,11 @@ def train_teacher(args: argparse.Namespace) -> Path:
         return loss, {}
 
     run_log = RunLog(args.out, ctx.is_main)
-    train_stage(stage="teacher", model=wrap_parallel(model, ctx), checkpoint_modules={"model": model},
-                parameters=list(model.parameters()), loss_fn=loss_fn, dataset=demos.train, config=train_config,
+    # An HF backbone may hold modules its forward never reaches (e.g. a vision tower's unused last layer).
+    wrapped = wrap_parallel(model, ctx, find_unused=bool(args.backbone))
+    train_stage(stage="teacher", model=wrapped, checkpoint_modules={"model": model},
+                parameters=[p for p in model.parameters() if p.requires_grad], loss_fn=loss_fn,
+                dataset=demos.train, config=train_config,
                 ctx=ctx, out_dir=args.out, run_log=run_log, resume=args.resume, seed=args.seed,
                 checkpoint_every=args.checkpoint_every, log_every=10)
     out_dir = args.out / "teacher"
@@ -84,8 +139,12 @@ def train_teacher(args: argparse.Namespace) -> Path:
             metrics["held_out_action_mse"] = evaluate_routing(model, None, demos.val, ctx.device)["action_mse"]
         action_space = infer_action_space(args.action_space, topics, demos.action_names, demos.stats)
         card = make_card(model, action_space, norm_stats=demos.stats.to_dict(), state_names=demos.state_names,
+                         camera_names=demos.camera_names,
                          provenance={"trained_by": "actdistill train-teacher", "bags": demos.bags,
-                                     "topics": topics.to_dict(), "train": vars(train_config)},
+                                     "topics": topics.to_dict(), "train": vars(train_config),
+                                     **({"backbone": str(args.backbone),
+                                         "vision_tower": "trained" if args.train_vision else "frozen"}
+                                        if args.backbone else {})},
                          metrics=metrics)
         save_model(out_dir, model, card)
         plot_losses(run_log.records(), args.out / "losses.png")

@@ -1,17 +1,19 @@
 """What a VLA must provide to be routed (policy.py), probed and distilled (distill/).
 
-Kept narrow on purpose: an adapter for another VLA family (LLaMA-based OpenVLA, a diffusion-head
-policy, ...) implements these members around its own modules. Beyond them, distillation reads the
-sizes in ``config`` (width, layers, chunk, action dim) and ``freeze_vision: true`` freezes the
-reference VLA's patch embedding; those two touch points are what an adapter must map as well.
+Kept narrow on purpose: a teacher family implements these members around its own modules. Two
+families do: the reference VLA (policies/vla) and a Hugging Face image-text-to-text backbone
+(policies/hf_vla). Beyond these members, distillation and the runtime read the sizes in
+``config`` (width, num_layers, chunk_size, action_dim, state_dim, image_size, num_cameras,
+num_tokens), and ``layers`` (the routed stack, sharded unit by unit under FSDP).
 """
 
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from torch import Tensor
+from torch import Tensor, nn
 
+from actdistill_ros.policies.hf_vla.configuration_hf_vla import HFVLAConfig
 from actdistill_ros.policies.vla.configuration_vla import VLAConfig
 from actdistill_ros.policies.vla.modeling_vla import EncodedObservation
 
@@ -19,10 +21,11 @@ from actdistill_ros.policies.vla.modeling_vla import EncodedObservation
 @runtime_checkable
 class DistillableVLA(Protocol):
     num_layers: int
-    config: VLAConfig
+    config: VLAConfig | HFVLAConfig
+    layers: nn.ModuleList
 
     def encode(self, images: Tensor, instructions: list[str], states: Tensor | None) -> EncodedObservation:
-        """Observation -> layer-0 tokens, padding mask and modality segments."""
+        """Observation (uint8 images (B, C, S, S, 3)) -> layer-0 tokens, padding mask and modality segments."""
 
     def run_layer(self, index: int, hidden: Tensor, attn_mask: Tensor) -> Tensor:
         """Apply backbone layer ``index`` (the full residual block) to ``hidden``."""
@@ -32,6 +35,11 @@ class DistillableVLA(Protocol):
 
     def layer_flops(self, num_tokens: int) -> float:
         """Matmul FLOPs of one backbone layer for one sample."""
+
+    def freeze_vision(self) -> None:
+        """Stop training the image encoder (``freeze_vision: true`` in distillation)."""
+
+    def set_normalization(self, stats: dict) -> None: ...
 
     def normalize_actions(self, actions: Tensor) -> Tensor: ...
 

@@ -2,8 +2,9 @@
 
 Chunk execution (with optional temporal ensembling), safety limits (clamp, per-step change
 limit, NaN/inf rejection), the stale-input watchdog and the mapping of an action vector onto
-twist / pose fields. No torch and no ROS here, so all of it unit-tests without DDS; the policy
-node wraps these results in messages.
+twist / pose fields. No torch and no ROS here, so all of it unit-tests without DDS. The rules
+that apply these pieces tick by tick are in motion_controller.py; the policy node wraps its
+results in messages.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -63,9 +65,10 @@ class SafetyLimits:
         return np.clip(actions, self.low, self.high)
 
     def limit_step(self, action: np.ndarray, previous: np.ndarray | None) -> np.ndarray:
-        """Move at most ``max_step_delta`` away from ``previous`` in each rate-limited dimension."""
+        """Move at most ``max_step_delta`` away from ``previous`` in each rate-limited dimension;
+        the result is always within the bounds (they may have narrowed since ``action`` was clamped)."""
         if previous is None or self.max_step_delta <= 0.0:
-            return action
+            return self.clamp(action)
         delta = np.clip(action - previous, -self.max_step_delta, self.max_step_delta)
         limited = np.where(self.rate_limited, previous + delta, action)
         return self.clamp(limited)
@@ -90,24 +93,32 @@ class ChunkScheduler:
     A chunk added with ``start_tick`` s supplies its step k at tick s + k. Without ensembling the
     newest chunk is followed alone. With temporal ensembling (ACT, Zhao et al. 2023) every chunk
     that covers the tick contributes, weighted exp(-decay * i) with i = 0 for the oldest: a
-    larger decay trusts earlier predictions more, 0 is a plain average.
+    larger decay trusts earlier predictions more, 0 is a plain average. Each chunk may carry a
+    ``source`` (what it was computed from) for ``drop_where``.
     """
 
     def __init__(self, temporal_ensemble: bool = False, decay: float = 0.01):
         self.temporal_ensemble = temporal_ensemble
         self.decay = float(decay)
-        self._chunks: deque[tuple[int, np.ndarray]] = deque()
+        self._chunks: deque[tuple[int, np.ndarray, Any]] = deque()
 
-    def add(self, actions: np.ndarray, start_tick: int) -> None:
+    def add(self, actions: np.ndarray, start_tick: int, source: Any = None) -> None:
         actions = np.asarray(actions, dtype=np.float64)
         if actions.ndim != 2 or actions.shape[0] == 0:
             raise ValueError(f"an action chunk must have shape (H>0, D), got {actions.shape}")
         if not self.temporal_ensemble:
             self._chunks.clear()
-        self._chunks.append((int(start_tick), actions))
+        self._chunks.append((int(start_tick), actions, source))
 
     def clear(self) -> None:
         self._chunks.clear()
+
+    def drop_where(self, predicate: Callable[[Any], bool]) -> int:
+        """Remove the chunks whose ``source`` satisfies ``predicate``; returns how many."""
+        kept = deque(entry for entry in self._chunks if not predicate(entry[2]))
+        dropped = len(self._chunks) - len(kept)
+        self._chunks = kept
+        return dropped
 
     def __len__(self) -> int:
         return len(self._chunks)
@@ -115,16 +126,19 @@ class ChunkScheduler:
     def newest(self) -> np.ndarray:
         return self._chunks[-1][1]
 
+    def newest_start(self) -> int:
+        return self._chunks[-1][0]
+
     def replace_newest(self, actions: np.ndarray) -> None:
         """Swap the newest chunk's actions (e.g. after rate-limiting it as a whole trajectory)."""
-        start, _ = self._chunks[-1]
-        self._chunks[-1] = (start, np.asarray(actions, dtype=np.float64))
+        start, _, source = self._chunks[-1]
+        self._chunks[-1] = (start, np.asarray(actions, dtype=np.float64), source)
 
     def action_at(self, tick: int) -> np.ndarray | None:
         """The action for ``tick``, or None when no chunk covers it (hold)."""
         while self._chunks and tick - self._chunks[0][0] >= len(self._chunks[0][1]):
             self._chunks.popleft()  # fully executed
-        covering = [chunk[tick - start] for start, chunk in self._chunks if 0 <= tick - start < len(chunk)]
+        covering = [chunk[tick - start] for start, chunk, _ in self._chunks if 0 <= tick - start < len(chunk)]
         if not covering:
             return None
         if len(covering) == 1:
@@ -139,39 +153,57 @@ class MotionVerdict:
     allowed: bool
     reason: str  # why motion is held ("" when allowed)
     changed: bool  # True on the tick the verdict flips: log once per episode of staleness
+    kind: str = "ok"  # no_command, no_frame, stale_frame, no_state, stale_state, no_measured, stale_measured, ok
 
 
 class MotionWatchdog:
-    """Allows motion only with a command, a camera frame newer than ``max_image_age_s`` and, when
-    the policy takes the robot state, a state newer than ``max_state_age_s``."""
+    """Allows motion only with a command, a frame newer than ``max_image_age_s`` from EVERY camera
+    and, when needed, a robot state (the policy's input) and a measured position (what joint and
+    pose modes ramp from) newer than ``max_state_age_s``."""
 
     def __init__(self, max_image_age_s: float, max_state_age_s: float = math.inf):
         self.max_image_age_s = float(max_image_age_s)
         self.max_state_age_s = float(max_state_age_s)
         self._last_kind: str | None = None  # None = never checked
 
-    def check(self, now_s: float, newest_frame_s: float | None, has_command: bool,
-              waiting_for_state: bool = False, *, needs_state: bool = False,
-              newest_state_s: float | None = None) -> MotionVerdict:
-        """``waiting_for_state``: no state yet (callers that do not track its age); ``needs_state``
-        with ``newest_state_s`` (None = none received yet): the state's age is checked too."""
+    def check(self, now_s: float, newest_frames_s: float | None | Sequence[float | None], has_command: bool, *,
+              cameras: Sequence[str] = (), needs_state: bool = False, newest_state_s: float | None = None,
+              needs_measured: bool = False, newest_measured_s: float | None = None) -> MotionVerdict:
+        """``newest_frames_s``: receipt time of each camera's newest frame (None = none yet), or one
+        value for one camera; ``cameras`` names them in reasons. ``newest_state_s`` /
+        ``newest_measured_s``: None = none received yet."""
+        frames = list(newest_frames_s) if isinstance(newest_frames_s, (list, tuple)) else [newest_frames_s]
+        names = list(cameras) or [""] * len(frames)
+        missing = [name for name, t in zip(names, frames) if t is None]
+        ages = [(now_s - t, name) for name, t in zip(names, frames) if t is not None]
+        oldest_age, oldest_name = max(ages) if ages else (0.0, "")
         if not has_command:
             kind, reason = "no_command", "no command received yet"
-        elif newest_frame_s is None:
-            kind, reason = "no_frame", "no camera frame received yet"
-        elif now_s - newest_frame_s > self.max_image_age_s:
-            kind, reason = "stale_frame", (f"camera frame is {now_s - newest_frame_s:.2f} s old "
+        elif missing:
+            kind, reason = "no_frame", "no camera frame received yet" + _on(missing)
+        elif oldest_age > self.max_image_age_s:
+            kind, reason = "stale_frame", (f"camera frame is {oldest_age:.2f} s old{_on([oldest_name])} "
                                            f"(watchdog.max_image_age_s {self.max_image_age_s:g})")
-        elif waiting_for_state or (needs_state and newest_state_s is None):
+        elif needs_state and newest_state_s is None:
             kind, reason = "no_state", "no robot state received yet"
         elif needs_state and now_s - newest_state_s > self.max_state_age_s:
             kind, reason = "stale_state", (f"robot state is {now_s - newest_state_s:.2f} s old "
                                            f"(watchdog.max_state_age_s {self.max_state_age_s:g})")
+        elif needs_measured and newest_measured_s is None:
+            kind, reason = "no_measured", "no measured robot position received yet (motion starts from it)"
+        elif needs_measured and now_s - newest_measured_s > self.max_state_age_s:
+            kind, reason = "stale_measured", (f"measured robot position is {now_s - newest_measured_s:.2f} s old "
+                                              f"(watchdog.max_state_age_s {self.max_state_age_s:g})")
         else:
             kind, reason = "ok", ""
         changed = kind != self._last_kind
         self._last_kind = kind
-        return MotionVerdict(allowed=not reason, reason=reason, changed=changed)
+        return MotionVerdict(allowed=not reason, reason=reason, changed=changed, kind=kind)
+
+
+def _on(names: Sequence[str]) -> str:
+    named = [name for name in names if name]
+    return f" on {', '.join(named)}" if named else ""
 
 
 # ---- action vector -> command fields ------------------------------------------------------------

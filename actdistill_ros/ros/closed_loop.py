@@ -7,13 +7,14 @@ policy's RouterStats figures (camera-to-action latency, inference time, executed
 episode. Only standard messages are used here, so no built message package is needed in this process.
 
 Lockstep (default): the sim steps once per policy answer to each frame, so every step runs a
-fresh inference and executes the first action of its chunk (``execute_steps`` = 1); results do not
-depend on timing. Real time: the sim steps at ``control_rate_hz`` and the policy node executes
+fresh inference and executes the first action of its chunk (``execute_steps`` = 1, taken from the
+frame's ActionChunk); results do not depend on timing. Real time: the sim steps at ``control_rate_hz`` and the policy node executes
 its chunks on its own timer, as on a robot.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -29,21 +30,16 @@ import yaml
 
 from actdistill_ros.ros.env import REPO_ROOT, config_file, ros_environment
 from actdistill_ros.ros.ros_process import BackgroundRos, NodeProcess, node_command
-from actdistill_ros.sim.evaluate import (EpisodeOutcome, check_eval_seeds, episode_dict, eval_markdown, fmt,
-                                         plot_success_per_task, pyplot, save_figure, summarise, write_json,
-                                         write_text)
+from actdistill_ros.sim.evaluate import check_eval_seeds
+from actdistill_ros.sim.report import (EpisodeOutcome, episode_dict, eval_markdown, fmt, plot_success_per_task, pyplot,
+                                       save_figure, summarise, write_json, write_text)
 from actdistill_ros.sim.metaworld_env import EVAL_SEED_BASE, parse_task_list
-from actdistill_ros.weights import ModelCard, read_card, resolve_weights_path
+from actdistill_ros.weights import WeightsError, load_card
 
 POLICY_NODE = "policy_node"
 SIM_NODE = "sim_arm_node"
 STARTUP_TIMEOUT_S = 180.0  # model load + first mujoco/EGL start on a busy 2-core machine
 SERVICE_TIMEOUT_S = 30.0
-
-
-def load_card(weights: str | Path) -> ModelCard:
-    """The weights' model card (raises WeightsError with one line)."""
-    return read_card(resolve_weights_path(weights)[1])
 
 
 def policy_twist_scale(params_file: Path | None = None) -> float:
@@ -62,7 +58,7 @@ class RosLoopConfig:
     horizon: int
     camera: str = "corner4"
     sync: bool = True
-    control_rate_hz: float = 20.0  # real time only
+    control_rate_hz: float = 20.0  # the policy node's control timer (and the sim's step rate in real time)
     threshold: float | None = None  # None: the card's default threshold
     device: str = "auto"
     record_frames: bool = False
@@ -126,9 +122,9 @@ class RosClosedLoop:
             # its frame alone (as in the in-process loop).
             "action.velocity_limit": 0.0,
             "state.enabled": self.card.state_dim > 0,
-            # Lockstep: the chunk's first step goes out with each inference; a slow timer keeps the
-            # later steps from being sent between frames.
-            "control_rate_hz": float(cfg.control_rate_hz) if not cfg.sync else 1.0,
+            # Commands leave only on the node's control timer; lockstep pairs each frame with its own
+            # ActionChunk instead (sim_arm_node), and the frame's RouterStats follow at the next tick.
+            "control_rate_hz": float(cfg.control_rate_hz),
         }
         sim_params = {
             "task": cfg.first_task, "horizon": int(cfg.horizon), "image_size": int(cfg.image_size),
@@ -399,3 +395,27 @@ def plot_latency(episodes: list[RosEpisode], path: str | Path) -> None:
     fig.tight_layout()
     save_figure(fig, Path(path))
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def run_eval_sim(args: argparse.Namespace) -> int:
+    """`actdistill eval-sim --through-ros` (the CLI hands the flag here; eval-sim's parser is in
+    sim.evaluate): the same episodes and report, with sim_arm_node + policy_node over DDS."""
+    if args.sweep_threshold is not None or args.gif or args.execute_steps is not None or args.dtype != "float32":
+        print("actdistill eval-sim: --through-ros runs one threshold in float32 without GIFs; --sweep-threshold, "
+              "--gif, --execute-steps and --dtype are in-process options", file=sys.stderr)
+        return 2
+    if args.realtime_hz is not None and not 0.1 <= args.realtime_hz <= 1000.0:
+        print(f"actdistill eval-sim: --realtime-hz {args.realtime_hz}: expected 0.1..1000", file=sys.stderr)
+        return 2
+    try:
+        result, _ = evaluate_through_ros(
+            args.policy, args.tasks, episodes_per_task=args.episodes, horizon=args.horizon, seed_base=args.seed_base,
+            image_size=args.image_size, threshold=args.threshold, device=args.device,
+            sync=args.realtime_hz is None, control_rate_hz=args.realtime_hz or 20.0, out_dir=args.out)
+    except (WeightsError, ValueError, NodeProcessError) as err:
+        print(f"actdistill eval-sim: {err}", file=sys.stderr)
+        return 2
+    print(ros_eval_markdown(result))
+    print(f"wrote {Path(args.out) / 'eval.json'}")
+    return 0

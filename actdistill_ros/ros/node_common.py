@@ -1,5 +1,5 @@
-"""What the policy node and the sim arm node share: QoS profiles, parameter declaration,
-throttled bad-input logging and the process main loop."""
+"""What the policy node and the sim arm node share: QoS profiles, latched-or-live subscriptions,
+parameter declaration, throttled bad-input logging and the process main loop."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any, Callable, Protocol
 import rclpy
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.exceptions import ParameterException
+from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -31,6 +32,20 @@ ACTION_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=Re
 # Per-inference statistics and diagnostics: reliable, a few deep.
 STATS_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE,
                        durability=DurabilityPolicy.VOLATILE)
+
+
+# Same topic for publishers that are not latched (a transient-local reader does not match them).
+LIVE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                      durability=DurabilityPolicy.VOLATILE)
+
+
+def subscribe_latched_and_live(node: Node, msg_type, topic: str, callback: Callable[[Any], None]) -> list:
+    """Two subscriptions on ``topic``: a latched one (gets what a transient-local publisher sent before
+    this node existed) and a volatile one (matches the publishers that are not latched). The
+    callback may see one message twice: it must be idempotent."""
+    quiet = SubscriptionEventCallbacks(incompatible_qos=lambda event: None)  # volatile publishers: expected
+    return [node.create_subscription(msg_type, topic, callback, LATCHED_QOS, event_callbacks=quiet),
+            node.create_subscription(msg_type, topic, callback, LIVE_QOS)]
 
 
 class StartupError(RuntimeError):

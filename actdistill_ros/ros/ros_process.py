@@ -1,19 +1,26 @@
 """Process plumbing shared by the tools and tests that drive ROS 2 nodes from outside.
 
 - ``BackgroundRos``: this process's own rclpy Context, one node and an executor spinning in a
-  thread; a callback that raises is logged and spinning goes on.
+  thread; a callback that raises is logged and spinning goes on. ``close()`` (also run at
+  interpreter exit for any instance left open) stops and joins the thread before it tears rclpy
+  down: a daemon thread still inside rclpy when Python finalizes is ended with pthread_exit, whose
+  unwinding through rclpy's C++ frames aborts the process ("terminate called without an active
+  exception", exit -6) and loses whatever it had not flushed.
 - ``NodeProcess``: a node module as a subprocess (``python -m MODULE --ros-args ...``) in a ROS
   environment (``ros_environment``), output in one log file, stopped with SIGINT, then killed.
+- ``rss_bytes``: a process's resident set size, from /proc.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import signal
 import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -23,6 +30,16 @@ log = logging.getLogger("actdistill_ros.ros")
 
 SPIN_PERIOD_S = 0.05
 ERROR_BACKOFF_S = 0.01  # after a failed spin: keeps an executor that fails every time from busy-looping
+JOIN_TIMEOUT_S = 5.0
+
+_open_instances: "weakref.WeakSet[BackgroundRos]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_instances() -> None:
+    """atexit runs before Python ends daemon threads: join every spin thread while that is still safe."""
+    for ros in list(_open_instances):
+        ros.close()
 
 
 class BackgroundRos:
@@ -45,13 +62,16 @@ class BackgroundRos:
             self.context.try_shutdown()
             raise
         self.callback_errors = 0  # callbacks that raised (logged, spinning went on)
+        self._stop = threading.Event()
+        self._closed = False
         self._thread = threading.Thread(target=self._spin, name=f"{node_name}_spin", daemon=True)
         self._thread.start()
+        _open_instances.add(self)
 
     def _spin(self) -> None:
         from rclpy.executors import ExternalShutdownException
 
-        while self.context.ok():
+        while not self._stop.is_set() and self.context.ok():
             try:
                 self.executor.spin_once(timeout_sec=SPIN_PERIOD_S)
             except ExternalShutdownException:
@@ -66,15 +86,41 @@ class BackgroundRos:
                 time.sleep(ERROR_BACKOFF_S)
 
     def close(self) -> None:
-        self.context.try_shutdown()
-        self._thread.join(timeout=5.0)
+        """Stop and join the spin thread, then destroy the node and shut the context down (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        _open_instances.discard(self)
+        self._stop.set()
+        self.executor.wake()  # ends a wait in progress now instead of after SPIN_PERIOD_S
+        self._thread.join(timeout=JOIN_TIMEOUT_S)
+        if self._thread.is_alive():  # a callback that does not return: shutting the context down ends its waits
+            log.warning("%s: spin thread still running after %g s; shutting its context down",
+                        self.node.get_name(), JOIN_TIMEOUT_S)
+            self.context.try_shutdown()
+            self._thread.join(timeout=JOIN_TIMEOUT_S)
         self.executor.shutdown(timeout_sec=1.0)
+        if self.context.ok():
+            self.node.destroy_node()
+        self.context.try_shutdown()
 
     def __enter__(self) -> "BackgroundRos":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def rss_bytes(pid: int) -> int | None:
+    """Resident set size of process ``pid`` in bytes (VmRSS in /proc/PID/status), None once it has exited."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024  # the kernel's "kB" are KiB
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None  # a zombie has no VmRSS line
 
 
 def param_arg(value: Any) -> str:

@@ -5,17 +5,36 @@ Gating is residual-consistent (METHOD.md, "we fix"): a layer's update is
 mask ``1[g >= tau]`` (forward) with the gradient of ``g`` (backward); at inference ``m`` is the
 hard mask and a layer with ``m = 0`` is simply not run. With hard masks both compute the same
 function, so what was trained is what runs on the robot.
+
+Two routings read the same gates: threshold routing runs the layers with ``g >= tau``; keep
+routing runs, for each observation, the ``k = round(keep * L)`` layers with the highest gates, so
+its compute is exact. The router only reads ``vla.config.width``, ``vla.num_layers`` and the
+modality masks of the encoded observation, and the backbone is driven through ``vla.run_layer``,
+so any :class:`~actdistill_ros.policies.teacher.DistillableVLA` can be routed.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from actdistill_ros.policies.actdistill.configuration_actdistill import RouterConfig
-from actdistill_ros.policies.vla.modeling_vla import LANGUAGE, VISUAL, EncodedObservation, ReferenceVLA
+from actdistill_ros.policies.vla.modeling_vla import LANGUAGE, VISUAL, EncodedObservation
+
+if TYPE_CHECKING:
+    from actdistill_ros.policies.teacher import DistillableVLA
+
+# A budget-conditioned router sees the keep fraction as cos(pi * j * keep), j = 1..8: a smooth
+# basis in which each layer's gate logit can learn its own dependence on the budget. Adam moves
+# each weight by about the learning rate per step, so the basis is scaled x4: at the router's
+# learning rate the budget path can then shift a logit by the few units between keep 0.25 and 1
+# within about a hundred steps, instead of several hundred.
+BUDGET_FEATURES = 8
+BUDGET_FEATURE_SCALE = 4.0
 
 
 def _masked_mean_max(tokens: Tensor, mask: Tensor) -> Tensor:
@@ -31,6 +50,14 @@ def _masked_mean_max(tokens: Tensor, mask: Tensor) -> Tensor:
     return torch.cat([mean, maximum], dim=-1)
 
 
+def budget_features(keep: float | Tensor) -> Tensor:
+    """scale * cos(pi * j * keep), j = 1..BUDGET_FEATURES: (F,) for a float (on the CPU), (B, F)
+    for a (B,) tensor (on its device)."""
+    keep = torch.as_tensor(keep, dtype=torch.float32)
+    frequencies = torch.arange(1, BUDGET_FEATURES + 1, dtype=torch.float32, device=keep.device)
+    return BUDGET_FEATURE_SCALE * torch.cos(math.pi * keep[..., None] * frequencies)
+
+
 class LayerRouter(nn.Module):
     """Per-sample gates g_1..g_L in (0, 1), decided once from the layer-0 tokens."""
 
@@ -44,13 +71,27 @@ class LayerRouter(nn.Module):
         self.gate = nn.Linear(4 * r, num_layers)
         nn.init.normal_(self.gate.weight, std=0.01)
         nn.init.constant_(self.gate.bias, config.init_gate_logit)
+        # Budget conditioning adds a learned function of the keep fraction to each layer's logit.
+        # It starts at zero, so the conditioned router starts as the unconditioned one.
+        self.budget_gate = nn.Linear(BUDGET_FEATURES, num_layers, bias=False) if config.budget_conditioned else None
+        if self.budget_gate is not None:
+            nn.init.zeros_(self.budget_gate.weight)
 
-    def forward(self, encoded: EncodedObservation) -> Tensor:
+    def forward(self, encoded: EncodedObservation, keep: float | Tensor | None = None, dropout: bool = True) -> Tensor:
+        """Gates (B, L). ``keep``: the budget, required by a budget-conditioned router (ignored
+        otherwise). ``dropout=False`` gives, in train mode, exactly the gates of eval mode."""
         tokens = encoded.tokens
         visual = _masked_mean_max(self.visual_proj(tokens), encoded.modality_mask(VISUAL))
         language = _masked_mean_max(self.language_proj(tokens), encoded.modality_mask(LANGUAGE))
-        pooled = self.dropout(torch.cat([visual, language], dim=-1))
-        return torch.sigmoid(self.gate(pooled).float())
+        pooled = torch.cat([visual, language], dim=-1)
+        logits = self.gate(self.dropout(pooled) if dropout else pooled)
+        if self.budget_gate is not None:
+            if keep is None:
+                raise ValueError("this router is budget-conditioned: pass the keep fraction it should plan for")
+            # Built on the host and copied without blocking: a blocking copy would sync the GPU.
+            features = budget_features(keep).to(tokens.device, self.budget_gate.weight.dtype, non_blocking=True)
+            logits = logits + self.budget_gate(features)
+        return torch.sigmoid(logits.float())
 
     @torch.no_grad()
     def bias_to_keep(self, keep: float) -> None:
@@ -75,44 +116,83 @@ class LayerRouter(nn.Module):
         self.gate.bias.copy_(logits)
 
 
+def straight_through(hard: Tensor, gates: Tensor) -> Tensor:
+    """Forward: the 0/1 decisions ``hard``. Backward: the gradient of the gates."""
+    return hard.to(gates.dtype) + gates - gates.detach()
+
+
 def straight_through_mask(gates: Tensor, threshold: float) -> Tensor:
     """Forward: 1[g >= tau]. Backward: the gradient of g."""
-    hard = (gates >= threshold).to(gates.dtype)
-    return hard + gates - gates.detach()
+    return straight_through(gates >= threshold, gates)
 
 
-def run_backbone(vla: ReferenceVLA, encoded: EncodedObservation, execute: Tensor | None) -> Tensor:
+def num_kept_layers(keep_fraction: float, num_layers: int) -> int:
+    """k = round(keep * L), at least 1: the layers keep routing runs per observation."""
+    if not 0.0 < keep_fraction <= 1.0:
+        raise ValueError(f"keep fraction must be in (0, 1], got {keep_fraction!r}")
+    return max(1, min(num_layers, round(keep_fraction * num_layers)))
+
+
+def top_k_mask(gates: Tensor, k: int) -> Tensor:
+    """(B, L) bool: each row's k highest gates; equal gates go to the lower layer index."""
+    order = torch.sort(gates, dim=-1, descending=True, stable=True).indices[..., :k]
+    return torch.zeros_like(gates, dtype=torch.bool).scatter_(-1, order, True)
+
+
+def run_backbone(vla: DistillableVLA, encoded: EncodedObservation, execute: Tensor | None) -> Tensor:
     """Inference through the backbone, running layer l only for the samples with execute[:, l].
 
     Samples that skip a layer keep their hidden state untouched and cost nothing; a batch whose
-    samples take different routes gives each sample what it would get alone.
+    samples take different routes gives each sample what it would get alone. The route is read
+    on the host once, so on a GPU routing costs one host sync per call, not one per layer.
     """
     hidden, mask = encoded.tokens, encoded.attention_mask()
-    for layer in range(vla.num_layers):
-        if execute is None:
+    if execute is None:
+        for layer in range(vla.num_layers):
             hidden = vla.run_layer(layer, hidden, mask)
-            continue
-        runs = execute[:, layer]
-        if bool(runs.all()):
+        return hidden
+    plan = execute.to("cpu")  # the one device -> host sync; the loop below branches on host values
+    batch, runs_per_layer = plan.shape[0], plan.sum(0).tolist()
+    # Rows of every executed (layer, sample), layer-major, sent to the device in one copy that
+    # does not block; needed only when some layer runs for part of the batch.
+    mixed = any(0 < runs < batch for runs in runs_per_layer)
+    rows_by_layer = plan.t().nonzero()[:, 1].to(hidden.device, non_blocking=True) if mixed else None
+    start = 0
+    for layer, runs in enumerate(runs_per_layer):
+        if runs == batch:
             hidden = vla.run_layer(layer, hidden, mask)
-        elif bool(runs.any()):
-            rows = runs.nonzero().squeeze(1)
+        elif runs:
+            rows = rows_by_layer[start:start + runs]
             hidden = hidden.index_copy(0, rows, vla.run_layer(layer, hidden[rows], mask[rows]))
+        start += runs
     return hidden
 
 
-class RoutedStudent(nn.Module):
-    """A copy of the teacher's weights plus a :class:`LayerRouter`."""
+class TrainRoutes(NamedTuple):
+    """The routing of a training step (all (B, L))."""
 
-    def __init__(self, vla: ReferenceVLA, router_config: RouterConfig):
+    gates: Tensor  # train-mode gates (router dropout on): the gradient path
+    masks: Tensor  # applied to the layer updates: soft gates, or the eval-mode routes, straight-through
+    threshold_masks: Tensor  # 1[eval-mode gate >= tau], straight-through: what threshold routing runs
+
+
+class RoutedStudent(nn.Module):
+    """A copy of the teacher's weights plus a :class:`LayerRouter`.
+
+    ``keep_fraction`` > 0 selects keep routing (top-k layers by gate per observation); 0 selects
+    threshold routing at ``threshold``.
+    """
+
+    def __init__(self, vla: DistillableVLA, router_config: RouterConfig):
         super().__init__()
         self.vla = vla
         self.router_config = router_config
         self.router = LayerRouter(vla.config.width, vla.num_layers, router_config)
         self.threshold = router_config.default_threshold
+        self.keep_fraction = 0.0
 
     @classmethod
-    def derive_from(cls, teacher: ReferenceVLA, router_config: RouterConfig) -> "RoutedStudent":
+    def derive_from(cls, teacher: DistillableVLA, router_config: RouterConfig) -> "RoutedStudent":
         """Self-derived student: same architecture, same initial weights as the teacher."""
         vla = copy.deepcopy(teacher)
         vla.train(teacher.training)
@@ -120,27 +200,62 @@ class RoutedStudent(nn.Module):
             param.requires_grad_(True)
         return cls(vla, router_config).to(next(teacher.parameters()).device)
 
-    def execute_mask(self, encoded: EncodedObservation, threshold: float | None = None) -> tuple[Tensor, Tensor]:
-        """Gates (B, L) and the layers to run, gates >= tau (B, L) bool."""
-        gates = self.router(encoded)
+    def _budget(self, keep_fraction: float) -> float:
+        """What a budget-conditioned router is told: the keep fraction asked for, or in threshold
+        routing the budget its threshold was calibrated for."""
+        return keep_fraction if keep_fraction > 0 else self.router_config.threshold_keep
+
+    def execute_mask(self, encoded: EncodedObservation, threshold: float | None = None,
+                     keep_fraction: float | None = None) -> tuple[Tensor, Tensor]:
+        """Gates (B, L) and the layers to run (B, L) bool, under the student's routing unless
+        ``threshold`` / ``keep_fraction`` override it (a keep fraction > 0 selects keep routing)."""
+        keep = self.keep_fraction if keep_fraction is None else keep_fraction
+        gates = self.router(encoded, self._budget(keep))
+        if keep > 0:
+            return gates, top_k_mask(gates, num_kept_layers(keep, self.vla.num_layers))
         return gates, gates >= (self.threshold if threshold is None else threshold)
 
-    def forward_train(self, encoded: EncodedObservation, gate_mode: str) -> tuple[list[Tensor], Tensor, Tensor]:
-        """Every layer computed (for gradients), then gated residually.
+    def train_routes(self, encoded: EncodedObservation, gate_mode: str, keep_fraction: float = 0.0) -> TrainRoutes:
+        """Routing for a training step. ``gate_mode`` "soft": m = g; "hard": the routes the eval-mode
+        router picks (top-k at ``keep_fraction`` > 0, else threshold), straight-through.
 
-        Returns the hidden state after each layer, the gates g (B, L) and the masks m (B, L) that
-        were applied. ``gate_mode`` is "soft" (m = g) or "hard" (straight-through 1[g >= tau]).
+        The hard decisions come from a dropout-free pass of the router, so the routes trained on
+        are the routes that run; the gradient still flows through the train-mode gates.
         """
         if gate_mode not in ("soft", "hard"):
             raise ValueError(f"gate_mode must be 'soft' or 'hard', got {gate_mode!r}")
-        gates = self.router(encoded)
-        masks = gates if gate_mode == "soft" else straight_through_mask(gates, self.threshold)
+        budget = self._budget(keep_fraction)
+        gates = self.router(encoded, budget)
+        if self.router.training:
+            with torch.no_grad():
+                decision = self.router(encoded, budget, dropout=False)
+        else:
+            decision = gates.detach()
+        threshold_masks = straight_through(decision >= self.threshold, gates)
+        if gate_mode == "soft":
+            masks = gates
+        elif keep_fraction > 0:
+            masks = straight_through(top_k_mask(decision, num_kept_layers(keep_fraction, self.vla.num_layers)), gates)
+        else:
+            masks = threshold_masks
+        return TrainRoutes(gates, masks, threshold_masks)
+
+    def gated_layers(self, encoded: EncodedObservation, masks: Tensor) -> list[Tensor]:
+        """Every layer computed (for gradients), then gated residually: h <- h + m (F(h) - h).
+        Returns the hidden state after each layer."""
         hidden, attn_mask, hiddens = encoded.tokens, encoded.attention_mask(), []
         for layer in range(self.vla.num_layers):
             update = self.vla.run_layer(layer, hidden, attn_mask) - hidden
             hidden = hidden + masks[:, layer, None, None].to(hidden.dtype) * update
             hiddens.append(hidden)
-        return hiddens, gates, masks
+        return hiddens
+
+    def forward_train(self, encoded: EncodedObservation, gate_mode: str,
+                      keep_fraction: float = 0.0) -> tuple[list[Tensor], Tensor, Tensor]:
+        """Hidden state after each layer, gates g (B, L) and the masks m (B, L) that were applied
+        (see :meth:`train_routes` and :meth:`gated_layers`)."""
+        routes = self.train_routes(encoded, gate_mode, keep_fraction)
+        return self.gated_layers(encoded, routes.masks), routes.gates, routes.masks
 
     def forward(self, images: Tensor, instructions: list[str], states: Tensor | None = None) -> Tensor:
         """Routed inference with hard skips: normalised action chunk (B, H, D)."""

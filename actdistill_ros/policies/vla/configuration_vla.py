@@ -10,7 +10,8 @@ from dataclasses import dataclass
 class VLAConfig:
     """Architecture of :class:`ReferenceVLA`. Token counts follow from these fields."""
 
-    image_size: int = 64  # square input resolution; any camera image is resized to it
+    image_size: int = 64  # square input resolution; every camera image is resized to it
+    num_cameras: int = 1  # images per observation, in the card's camera order
     patch_size: int = 8
     width: int = 128
     num_layers: int = 6
@@ -25,7 +26,7 @@ class VLAConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        positive = ("image_size", "patch_size", "width", "num_layers", "num_heads",
+        positive = ("image_size", "num_cameras", "patch_size", "width", "num_layers", "num_heads",
                     "text_vocab_size", "max_text_tokens", "action_dim", "chunk_size", "head_hidden")
         for name in positive:
             value = getattr(self, name)
@@ -45,7 +46,12 @@ class VLAConfig:
 
     @property
     def num_patches(self) -> int:
+        """Patches of one camera image."""
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return self.num_cameras * self.num_patches
 
     @property
     def mlp_width(self) -> int:
@@ -53,8 +59,8 @@ class VLAConfig:
 
     @property
     def num_tokens(self) -> int:
-        """Backbone sequence length: visual + language + (state) + action query."""
-        return self.num_patches + self.max_text_tokens + (1 if self.state_dim else 0) + 1
+        """Backbone sequence length: visual (every camera) + language + (state) + action query."""
+        return self.num_visual_tokens + self.max_text_tokens + (1 if self.state_dim else 0) + 1
 
     @classmethod
     def tiny(cls, **overrides) -> "VLAConfig":

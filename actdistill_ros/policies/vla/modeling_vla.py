@@ -1,6 +1,10 @@
-"""Reference VLA: patch-embedded image + hashed-word instruction + robot state + an action query
-token, an L-layer pre-norm transformer backbone, and a regression head that reads the action
+"""Reference VLA: patch-embedded camera images + hashed-word instruction + robot state + an action
+query token, an L-layer pre-norm transformer backbone, and a regression head that reads the action
 query's final hidden state as an H x D action chunk.
+
+With several cameras, each image is cut into patches by the same patch embedding and gets the same
+position embeddings, plus a learned embedding of its camera; the tokens of camera 0 come first.
+With one camera there is no camera embedding, so single-camera weights are unchanged.
 
 It implements the :class:`~actdistill_ros.policies.teacher.DistillableVLA` protocol, which is all
 that distillation and routed inference need from a teacher.
@@ -14,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from actdistill_ros.policies.normalization import NormalizationMixin
 from actdistill_ros.policies.vla.configuration_vla import VLAConfig
 from actdistill_ros.policies.vla.tokenizer import PAD_ID, tokenize_batch
 
@@ -70,7 +75,7 @@ class TransformerBlock(nn.Module):
         return hidden + self.dropout(self.fc2(F.gelu(self.fc1(self.norm2(hidden)))))
 
 
-class ReferenceVLA(nn.Module):
+class ReferenceVLA(NormalizationMixin, nn.Module):
     def __init__(self, config: VLAConfig):
         super().__init__()
         self.config = config
@@ -81,21 +86,21 @@ class ReferenceVLA(nn.Module):
         self.text_pos = nn.Parameter(torch.zeros(1, c.max_text_tokens, c.width))
         self.state_embed = nn.Linear(c.state_dim, c.width) if c.state_dim else None
         self.action_query = nn.Parameter(torch.zeros(1, 1, c.width))
+        # Which camera a patch came from; absent with one camera (the single-camera layout).
+        self.camera_embed = nn.Parameter(torch.zeros(c.num_cameras, c.width)) if c.num_cameras > 1 else None
         self.layers = nn.ModuleList(TransformerBlock(c) for _ in range(c.num_layers))
         self.final_norm = nn.LayerNorm(c.width)
         self.action_head = nn.Sequential(
             nn.Linear(c.width, c.head_hidden), nn.GELU(), nn.Linear(c.head_hidden, c.chunk_size * c.action_dim))
-        segments = [VISUAL] * c.num_patches + [LANGUAGE] * c.max_text_tokens
+        segments = [VISUAL] * c.num_visual_tokens + [LANGUAGE] * c.max_text_tokens
         segments += ([STATE] if c.state_dim else []) + [ACTION_QUERY]
         self.register_buffer("segment", torch.tensor(segments), persistent=False)
-        # Normalisation statistics live in the model card, not in the weights file.
-        self.register_buffer("action_mean", torch.zeros(c.action_dim), persistent=False)
-        self.register_buffer("action_std", torch.ones(c.action_dim), persistent=False)
-        self.register_buffer("state_mean", torch.zeros(c.state_dim), persistent=False)
-        self.register_buffer("state_std", torch.ones(c.state_dim), persistent=False)
+        self.register_normalization(c.action_dim, c.state_dim)
         self.apply(self._init_weights)
         for param in (self.visual_pos, self.text_pos, self.action_query):
             nn.init.normal_(param, std=0.02)
+        if self.camera_embed is not None:
+            nn.init.normal_(self.camera_embed, std=0.02)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -106,35 +111,32 @@ class ReferenceVLA(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
 
-    # ---- normalisation -------------------------------------------------------------------
-    def set_normalization(self, stats: dict) -> None:
-        """Load action/state mean and std (lists, as stored in the card)."""
-        for name in ("action_mean", "action_std", "state_mean", "state_std"):
-            buffer = getattr(self, name)
-            value = torch.as_tensor(stats.get(name, buffer.tolist()), dtype=torch.float32)
-            if value.shape != buffer.shape:
-                raise ValueError(f"normalisation {name} has shape {tuple(value.shape)}, expected {tuple(buffer.shape)}")
-            buffer.copy_(value)
-
-    def normalize_actions(self, actions: Tensor) -> Tensor:
-        return (actions - self.action_mean) / self.action_std
-
-    def unnormalize_actions(self, actions: Tensor) -> Tensor:
-        return actions * self.action_std + self.action_mean
-
     # ---- DistillableVLA protocol ---------------------------------------------------------
     @property
     def num_layers(self) -> int:
         return self.config.num_layers
 
+    def freeze_vision(self) -> None:
+        """Freeze the patch embedding and its position embeddings."""
+        self.patch_embed.requires_grad_(False)
+        self.visual_pos.requires_grad_(False)
+
     def preprocess_images(self, images: Tensor) -> Tensor:
-        """uint8 (B, H, W, 3) RGB on any device -> float (B, 3, S, S) in [-1, 1]."""
-        if images.dim() != 4 or images.shape[-1] != 3:
-            raise ValueError(f"images must be (B, H, W, 3) RGB, got shape {tuple(images.shape)}")
-        pixels = images.permute(0, 3, 1, 2).to(self.action_query.dtype) / 255.0
-        size = self.config.image_size
-        if pixels.shape[-2:] != (size, size):
-            pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        """uint8 RGB (B, C, S, S, 3) on any device -> float (B * C, 3, S, S) in [-1, 1], camera-major
+        within each sample. (B, S, S, 3) is accepted with one camera.
+
+        Frames must already be S x S: resizing belongs to ``data.images.resize_rgb``, the one resize
+        that training data and run-time frames both go through.
+        """
+        c = self.config
+        given = tuple(images.shape)
+        if images.dim() == 4 and c.num_cameras == 1:
+            images = images[:, None]
+        expected = (c.num_cameras, c.image_size, c.image_size, 3)
+        if images.dim() != 5 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"images: expected RGB (B, {', '.join(map(str, expected))}) ({c.num_cameras} camera image(s) "
+                             f"per sample, resized to {c.image_size} px with data.images.resize_rgb), got shape {given}")
+        pixels = images.flatten(0, 1).permute(0, 3, 1, 2).to(self.action_query.dtype) / 255.0
         return pixels * 2.0 - 1.0
 
     def encode(self, images: Tensor, instructions: list[str], states: Tensor | None = None) -> EncodedObservation:
@@ -142,17 +144,21 @@ class ReferenceVLA(nn.Module):
         batch, device, dtype = images.shape[0], self.action_query.device, self.action_query.dtype
         if len(instructions) != batch:
             raise ValueError(f"got {len(instructions)} instructions for {batch} images")
+        # (B * C, P, W): every camera through the same patch embedding and positions.
         visual = self.patch_embed(self.preprocess_images(images.to(device))).flatten(2).transpose(1, 2)
         visual = visual + self.visual_pos
+        if self.camera_embed is not None:
+            visual = visual.reshape(batch, c.num_cameras, c.num_patches, c.width) + self.camera_embed[None, :, None]
+        visual = visual.reshape(batch, c.num_visual_tokens, c.width)
         text_ids = tokenize_batch(instructions, c.text_vocab_size, c.max_text_tokens).to(device)
         language = self.word_embed(text_ids) + self.text_pos
         parts = [visual, language]
-        valid = [torch.ones(batch, c.num_patches, dtype=torch.bool, device=device), text_ids != PAD_ID]
+        valid = [torch.ones(batch, c.num_visual_tokens, dtype=torch.bool, device=device), text_ids != PAD_ID]
         if self.state_embed is not None:
             if states is None or states.shape != (batch, c.state_dim):
                 got = None if states is None else tuple(states.shape)
                 raise ValueError(f"states must have shape ({batch}, {c.state_dim}), got {got}")
-            normalized = (states.to(device=device, dtype=torch.float32) - self.state_mean) / self.state_std
+            normalized = self.normalize_states(states)
             parts.append(self.state_embed(normalized.to(dtype))[:, None])
             valid.append(torch.ones(batch, 1, dtype=torch.bool, device=device))
         parts.append(self.action_query.expand(batch, -1, -1))
