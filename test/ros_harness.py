@@ -117,19 +117,23 @@ def start_policy_node(weights: Path | str, domain_id: int, work_dir: Path, param
 
 # ---------------------------------------------------------------- this process's ROS side
 class Recorder:
-    """Thread-safe list of (monotonic receive time, message)."""
+    """Thread-safe list of (receive time, message); ``clock``: time.time to compare with header stamps."""
 
-    def __init__(self):
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._lock = threading.Lock()
+        self._clock = clock
         self._items: list[tuple[float, Any]] = []
 
     def __call__(self, msg) -> None:
         with self._lock:
-            self._items.append((time.monotonic(), msg))
+            self._items.append((self._clock(), msg))
+
+    def snapshot(self) -> list[tuple[float, Any]]:
+        with self._lock:
+            return list(self._items)
 
     def messages(self, since: float = float("-inf"), until: float = float("inf")) -> list[Any]:
-        with self._lock:
-            return [msg for t, msg in self._items if since <= t < until]
+        return [msg for t, msg in self.snapshot() if since <= t < until]
 
     def wait_for(self, predicate: Callable[[Any], bool] = lambda m: True, timeout: float = 10.0,
                  since: float = float("-inf"), count: int = 1) -> list[Any] | None:

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from actdistill_ros.ros.action_output import (ChunkScheduler, MotionWatchdog, RollingPercentiles, SafetyLimits,
-                                              check_mode_fits, is_finite_chunk, pose_from_action, split_gripper,
-                                              twist_from_action)
+                                              check_mode_fits, is_finite_chunk, pose_from_action, twist_from_action)
 from ros_harness import require_rclpy
 
 from actdistill_ros.data.images import ImageDecodeError, compressed_msg_to_rgb, image_msg_to_rgb
@@ -94,16 +93,15 @@ def test_scheduler_rejects_malformed_chunks():
 
 
 # ---------------------------------------------------------------- watchdog
-def test_watchdog_reports_each_kind_of_staleness_once():
+def test_watchdog_names_each_kind_of_staleness():
     watchdog = MotionWatchdog(max_image_age_s=0.5)
     first = watchdog.check(10.0, None, has_command=False)
-    assert not first.allowed and first.changed and "command" in first.reason
-    assert not watchdog.check(10.1, None, has_command=False).changed
+    assert not first.allowed and first.kind == "no_command" and "command" in first.reason
     assert "no camera frame" in watchdog.check(10.2, None, has_command=True).reason
     ok = watchdog.check(10.3, 10.0, has_command=True)
-    assert ok.allowed and ok.changed and ok.reason == ""
+    assert ok.allowed and ok.kind == "ok" and ok.reason == ""
     stale = [watchdog.check(now, 10.0, has_command=True) for now in (10.6, 10.7, 10.8)]
-    assert [v.allowed for v in stale] == [False] * 3 and [v.changed for v in stale] == [True, False, False]
+    assert [v.allowed for v in stale] == [False] * 3 and {v.kind for v in stale} == {"stale_frame"}
     assert "0.60 s old" in stale[0].reason
     assert watchdog.check(11.0, 10.9, has_command=True, needs_state=True).reason == "no robot state received yet"
 
@@ -134,19 +132,17 @@ def test_watchdog_holds_on_missing_or_stale_robot_state():
     assert not missing.allowed and missing.reason == "no robot state received yet"
     assert watchdog.check(10.1, frame, True, needs_state=True, newest_state_s=10.0).allowed
     stale = [watchdog.check(now, now - 0.05, True, needs_state=True, newest_state_s=10.0) for now in (10.4, 10.5)]
-    assert [v.allowed for v in stale] == [False, False] and [v.changed for v in stale] == [True, False]
+    assert [v.allowed for v in stale] == [False, False] and [v.kind for v in stale] == ["stale_state"] * 2
     assert "robot state is 0.40 s old" in stale[0].reason and "max_state_age_s 0.3" in stale[0].reason
     fresh = watchdog.check(10.6, 10.55, True, needs_state=True, newest_state_s=10.5)
-    assert fresh.allowed and fresh.changed
+    assert fresh.allowed and fresh.kind == "ok"
     # A policy without robot state ignores its age.
     assert watchdog.check(20.0, 19.9, True, needs_state=False, newest_state_s=1.0).allowed
 
 
 # ---------------------------------------------------------------- vector -> command fields
 def test_action_vector_mapping():
-    arm, gripper = split_gripper(np.array([0.1, 0.2, 0.3, -1.0]), 3)
-    assert arm.tolist() == [0.1, 0.2, 0.3] and gripper == -1.0
-    assert split_gripper(np.array([1.0, 2.0]), None)[1] is None
+    arm = np.array([0.1, 0.2, 0.3])
     linear, angular = twist_from_action(arm, 2.0)
     np.testing.assert_allclose(linear, [0.2, 0.4, 0.6])
     assert angular.tolist() == [0, 0, 0]

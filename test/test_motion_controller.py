@@ -150,6 +150,33 @@ def test_joint_trajectory_points_are_limited_from_the_measured_state_and_from_ea
     np.testing.assert_allclose(np.diff(second.arm, axis=0), np.full((3, 3), [0.1, -0.1, 0.1]))
 
 
+def test_the_velocity_limit_holds_when_the_arm_or_the_last_command_lies_outside_the_limits():
+    # An arm parked beyond narrowed limits: back inside at the velocity limit, not in one jump.
+    rig = Rig("joint_state", dim=3, gripper=None, velocity=0.1, low=[-0.5] * 3, high=[0.5] * 3)
+    rig.inputs(measured=[0.9, -0.9, 0.0])
+    rig.chunk(constant(0.5, steps=8, dim=3))
+    commanded = []
+    for _ in range(5):
+        rig.inputs(measured=[0.9, -0.9, 0.0])
+        commanded.append(rig.tick().arm)
+    np.testing.assert_allclose(commanded, [[0.8, -0.8, 0.1], [0.7, -0.7, 0.2], [0.6, -0.6, 0.3], [0.5, -0.5, 0.4],
+                                           [0.5, -0.4, 0.5]])
+    # ee_twist: limits narrowed while moving fast bite at once (slowing down is never delayed).
+    twist = Rig(velocity=0.25)
+    for _ in range(4):
+        twist.inputs()
+        twist.chunk(constant(1.0))
+        last = twist.tick().arm[0]
+    assert last == pytest.approx(1.0)
+    twist.controller.set_settings(make_settings(velocity=0.25, low=[-0.3] * 3 + [-1.0], high=[0.3] * 3 + [1.0]))
+    slowing = []
+    for _ in range(4):
+        twist.inputs()
+        twist.chunk(constant(1.0))
+        slowing.append(twist.tick().arm[0])
+    np.testing.assert_allclose(slowing, [0.3, 0.3, 0.3, 0.3])
+
+
 # ---------------------------------------------------------------- 3. ramps from the measured state / zero
 def test_joint_state_ramps_from_the_measured_state_at_start_after_a_hold_and_after_re_enabling():
     rig = Rig("joint_state", dim=3, gripper=None, velocity=0.1)
@@ -206,7 +233,7 @@ def test_position_modes_never_move_without_a_measured_position(mode, dim):
     assert result.arm is None and "no measured robot position" in result.reason
     assert rig.controller.counts["chunks_dropped_holding"] == 1
     # A measured position that stops coming is as bad as none.
-    rig.inputs(measured=np.zeros(dim))
+    rig.inputs(measured=np.eye(1, dim, dim - 1)[0])  # ee_pose: the identity rotation (xyzw)
     rig.chunk(constant(0.5, dim=dim))
     assert rig.tick().arm is not None
     rig.clock.advance(AGE)
@@ -272,6 +299,25 @@ def test_enable_output_false_sends_one_stop_then_a_silent_dry_run_that_still_rep
         token = rig.chunk(constant(0.6))
         silent = rig.tick()
         assert silent.arm is None and silent.gripper is None and silent.started == [token]
+
+
+@pytest.mark.parametrize("leave", ["deactivate", "shutdown"])
+def test_output_switched_off_then_left_before_the_next_tick_still_sends_its_stop(leave):
+    rig = Rig(velocity=0.0)
+    rig.inputs()
+    rig.chunk(constant(0.6, steps=8))
+    assert rig.tick().arm[0] == pytest.approx(0.6)
+    rig.controller.set_settings(make_settings(velocity=0.0, enable_output=False))
+    stop = rig.controller.set_active(False) if leave == "deactivate" else rig.controller.stop_now()
+    assert stop.stop and stop.arm.tolist() == [0, 0, 0]  # not left moving at 0.6
+    assert rig.controller.stop_now().arm is None  # sent once: the dry run stays silent
+
+
+def test_a_measured_pose_without_a_rotation_is_refused():
+    rig = Rig("ee_pose", dim=7, gripper=None)
+    with pytest.raises(ValueError, match="zero quaternion"):
+        rig.controller.note_measured(np.array([0.3, 0.0, 0.4, 0.0, 0.0, 0.0, 0.0]))
+    rig.controller.note_measured(np.array([0.3, 0.0, 0.4, 0.0, 0.0, 0.0, 2.0]))  # not unit: normalized on output
 
 
 # ---------------------------------------------------------------- 5. chunks only from young inputs
@@ -360,7 +406,11 @@ def test_emergency_stop_stops_within_a_period_latches_and_resumes_only_on_fresh_
     result = rig.tick()
     assert result.stop and result.dropped == [before_release]
     rig.inputs(measured=[0.28, 0.28, 0.28])
-    rig.chunk(constant(1.0, dim=3))
+    old_state = rig.chunk(constant(1.0, dim=3), state_s=rig.clock.t - 0.2)  # new frames, state from before
+    result = rig.tick()
+    assert result.stop and result.dropped == [old_state]
+    rig.inputs(measured=[0.28, 0.28, 0.28])
+    rig.chunk(constant(1.0, dim=3), state_s=rig.clock.t)
     np.testing.assert_allclose(rig.tick().arm, [0.38, 0.38, 0.38])  # ramps from the measured state
 
 

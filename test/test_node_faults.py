@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import re
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import numpy as np
 import pytest
 
 import ros_harness
-from ros_harness import (POLICY_YAML, REPO_ROOT, RosSide, Streamer, image_msg, load_router_stats_type,
+from ros_harness import (POLICY_YAML, REPO_ROOT, Recorder, RosSide, Streamer, image_msg, load_router_stats_type,
                          node_environment, require_rclpy, reserve_domain, wait_until)
 
 rclpy = require_rclpy()
@@ -68,22 +67,6 @@ def _stamp_s(stamp) -> float:
 
 def _moving(linear: np.ndarray) -> bool:
     return bool(np.any(linear != 0.0))
-
-
-class WallRecorder:
-    """Messages with the system time they arrived (comparable with header stamps)."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.items: list[tuple[float, object]] = []
-
-    def __call__(self, msg) -> None:
-        with self._lock:
-            self.items.append((time.time(), msg))
-
-    def snapshot(self) -> list[tuple[float, object]]:
-        with self._lock:
-            return list(self.items)
 
 
 class Chunks:
@@ -136,7 +119,7 @@ class Rig:
         self.env = node_environment(self.domain, work_dir / "ros_log")
         self.ros = RosSide(self.domain, "fault_test")
         node = self.ros.node
-        self.twists, self.chunks_rx, self.stats_rx, self.diagnostics = (WallRecorder() for _ in range(4))
+        self.twists, self.chunks_rx, self.stats_rx, self.diagnostics = (Recorder(clock=time.time) for _ in range(4))
         RouterStats = load_router_stats_type()
         from actdistill_ros.msg import ActionChunk
         node.create_subscription(TwistStamped, "/action", self.twists, ACTION_QOS)

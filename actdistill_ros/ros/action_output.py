@@ -65,13 +65,15 @@ class SafetyLimits:
         return np.clip(actions, self.low, self.high)
 
     def limit_step(self, action: np.ndarray, previous: np.ndarray | None) -> np.ndarray:
-        """Move at most ``max_step_delta`` away from ``previous`` in each rate-limited dimension;
-        the result is always within the bounds (they may have narrowed since ``action`` was clamped)."""
+        """Towards ``action`` clamped to the bounds, at most ``max_step_delta`` away from ``previous``
+        in each rate-limited dimension. The change limit always holds: from a ``previous`` inside the
+        bounds the result is inside them; from one outside (bounds narrowed at run time, an arm
+        measured beyond them) it moves back towards them at that rate instead of jumping."""
+        target = self.clamp(action)
         if previous is None or self.max_step_delta <= 0.0:
-            return self.clamp(action)
-        delta = np.clip(action - previous, -self.max_step_delta, self.max_step_delta)
-        limited = np.where(self.rate_limited, previous + delta, action)
-        return self.clamp(limited)
+            return target
+        delta = np.clip(target - previous, -self.max_step_delta, self.max_step_delta)
+        return np.where(self.rate_limited, previous + delta, target)
 
     def limit_sequence(self, actions: np.ndarray, previous: np.ndarray | None) -> np.ndarray:
         """Apply ``limit_step`` along a chunk, each step relative to the one before it."""
@@ -152,19 +154,17 @@ class ChunkScheduler:
 class MotionVerdict:
     allowed: bool
     reason: str  # why motion is held ("" when allowed)
-    changed: bool  # True on the tick the verdict flips: log once per episode of staleness
     kind: str = "ok"  # no_command, no_frame, stale_frame, no_state, stale_state, no_measured, stale_measured, ok
 
 
 class MotionWatchdog:
     """Allows motion only with a command, a frame newer than ``max_image_age_s`` from EVERY camera
     and, when needed, a robot state (the policy's input) and a measured position (what joint and
-    pose modes ramp from) newer than ``max_state_age_s``."""
+    pose modes ramp from) newer than ``max_state_age_s``. Stateless: the motion controller logs changes."""
 
     def __init__(self, max_image_age_s: float, max_state_age_s: float = math.inf):
         self.max_image_age_s = float(max_image_age_s)
         self.max_state_age_s = float(max_state_age_s)
-        self._last_kind: str | None = None  # None = never checked
 
     def check(self, now_s: float, newest_frames_s: float | None | Sequence[float | None], has_command: bool, *,
               cameras: Sequence[str] = (), needs_state: bool = False, newest_state_s: float | None = None,
@@ -196,9 +196,7 @@ class MotionWatchdog:
                                               f"(watchdog.max_state_age_s {self.max_state_age_s:g})")
         else:
             kind, reason = "ok", ""
-        changed = kind != self._last_kind
-        self._last_kind = kind
-        return MotionVerdict(allowed=not reason, reason=reason, changed=changed, kind=kind)
+        return MotionVerdict(allowed=not reason, reason=reason, kind=kind)
 
 
 def _on(names: Sequence[str]) -> str:
@@ -207,13 +205,6 @@ def _on(names: Sequence[str]) -> str:
 
 
 # ---- action vector -> command fields ------------------------------------------------------------
-def split_gripper(action: np.ndarray, gripper_index: int | None) -> tuple[np.ndarray, float | None]:
-    """(arm part, gripper value or None)."""
-    if gripper_index is None:
-        return action, None
-    return np.delete(action, gripper_index), float(action[gripper_index])
-
-
 def twist_from_action(arm: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
     """(linear xyz, angular xyz) from a 3-D (delta xyz) or 6-D (delta xyz + rpy) EE action."""
     if arm.size not in (3, 6):

@@ -10,8 +10,11 @@ Rules (the README's "Policy node" section states them for robot owners):
 1. Commands leave only on the control tick, one per period of control_rate_hz, whatever the
    inference rate: a chunk predicted between two ticks starts (its step 0) at the next tick.
 2. The velocity limit bounds the change of each commanded value per control period (gripper
-   excluded). joint_trajectory limits the new trajectory's first point against the target
-   commanded for now, and each following point against the one before it.
+   excluded). In joint and pose modes this holds also when the previous command or the measured
+   position lies outside the limits (narrowed at run time): commands move back inside at that
+   rate; in ee_twist a narrowed bound applies at once (it only slows down). joint_trajectory
+   limits the new trajectory's first point against the target commanded for now, and each
+   following point against the one before it.
 3. After start-up, after any hold and after re-enabling (enable_output, emergency-stop release,
    lifecycle activation), motion ramps from the measured position (joint_state,
    joint_trajectory: the JointState; ee_pose: the measured PoseStamped) or from zero (ee_twist).
@@ -24,8 +27,8 @@ Rules (the README's "Policy node" section states them for robot owners):
 5. A chunk is executed only while its inputs are young: its oldest camera frame at most
    watchdog.max_image_age_s old and its robot state at most watchdog.max_state_age_s old, at the
    tick that executes it; and only while its instruction is the current one. After an
-   emergency-stop release, re-enabling or activation only chunks computed from frames received
-   after that moment run ("fresh inputs").
+   emergency-stop release, re-enabling or activation only chunks computed from frames and a robot
+   state received after that moment run ("fresh inputs").
 6. The emergency stop latches until released; inference goes on, every chunk is dropped.
 7. Every chunk handed over is reported exactly once: started (its first step executed, or
    would have been in a dry run) or dropped (superseded before a tick, too old, or held).
@@ -41,7 +44,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from actdistill_ros.ros.action_output import ACTION_MODES, ChunkScheduler, MotionWatchdog, SafetyLimits, is_finite_chunk
+from actdistill_ros.ros.action_output import (ACTION_MODES, ChunkScheduler, MotionWatchdog, SafetyLimits,
+                                              is_finite_chunk, pose_from_action)
 
 # Modes that command positions: they ramp from, and hold at, a measured position.
 MEASURED_MODES = ("joint_state", "joint_trajectory", "ee_pose")
@@ -144,7 +148,7 @@ class MotionController:
         self._hold_sent = False  # joint_trajectory: this hold's one-point trajectory went out
         self._active = bool(active)
         self._estop = False
-        self._fresh_after = -math.inf  # only chunks from frames received after this run
+        self._fresh_after = -math.inf  # only chunks from inputs received after this run
         self._stop_once = False  # enable_output went false: send one stop at the next tick
         self._reason_kind: str | None = None
         self.reason = "starting"
@@ -179,6 +183,9 @@ class MotionController:
         arm = np.asarray(arm, dtype=np.float64)
         if arm.shape != self._arm.shape or not np.isfinite(arm).all():
             raise ValueError(f"measured position must be {self._arm.size} finite values, got {arm.tolist()}")
+        if self.mode == "ee_pose" and pose_from_action(arm) is None:  # a hold at it could not be sent
+            raise ValueError(f"measured pose has a zero quaternion {arm[3:7].tolist()}, expected a unit "
+                             f"quaternion xyzw")
         with self._lock:
             self._measured = arm
             self._measured_s = self.clock() if received_s is None else float(received_s)
@@ -246,7 +253,8 @@ class MotionController:
             return result
 
     def stop_now(self) -> TickResult:
-        """The explicit stop to publish at once (shutdown): nothing in a dry run or while inactive."""
+        """The explicit stop to publish at once (shutdown): nothing while inactive, nor in a dry run
+        whose one stop (enable_output switched off) already went out."""
         with self._lock:
             return self._stop_now() if self._active else TickResult()
 
@@ -297,10 +305,15 @@ class MotionController:
                 and (source.state_s is None or now - source.state_s <= settings.max_state_age_s)
                 and (source.command_s is None or source.command_s >= self._command_s))
 
+    def _received_since_restart(self, source: ChunkSource) -> bool:
+        """Its frames and robot state all arrived after the last restart (release, re-enable, activate)."""
+        return (source.oldest_frame_s > self._fresh_after
+                and (source.state_s is None or source.state_s > self._fresh_after))
+
     def _take_pending(self, now: float, result: TickResult) -> list[tuple[np.ndarray, ChunkSource]]:
         """The chunks handed over since the last tick that may start now (the others: dropped)."""
         arrived, self._pending = self._pending, []
-        fresh = [s.oldest_frame_s > self._fresh_after and self._inputs_young(s, now) for _, s in arrived]
+        fresh = [self._received_since_restart(s) and self._inputs_young(s, now) for _, s in arrived]
         usable = [entry for entry, ok in zip(arrived, fresh) if ok]
         self._drop(result, [s for (_, s), ok in zip(arrived, fresh) if not ok], "chunks_dropped_stale")
         if not self._scheduler.temporal_ensemble and len(usable) > 1:
@@ -324,7 +337,7 @@ class MotionController:
         return verdict.kind, verdict.reason
 
     def _restart(self, now: float) -> None:
-        """After a stop: hold until a chunk from frames received from now on, then ramp from the reference."""
+        """After a stop: hold until a chunk from inputs received from now on, then ramp from the reference."""
         self._fresh_after = now
         self._scheduler.clear()
         self._moving = False
@@ -351,6 +364,8 @@ class MotionController:
         else:
             if self.mode == "ee_pose":
                 previous = self._same_hemisphere(previous, action)
+            elif self.mode == "ee_twist":  # a narrowed speed bound bites at once: slowing down is never delayed
+                previous = limits.clamp(previous)
             action = limits.limit_step(action, previous)
             result.arm = action[self._arm]
         if self._gripper_index is not None:
@@ -393,7 +408,9 @@ class MotionController:
 
     def _stop_now(self) -> TickResult:
         result = TickResult()
-        if self._settings.enable_output or self._estop:
+        # Output switched off since the last tick: its one stop has not gone out yet, send it now.
+        pending_stop, self._stop_once = self._stop_once, False
+        if self._settings.enable_output or self._estop or pending_stop:
             if self._moving:
                 self._moving = False
                 self._hold_target, self._hold_sent = None, False

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from actdistill_ros.policies.hf_vla.configuration_hf_vla import HFVLAConfig
-from actdistill_ros.policies.normalization import NormalizationMixin
+from actdistill_ros.policies.common import NormalizationMixin, camera_batch
 from actdistill_ros.policies.vla.modeling_vla import ACTION_QUERY, LANGUAGE, STATE, VISUAL, EncodedObservation
 
 log = logging.getLogger(__name__)
@@ -525,16 +525,6 @@ class HFVLA(NormalizationMixin, nn.Module):
         return cache[key]
 
     # ---- DistillableVLA protocol -----------------------------------------------------------------
-    def _camera_batch(self, images: Tensor) -> Tensor:
-        c = self.config
-        if images.dim() == 4 and c.num_cameras == 1:
-            images = images[:, None]
-        expected = (c.num_cameras, c.image_size, c.image_size, 3)
-        if images.dim() != 5 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"images must be uint8 (B, {', '.join(map(str, expected))}) RGB, "
-                             f"got shape {tuple(images.shape)}")
-        return images
-
     def _tokenize(self, instructions: list[str], device) -> tuple[Tensor, Tensor]:
         """(B, max_text_tokens) ids and validity, right-padded; cached per instruction."""
         rows = []
@@ -553,7 +543,7 @@ class HFVLA(NormalizationMixin, nn.Module):
 
     def encode(self, images: Tensor, instructions: list[str], states: Tensor | None = None) -> EncodedObservation:
         c = self.config
-        images = self._camera_batch(images)
+        images = camera_batch(images, self.config.num_cameras, self.config.image_size)
         batch, device, dtype = images.shape[0], self.action_queries.device, self.action_queries.dtype
         if len(instructions) != batch:
             raise ValueError(f"got {len(instructions)} instructions for {batch} observations")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from actdistill_ros.policies.normalization import NormalizationMixin
+from actdistill_ros.policies.common import NormalizationMixin, camera_batch
 from actdistill_ros.policies.vla.configuration_vla import VLAConfig
 from actdistill_ros.policies.vla.tokenizer import PAD_ID, tokenize_batch
 
@@ -125,17 +125,9 @@ class ReferenceVLA(NormalizationMixin, nn.Module):
         """uint8 RGB (B, C, S, S, 3) on any device -> float (B * C, 3, S, S) in [-1, 1], camera-major
         within each sample. (B, S, S, 3) is accepted with one camera.
 
-        Frames must already be S x S: resizing belongs to ``data.images.resize_rgb``, the one resize
-        that training data and run-time frames both go through.
+        See :func:`~actdistill_ros.policies.common.camera_batch` for the accepted shapes.
         """
-        c = self.config
-        given = tuple(images.shape)
-        if images.dim() == 4 and c.num_cameras == 1:
-            images = images[:, None]
-        expected = (c.num_cameras, c.image_size, c.image_size, 3)
-        if images.dim() != 5 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"images: expected RGB (B, {', '.join(map(str, expected))}) ({c.num_cameras} camera image(s) "
-                             f"per sample, resized to {c.image_size} px with data.images.resize_rgb), got shape {given}")
+        images = camera_batch(images, self.config.num_cameras, self.config.image_size)
         pixels = images.flatten(0, 1).permute(0, 3, 1, 2).to(self.action_query.dtype) / 255.0
         return pixels * 2.0 - 1.0
 

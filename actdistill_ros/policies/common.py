@@ -1,13 +1,29 @@
-"""Action and state normalisation shared by every teacher family.
+"""What every teacher family shares: the camera input contract and action/state normalisation.
 
-The statistics live in the model card, not in the weights file: they are non-persistent buffers
-that :func:`actdistill_ros.policy.build_model` fills from the card.
+The normalisation statistics live in the model card, not in the weights file: they are
+non-persistent buffers that :func:`actdistill_ros.policy.build_model` fills from the card.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+
+def camera_batch(images: Tensor, num_cameras: int, image_size: int) -> Tensor:
+    """uint8 RGB (B, C, S, S, 3), or (B, S, S, 3) with one camera -> (B, C, S, S, 3), checked.
+
+    Frames must already be S x S: resizing belongs to ``data.images.resize_rgb``, the one resize
+    that training data and run-time frames both go through.
+    """
+    given = tuple(images.shape)
+    if images.dim() == 4 and num_cameras == 1:
+        images = images[:, None]
+    expected = (num_cameras, image_size, image_size, 3)
+    if images.dim() != 5 or tuple(images.shape[1:]) != expected:
+        raise ValueError(f"images: expected RGB (B, {', '.join(map(str, expected))}) ({num_cameras} camera image(s) "
+                         f"per sample, resized to {image_size} px with data.images.resize_rgb), got shape {given}")
+    return images
 
 
 class NormalizationMixin:
