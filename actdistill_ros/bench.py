@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
             teacher, args.keep)
     if args.threshold is not None:
         student.threshold = args.threshold
+        student.keep_fraction = 0.0  # threshold routing, unless --keep-fraction is given too
     if args.keep_fraction is not None:
         student.keep_fraction = args.keep_fraction
     result = measure(teacher, student, args.iters, args.warmup)

@@ -102,6 +102,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     teacher = Policy.load(args.teacher, device=args.device)
     student = Policy.load(args.student, device=args.device)
     student.threshold = result["threshold"]
+    if args.threshold is not None:
+        student.keep_fraction = 0.0  # as in the ROS run: an explicit threshold means threshold routing
     bench = measure(teacher, student, iters=args.bench_iters, warmup=min(5, args.bench_iters))
     overall = result["overall"]
     report = {

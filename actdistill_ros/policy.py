@@ -16,7 +16,7 @@ import torch
 
 from actdistill_ros import __version__
 from actdistill_ros.data.images import resize_rgb
-from actdistill_ros.policies.actdistill import RouterConfig, RoutedStudent, run_backbone
+from actdistill_ros.policies.actdistill import RouterConfig, RoutedStudent, num_kept_layers, run_backbone
 from actdistill_ros.policies.vla import ReferenceVLA, VLAConfig
 from actdistill_ros.weights import (ActionSpace, ModelCard, WeightsError, identity_norm_stats, load_state_into,
                                     read_card, read_weights, resolve_weights_path, save_policy)
@@ -72,6 +72,36 @@ def build_model(card: ModelCard, weights_dir: str | Path | None = None,
     return vla
 
 
+class StaticRoute:
+    """A training-free baseline route: a teacher runs k = round(keep * L) of its L layers.
+
+    "first": layers 0..k-1 (the teacher truncated); "even": k evenly spaced layers, always
+    including the last (it feeds the action head); "random": k layers drawn afresh for every
+    observation from a generator seeded with ``seed``.
+    """
+
+    KINDS = ("first", "even", "random")
+
+    def __init__(self, kind: str, keep_fraction: float, num_layers: int, seed: int = 0):
+        if kind not in self.KINDS:
+            raise ValueError(f"static route {kind!r}: expected one of {', '.join(self.KINDS)}")
+        self.kind, self.num_layers = kind, num_layers
+        self.k = num_kept_layers(keep_fraction, num_layers)
+        self.generator = torch.Generator().manual_seed(seed)
+        # Layer i*L/k - 1 for i = 1..k (rounded half up): spacing L/k >= 1, so the k are distinct.
+        spaced = np.floor(np.arange(1, self.k + 1) * num_layers / self.k + 0.5).astype(int) - 1
+        self.fixed_layers = list(range(self.k)) if kind == "first" else spaced.tolist() if kind == "even" else None
+
+    def mask(self, batch: int) -> torch.Tensor:
+        """(batch, L) bool execute mask, on the CPU."""
+        if self.fixed_layers is None:
+            drawn = torch.rand(batch, self.num_layers, generator=self.generator).argsort(-1)[:, :self.k]
+            return torch.zeros(batch, self.num_layers, dtype=torch.bool).scatter_(-1, drawn, True)
+        execute = torch.zeros(batch, self.num_layers, dtype=torch.bool)
+        execute[:, self.fixed_layers] = True
+        return execute
+
+
 @dataclass
 class PolicyOutput:
     actions: np.ndarray  # (H, D) float32, un-normalised and clamped to the action space
@@ -99,6 +129,7 @@ class Policy:
         self._low = np.asarray(space.low, dtype=np.float32)
         self._high = np.asarray(space.high, dtype=np.float32)
         self._layer_gflops = self.vla.layer_flops(self.vla.config.num_tokens) / 1e9
+        self._static_route: StaticRoute | None = None
 
     @classmethod
     def load(cls, weights_path: str | Path, device: str = "auto", dtype: str = "float32",
@@ -144,6 +175,20 @@ class Policy:
             self.student.keep_fraction = keep
 
     @property
+    def static_route(self) -> StaticRoute | None:
+        """A teacher's training-free baseline route (``StaticRoute``); None runs every layer."""
+        return self._static_route
+
+    @static_route.setter
+    def static_route(self, route: StaticRoute | None) -> None:
+        if route is not None and self.student:
+            raise ValueError("static routes are baselines for teacher weights; "
+                             "this policy is a student (it routes itself)")
+        if route is not None and route.num_layers != self.num_layers:
+            raise ValueError(f"static route over {route.num_layers} layers; this policy has {self.num_layers}")
+        self._static_route = route
+
+    @property
     def num_layers(self) -> int:
         return self.vla.num_layers
 
@@ -170,6 +215,8 @@ class Policy:
         encoded = self.vla.encode(pixels, list(instructions), state_tensor)
         if self.student:
             gates, execute = self.student.execute_mask(encoded)
+        elif self._static_route is not None:
+            gates, execute = None, self._static_route.mask(len(frames)).to(self.device)
         else:
             gates, execute = None, None
         t1 = self._sync()

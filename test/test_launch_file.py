@@ -139,7 +139,8 @@ def test_launch_sets_the_threshold_only_when_given(launch_tree):
     assert not [d for d in ast.walk(launch_tree) if isinstance(d, ast.Dict)
                 and "router.threshold" in [ast.literal_eval(key) for key in d.keys]]
     assert threshold_override("") == {} and threshold_override("  ") == {}
-    assert threshold_override("0.7") == {"router.threshold": 0.7}
+    # A threshold asked for by name switches the card's keep routing off (keep would override it).
+    assert threshold_override("0.7") == {"router.threshold": 0.7, "router.keep_fraction": 0.0}
     for bad in ("1.5", "-0.1", "abc", "nan"):
         with pytest.raises(ValueError, match="threshold"):
             threshold_override(bad)

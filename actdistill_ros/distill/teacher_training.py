@@ -7,6 +7,9 @@ is frozen by default (``--train-vision`` trains it too): robot datasets are smal
 tower's pretraining data, a frozen tower keeps its features and saves the memory and time of its
 backward pass; the projector, the whole decoder, the state/query tokens and the head train
 (SmolVLA's choice). A from-scratch ``make-backbone`` model has nothing to keep: use --train-vision.
+
+``--init-from TEACHER --layers k`` starts from a trained reference teacher cut to its first k
+layers: the fine-tuned truncated baseline ("train a smaller model") of the compute dial sweep.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from actdistill_ros.distill.training import train_stage, wrap_parallel
 from actdistill_ros.policies.hf_vla.configuration_hf_vla import HFVLAConfig
 from actdistill_ros.policies.vla import ReferenceVLA, VLAConfig
 from actdistill_ros.policy import make_card, save_model
-from actdistill_ros.weights import atomic_write
+from actdistill_ros.weights import atomic_write, load_state_into, read_card, read_weights, resolve_weights_path
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--width", type=int, help="override the preset's model width")
     p.add_argument("--layers", type=int, help="override the preset's number of backbone layers")
     p.add_argument("--heads", type=int, help="override the preset's attention heads")
+    p.add_argument("--init-from", type=Path, metavar="TEACHER",
+                   help="start from these reference teacher weights, cut to their first --layers layers "
+                   "(the fine-tuned truncated baseline of eval-sim --sweep-keep)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -64,6 +70,37 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--resume", action="store_true", help="continue a killed run in --out")
     p.set_defaults(func=run)
+
+
+def _truncated_teacher(args, topics, ctx):
+    """--init-from's teacher cut to its first --layers layers (its weights kept), and the demonstrations."""
+    other = [flag for flag, value in (("--size", args.size), ("--image-size", args.image_size),
+                                      ("--chunk-size", args.chunk_size), ("--patch-size", args.patch_size),
+                                      ("--width", args.width), ("--heads", args.heads)) if value]
+    if other:
+        raise ValueError(f"{', '.join(other)}: --init-from {args.init_from} brings its architecture; "
+                         "only --layers is set")
+    weights_file, card_file = resolve_weights_path(args.init_from)
+    card = read_card(card_file)
+    if card.family != "reference_vla" or card.is_student:
+        raise ValueError(f"--init-from {args.init_from}: expected reference VLA teacher weights, got a "
+                         f"{card.family} {card.kind}")
+    full = VLAConfig.from_dict(card.vla_config)
+    layers = args.layers or full.num_layers
+    if not 1 <= layers <= full.num_layers:
+        raise ValueError(f"--layers {layers}: --init-from keeps the first 1..{full.num_layers} of its teacher's layers")
+    config = VLAConfig.from_dict({**card.vla_config, "num_layers": layers})
+    demos = load_demonstrations(args.data, topics, config.image_size, config.chunk_size, args.val_fraction, args.seed,
+                                progress=ctx.is_main)
+    found = (len(demos.action_names), len(demos.state_names) if demos.stats.state_dim else 0, topics.num_cameras)
+    if found != (config.action_dim, config.state_dim, config.num_cameras):
+        raise ValueError(f"--init-from {args.init_from}: the demos give (actions, state, cameras) = {found}, "
+                         f"its teacher takes {(config.action_dim, config.state_dim, config.num_cameras)}")
+    model = ReferenceVLA(config)
+    dropped = tuple(f"layers.{index}." for index in range(layers, full.num_layers))
+    tensors = {name: t for name, t in read_weights(weights_file).items() if not name.startswith(dropped)}
+    load_state_into(model, tensors, weights_file)
+    return model, demos
 
 
 def _reference_teacher(args, topics, ctx):
@@ -111,7 +148,10 @@ def train_teacher(args: argparse.Namespace) -> Path:
     ctx = init_distributed(args.device)
     torch.manual_seed(args.seed)
     topics = topics_from_args(args)
-    model, demos = (_backbone_teacher if args.backbone else _reference_teacher)(args, topics, ctx)
+    if args.init_from and args.backbone:
+        raise ValueError("--init-from and --backbone both choose the starting model; give one")
+    build = _truncated_teacher if args.init_from else _backbone_teacher if args.backbone else _reference_teacher
+    model, demos = build(args, topics, ctx)
     config = model.config
     model.set_normalization(demos.stats.to_dict())
     model.to(ctx.device)
@@ -141,6 +181,7 @@ def train_teacher(args: argparse.Namespace) -> Path:
         card = make_card(model, action_space, norm_stats=demos.stats.to_dict(), state_names=demos.state_names,
                          camera_names=demos.camera_names,
                          provenance={"trained_by": "actdistill train-teacher", "bags": demos.bags,
+                                     **({"init_from": str(args.init_from)} if args.init_from else {}),
                                      "topics": topics.to_dict(), "train": vars(train_config),
                                      **({"backbone": str(args.backbone),
                                          "vision_tower": "trained" if args.train_vision else "frozen"}

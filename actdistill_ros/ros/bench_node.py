@@ -115,7 +115,9 @@ def run_rig(args: argparse.Namespace, work_dir: Path, *, label: str, progress_pe
                   "--progress-period", str(progress_period_s), "--start-timeout", str(START_TIMEOUT_S)]
     node = NodeProcess(node_command("actdistill_ros.ros.policy_node", {
         "weights_path": str(weights), "device": args.device, "control_rate_hz": control_rate,
-        "router.threshold": threshold}, POLICY_YAML), work_dir / "node.log", env=env, cwd=REPO_ROOT, name=NODE_NAME)
+        "router.threshold": threshold,
+        # A threshold given on the command line means threshold routing (a keep fraction overrides it).
+        **({"router.keep_fraction": 0.0} if args.threshold is not None else {})}, POLICY_YAML), work_dir / "node.log", env=env, cwd=REPO_ROOT, name=NODE_NAME)
     rss: list[tuple[float, float]] = []
     warnings: list[str] = []
     with contextlib.ExitStack() as cleanup:

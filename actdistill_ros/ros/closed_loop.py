@@ -117,6 +117,8 @@ class RosClosedLoop:
         policy_params = {
             "weights_path": str(Path(cfg.weights).resolve()), "device": cfg.device,
             "router.threshold": float(threshold), "action.mode": "ee_twist",
+            # An explicit threshold means threshold routing (a card's keep fraction would override it).
+            **({"router.keep_fraction": 0.0} if cfg.threshold is not None else {}),
             "action.twist_scale": twist_scale,
             # The sim clips to [-1, 1] itself; no extra rate limit, so a step's action is a function of
             # its frame alone (as in the in-process loop).
@@ -401,9 +403,10 @@ def plot_latency(episodes: list[RosEpisode], path: str | Path) -> None:
 def run_eval_sim(args: argparse.Namespace) -> int:
     """`actdistill eval-sim --through-ros` (the CLI hands the flag here; eval-sim's parser is in
     sim.evaluate): the same episodes and report, with sim_arm_node + policy_node over DDS."""
-    if args.sweep_threshold is not None or args.gif or args.execute_steps is not None or args.dtype != "float32":
+    if (args.sweep_threshold is not None or args.sweep_keep is not None or args.gif or args.execute_steps is not None
+            or args.dtype != "float32"):
         print("actdistill eval-sim: --through-ros runs one threshold in float32 without GIFs; --sweep-threshold, "
-              "--gif, --execute-steps and --dtype are in-process options", file=sys.stderr)
+              "--sweep-keep, --gif, --execute-steps and --dtype are in-process options", file=sys.stderr)
         return 2
     if args.realtime_hz is not None and not 0.1 <= args.realtime_hz <= 1000.0:
         print(f"actdistill eval-sim: --realtime-hz {args.realtime_hz}: expected 0.1..1000", file=sys.stderr)

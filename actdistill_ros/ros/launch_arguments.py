@@ -5,8 +5,9 @@ from __future__ import annotations
 
 
 def threshold_override(text: str) -> dict[str, float]:
-    """``{"router.threshold": value}`` for a given ``threshold`` launch argument; ``{}`` when it is
-    empty, so the policy's card ``default_threshold`` applies."""
+    """The node parameters of a ``threshold`` launch argument: ``{}`` when it is empty (the card's
+    routing applies); else that threshold with ``router.keep_fraction`` 0, since a threshold asked
+    for by name means threshold routing (a keep fraction above 0 would override it)."""
     text = text.strip()
     if not text:
         return {}
@@ -16,7 +17,7 @@ def threshold_override(text: str) -> dict[str, float]:
         value = float("nan")
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"launch argument threshold must be a number in [0, 1], got {text!r}")
-    return {"router.threshold": value}
+    return {"router.threshold": value, "router.keep_fraction": 0.0}
 
 
 def camera_topics(text: str, weights: str | None = None) -> list[str]:

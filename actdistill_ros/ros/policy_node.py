@@ -595,18 +595,25 @@ class PolicyCore:
                 and all(frame is not None for frame in self._frames) and self._instruction is not None
                 and (self._state is not None or not self._use_state))
 
+    def _abandoned(self) -> bool:
+        """True in a worker that cleanup gave up waiting for (an inference longer than its join
+        timeout): it must neither touch the state of a later configure nor be taken for a failure."""
+        return self._worker is not threading.current_thread()
+
     def _inference_loop(self) -> None:
         try:
             self._infer_until_stopped()
         except Exception as err:  # noqa: BLE001 - a bug here must end the process, not leave it idle
+            if self._abandoned():
+                return
             self._failure = f"inference worker stopped: {type(err).__name__}: {err}"
             self._log.fatal(self._failure)
 
     def _infer_until_stopped(self) -> None:
         while True:
             with self._inputs:
-                self._inputs.wait_for(lambda: self._stopping or self._ready_to_infer())
-                if self._stopping:
+                self._inputs.wait_for(lambda: self._stopping or self._abandoned() or self._ready_to_infer())
+                if self._stopping or self._abandoned():
                     return
                 frames, instruction, instruction_mono = list(self._frames), self._instruction, self._instruction_mono
                 state, state_mono = (self._state, self._state_mono) if self._use_state else (None, None)
@@ -620,6 +627,8 @@ class PolicyCore:
             except Exception as err:  # noqa: BLE001 - a failed inference must not end the node
                 self._report_bad("inference", f"{type(err).__name__}: {err}")
                 continue
+            if self._abandoned():
+                return  # cleanup freed (or a new configure replaced) what this chunk would go to
             finished_ns = time.time_ns()
             inference_ms = (finished_ns - started_ns) / 1e6
             oldest = min(frames, key=lambda frame: frame.received_mono)

@@ -1,4 +1,5 @@
-"""Closed-loop evaluation of a policy on Meta-World, and a sweep over the router threshold.
+"""Closed-loop evaluation of a policy on Meta-World, a sweep over the router threshold, and a
+sweep over the compute dial (keep fraction) against training-free baselines on the teacher.
 
 The policy predicts a chunk of H actions; the first ``execute_steps`` of them are executed, then
 it re-plans from the new frame. Default ``execute_steps = max(1, H // 2)``: re-planning halfway
@@ -19,10 +20,13 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from .metaworld_env import EVAL_SEED_BASE, MetaWorldTask, parse_task_list
-from .report import (EpisodeOutcome, episode_dict, eval_markdown, plot_success_per_task, plot_success_vs_gflops,
-                     plot_sweep_per_task, summarise, sweep_markdown, write_gif, write_json, write_text)
+from .report import (EpisodeOutcome, episode_dict, eval_markdown, plot_methods_vs_gflops, plot_success_per_task,
+                     plot_success_vs_gflops, plot_sweep_per_task, summarise, sweep_keep_markdown, sweep_markdown,
+                     write_gif, write_json, write_text)
 
 DEFAULT_THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(10))
+DEFAULT_KEEPS = (0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+BASELINE_ROUTES = ("first", "even", "random")  # actdistill_ros.policy.StaticRoute kinds
 
 
 class ChunkPredictor(Protocol):
@@ -231,6 +235,7 @@ def evaluate_policy(
     result = {
         **_run_info(policy, task_names, seeds, horizon, image_size, camera),
         "threshold": _threshold(policy),
+        "keep_fraction": float(getattr(policy, "keep_fraction", 0.0) or 0.0),
         **summary,
         "episodes": [episode_dict(o) for o in outcomes],
     }
@@ -270,7 +275,8 @@ def sweep_threshold(
     seeds = check_eval_seeds(seed_base, episodes_per_task)
     execute_steps = _resolve_execute_steps(policy, execute_steps)
     image_size = int(image_size or _card_value(policy, "image_size", 96))
-    original = policy.threshold
+    original = policy.threshold, policy.keep_fraction
+    policy.keep_fraction = 0.0  # threshold routing: a keep fraction would override the threshold
     cache = _TaskCache(image_size, horizon, camera)
     points = []
     try:
@@ -282,7 +288,7 @@ def sweep_threshold(
                 )
             points.append({"threshold": threshold, **summary})
     finally:
-        policy.threshold = original
+        policy.threshold, policy.keep_fraction = original
         cache.close()
     result = {**_run_info(policy, task_names, seeds, horizon, image_size, camera), "points": points}
     if out_dir is not None:
@@ -292,6 +298,106 @@ def sweep_threshold(
         write_text(out / "sweep.md", sweep_markdown(result))
         plot_success_vs_gflops(result, out / "success_vs_gflops.png")
         plot_sweep_per_task(result, out / "success_per_task_by_threshold.png")
+    return result
+
+
+def parse_keep_values(values: Sequence[str | float]) -> list[float]:
+    """Keep fractions for --sweep-keep: numbers in (0, 1]; none given -> DEFAULT_KEEPS."""
+    keeps = []
+    for value in values or DEFAULT_KEEPS:
+        try:
+            keep = float(value)
+        except (TypeError, ValueError):
+            keep = float("nan")
+        if not 0.0 < keep <= 1.0:
+            raise ValueError(f"--sweep-keep {value!r}: expected keep fractions in (0, 1], e.g. 0.3 0.5 1.0")
+        keeps.append(keep)
+    return keeps
+
+
+def sweep_keep(
+    student,
+    teacher,
+    keeps: Sequence[float] = DEFAULT_KEEPS,
+    tasks: str | Sequence[str] = "mt10",
+    episodes_per_task: int = 10,
+    horizon: int = 200,
+    seed_base: int = EVAL_SEED_BASE,
+    execute_steps: int | None = None,
+    image_size: int | None = None,
+    camera: str = "corner4",
+    route_seed: int = 0,
+    finetuned_truncated=None,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The compute dial against static layer skipping at equal backbone FLOPs, on the same seeds.
+
+    At each keep the student runs its top k = round(keep * L) layers per observation, and the
+    teacher runs k layers on each ``BASELINE_ROUTES`` route (random ones drawn from ``route_seed``).
+    ``finetuned_truncated``: the teacher's first k layers fine-tuned on the demos (``train-teacher
+    --init-from``), evaluated once at its own k as the method "finetuned-truncated".
+    With ``out_dir``: sweep_keep.json, sweep_keep.md and sweep_keep.png (one curve per method).
+    Both policies' settings are restored afterwards.
+    """
+    if not getattr(student.card, "is_student", False):
+        raise ValueError("keep sweep: --policy must be student weights (it has no router to set a keep fraction on)")
+    if getattr(teacher.card, "is_student", False):
+        raise ValueError("keep sweep: --teacher must be teacher weights; the baselines skip a teacher's layers")
+    if teacher.num_layers != student.num_layers:
+        raise ValueError(f"keep sweep: the teacher has {teacher.num_layers} layers, the student {student.num_layers}; "
+                         "expected the student's own teacher")
+    from actdistill_ros.policies.actdistill import num_kept_layers  # torch only when a sweep runs
+    from actdistill_ros.policy import StaticRoute
+
+    if finetuned_truncated is not None:
+        truncated_config = dict(finetuned_truncated.card.vla_config, num_layers=teacher.num_layers)
+        if finetuned_truncated.card.is_student or truncated_config != teacher.card.vla_config:
+            raise ValueError("keep sweep: --finetuned-truncated must be the teacher's architecture with fewer layers "
+                             "(actdistill train-teacher --init-from <teacher> --layers k)")
+    keeps = parse_keep_values(keeps)
+    task_names = parse_task_list(tasks)
+    seeds = check_eval_seeds(seed_base, episodes_per_task)
+    execute_steps = _resolve_execute_steps(student, execute_steps)
+    image_size = int(image_size or _card_value(student, "image_size", 96))
+    original_keep, original_route = student.keep_fraction, teacher.static_route
+    cache = _TaskCache(image_size, horizon, camera)
+    methods: dict[str, list[dict[str, Any]]] = {name: [] for name in ("student", *BASELINE_ROUTES)}
+    if finetuned_truncated is not None:
+        methods["finetuned-truncated"] = []
+
+    def evaluate_point(policy, method: str, keep: float) -> None:
+        with single_torch_thread():
+            summary, _ = _evaluate(policy, cache, task_names, seeds, execute_steps, None,
+                                   f"{method} keep {keep:.2f}", progress)
+        # Fractions of the teacher's L layers, also for a truncated model (whose own L is k).
+        for stats in (summary["overall"], *summary["per_task"].values()):
+            stats["executed_fraction"] *= policy.num_layers / student.num_layers
+        k = num_kept_layers(keep, student.num_layers)
+        methods[method].append({"keep": keep, "k": k, **summary})
+
+    try:
+        for keep in keeps:
+            student.keep_fraction = keep
+            evaluate_point(student, "student", keep)
+            for route in BASELINE_ROUTES:
+                teacher.static_route = StaticRoute(route, keep, teacher.num_layers, seed=route_seed)
+                evaluate_point(teacher, route, keep)
+        if finetuned_truncated is not None:
+            own_keep = finetuned_truncated.num_layers / teacher.num_layers
+            evaluate_point(finetuned_truncated, "finetuned-truncated", own_keep)
+    finally:
+        student.keep_fraction = original_keep
+        teacher.static_route = original_route
+        cache.close()
+    result = {**_run_info(student, task_names, seeds, horizon, image_size, camera), "route_seed": route_seed,
+              "methods": methods}
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "sweep_keep.json", result)
+        write_text(out / "sweep_keep.md", sweep_keep_markdown(result))
+        plot_methods_vs_gflops(result, out / "sweep_keep.png")
     return result
 
 
@@ -335,6 +441,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=float, default=None, help="router threshold (default: the card's)")
     parser.add_argument("--sweep-threshold", nargs="*", type=float, default=None, metavar="T",
                         help="evaluate at these thresholds (no values: 0.0 0.1 ... 0.9)")
+    parser.add_argument("--sweep-keep", nargs="*", default=None, metavar="KEEP",
+                        help="compute dial sweep: the student (--policy) at these keep fractions and the training-free "
+                        "baselines (first / even / random k layers) on --teacher at the same k "
+                        f"(no values: {' '.join(map(str, DEFAULT_KEEPS))})")
+    parser.add_argument("--teacher", default=None, help="with --sweep-keep: the teacher weights directory")
+    parser.add_argument("--finetuned-truncated", default=None, metavar="WEIGHTS",
+                        help="with --sweep-keep: the teacher's first k layers fine-tuned on the demos "
+                        "(actdistill train-teacher --init-from TEACHER --layers k), one point at its own k")
     parser.add_argument("--image-size", type=int, default=None,
                         help="render size in px; use the demos' size so frames get the training resize "
                         "(default: the policy's input size)")
@@ -360,11 +474,22 @@ def run(args: argparse.Namespace) -> int:
         policy = Policy.load(args.policy, device=args.device, dtype=args.dtype)
         if args.threshold is not None:
             policy.threshold = args.threshold
+            policy.keep_fraction = 0.0  # threshold routing: a keep fraction would override the threshold
         # In-process loop; `actdistill` hands --through-ros to ros.closed_loop.run_eval_sim instead.
         common = dict(tasks=args.tasks, episodes_per_task=args.episodes, horizon=args.horizon,
                       seed_base=args.seed_base, execute_steps=args.execute_steps, image_size=args.image_size,
                       out_dir=args.out)
-        if args.sweep_threshold is not None:
+        if args.sweep_keep is not None:
+            keeps = parse_keep_values(args.sweep_keep)  # before loading the teacher: a typo fails fast
+            if args.teacher is None:
+                raise ValueError("--sweep-keep needs --teacher <teacher weights> for the baselines")
+            teacher = Policy.load(args.teacher, device=args.device, dtype=args.dtype)
+            truncated = (None if args.finetuned_truncated is None
+                         else Policy.load(args.finetuned_truncated, device=args.device, dtype=args.dtype))
+            result = sweep_keep(policy, teacher, keeps, finetuned_truncated=truncated, **common)
+            print(sweep_keep_markdown(result))
+            print(f"wrote {Path(args.out) / 'sweep_keep.json'}")
+        elif args.sweep_threshold is not None:
             result = sweep_threshold(policy, thresholds=args.sweep_threshold or DEFAULT_THRESHOLDS, **common)
             print(sweep_markdown(result))
             print(f"wrote {Path(args.out) / 'sweep.json'}")

@@ -32,6 +32,19 @@ class EpisodeOutcome:
     full_backbone_gflops: float = 0.0
 
 
+def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a success rate (sound at 0 or n successes, unlike p +- 2 SE)."""
+    if trials <= 0:
+        return 0.0, 1.0
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z / (1 + z * z / trials) * np.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials))
+    # At 0 or n successes the bound is exactly 0 or 1 (the formula is, up to rounding).
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == trials else min(1.0, centre + half)
+    return float(low), float(high)
+
+
 def summarise(outcomes: list[EpisodeOutcome], execute_steps: int) -> dict[str, Any]:
     ms = np.concatenate([o.predict_ms for o in outcomes]) if outcomes else np.zeros(0)
     steps_ok = [o.steps_to_success for o in outcomes if o.success]
@@ -46,6 +59,7 @@ def summarise(outcomes: list[EpisodeOutcome], execute_steps: int) -> dict[str, A
         "episodes": len(outcomes),
         "successes": int(sum(o.success for o in outcomes)),
         "success_rate": float(np.mean([o.success for o in outcomes])) if outcomes else 0.0,
+        "success_ci95": list(wilson_interval(int(sum(o.success for o in outcomes)), len(outcomes))),
         "mean_steps_to_success": float(np.mean(steps_ok)) if steps_ok else None,
         "policy_calls": int(calls),
         "env_steps": int(total_steps),
@@ -115,6 +129,30 @@ def sweep_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sweep_keep_markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "# Compute dial sweep on Meta-World: student vs training-free baselines at equal backbone FLOPs",
+        "",
+        f"Tasks {', '.join(result['tasks'])}; seeds {result['seeds'][0]}..{result['seeds'][-1]} per task, "
+        f"horizon {result['horizon']}, {result['image_size']} px, device {result['device']}. "
+        "Success with its 95% Wilson interval.",
+        "",
+        "| method | keep | layers run (k / L) | executed layers | backbone GFLOPs / call | success | 95% interval "
+        "| episodes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for method, points in result["methods"].items():
+        for p in points:
+            s = p["overall"]
+            low, high = s["success_ci95"]
+            lines.append(
+                f"| {method} | {p['keep']:.2f} | {p['k']} / {result['num_layers']} | {s['executed_fraction']:.2f} "
+                f"| {s['backbone_gflops_per_call']:.3f} | {s['success_rate']:.2f} | [{low:.2f}, {high:.2f}] "
+                f"| {s['episodes']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def pyplot():
     import matplotlib
 
@@ -165,6 +203,29 @@ def plot_success_vs_gflops(result: dict[str, Any], path: str | Path) -> None:
     ax.set_ylabel("success rate")
     ax.set_ylim(0, 1.05)
     ax.set_title("Success vs backbone compute (labels: threshold)")
+    fig.tight_layout()
+    save_figure(fig, Path(path))
+    plt.close(fig)
+
+
+def plot_methods_vs_gflops(result: dict[str, Any], path: str | Path) -> None:
+    """Success vs backbone GFLOPs, one curve per method, error bars = the 95% Wilson interval."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    full = max((p["overall"]["full_backbone_gflops_per_call"] for ps in result["methods"].values() for p in ps),
+               default=0.0)
+    for index, (method, points) in enumerate(result["methods"].items()):
+        # Methods share their x values (equal FLOPs); a small per-method offset keeps the bars apart.
+        gflops = [p["overall"]["backbone_gflops_per_call"] + 0.006 * full * index for p in points]
+        success = np.array([p["overall"]["success_rate"] for p in points])
+        interval = np.array([p["overall"]["success_ci95"] for p in points]).reshape(-1, 2)
+        ax.errorbar(gflops, success, yerr=[success - interval[:, 0], interval[:, 1] - success], fmt="o-",
+                    capsize=3, ms=4, label=method)
+    ax.set_xlabel("backbone GFLOPs per policy call")
+    ax.set_ylabel("success rate (95% Wilson interval)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Success vs backbone compute at equal keep (x offset per method)", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     save_figure(fig, Path(path))
     plt.close(fig)

@@ -56,6 +56,8 @@ class SpawnedNode:
             "topics.action_chunk": f"/{self.name}/action_chunk", "topics.router_stats": f"/{self.name}/router_stats",
             "action.mode": _action_mode(card), "router.threshold": float(threshold),
         }
+        if role == "student" and args.threshold is not None:
+            params["router.keep_fraction"] = 0.0  # --threshold means threshold routing (keep would override it)
         if plan.state_topic:
             params["topics.state"] = publish_as[plan.state_topic]
         params_file = args.params_file or config_file("policy.yaml")

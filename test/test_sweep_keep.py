@@ -1,0 +1,228 @@
+"""The compute dial sweep: training-free baseline routes on a teacher, the 95% Wilson interval, and
+`actdistill eval-sim --sweep-keep` (student vs baselines at equal backbone FLOPs, real Meta-World)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from actdistill_ros.policies.actdistill import RouterConfig, RoutedStudent
+from actdistill_ros.policies.vla import ReferenceVLA, VLAConfig
+from actdistill_ros.policy import Policy, StaticRoute, create_untrained_policy, make_card
+from actdistill_ros.sim.report import summarise, wilson_interval, EpisodeOutcome
+from actdistill_ros.weights import ActionSpace
+
+KEEPS = (0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+LAYERS = 12
+
+
+def test_first_and_even_routes_run_exactly_their_layers():
+    assert StaticRoute("first", 0.5, LAYERS).fixed_layers == [0, 1, 2, 3, 4, 5]
+    assert StaticRoute("even", 0.5, LAYERS).fixed_layers == [1, 3, 5, 7, 9, 11]
+    assert StaticRoute("even", 0.3, LAYERS).fixed_layers == [2, 5, 8, 11]  # k = round(3.6) = 4
+    assert StaticRoute("even", 0.6, LAYERS).fixed_layers == [1, 2, 4, 6, 8, 9, 11]  # k = 7
+    assert StaticRoute("even", 0.05, LAYERS).fixed_layers == [11]  # k = 1 keeps the last layer
+    assert StaticRoute("even", 1.0, LAYERS).fixed_layers == list(range(LAYERS))
+    for keep in KEEPS:
+        k = round(keep * LAYERS)
+        even = StaticRoute("even", keep, LAYERS).fixed_layers
+        assert len(set(even)) == k and even[-1] == LAYERS - 1
+        mask = StaticRoute("first", keep, LAYERS).mask(3)
+        assert mask.shape == (3, LAYERS) and mask.dtype == torch.bool
+        assert (mask == torch.arange(LAYERS).lt(k)).all()
+
+
+def test_random_route_draws_k_layers_per_observation_reproducibly():
+    masks = StaticRoute("random", 0.5, LAYERS, seed=7).mask(64)
+    assert (masks.sum(1) == 6).all()
+    assert len({tuple(row.tolist()) for row in masks}) > 32  # each observation draws its own layers
+    assert 0 < masks.float().mean(0).min() and masks.float().mean(0).max() < 1  # every layer sometimes
+    again = StaticRoute("random", 0.5, LAYERS, seed=7)
+    assert torch.equal(again.mask(64), masks)
+    assert not torch.equal(StaticRoute("random", 0.5, LAYERS, seed=8).mask(64), masks)
+    # Consecutive calls (one per policy step) keep drawing new routes.
+    route = StaticRoute("random", 0.5, LAYERS, seed=7)
+    assert not torch.equal(route.mask(1), route.mask(1))
+    with pytest.raises(ValueError, match="static route 'last'"):
+        StaticRoute("last", 0.5, LAYERS)
+    with pytest.raises(ValueError, match="keep fraction"):
+        StaticRoute("first", 0.0, LAYERS)
+
+
+@pytest.fixture(scope="module")
+def twelve_layer_policies():
+    torch.manual_seed(0)
+    space = ActionSpace.metaworld()
+    vla = ReferenceVLA(VLAConfig.tiny(num_layers=LAYERS, state_dim=4, action_dim=space.dim))
+    teacher = Policy(vla, make_card(vla, space), torch.device("cpu"))
+    student_model = RoutedStudent.derive_from(ReferenceVLA(VLAConfig.tiny(num_layers=LAYERS, state_dim=4,
+                                                                         action_dim=space.dim)), RouterConfig())
+    torch.nn.init.normal_(student_model.router.gate.weight, std=1.0)  # gates depend on the observation
+    student = Policy(student_model, make_card(student_model, space), torch.device("cpu"))
+    return teacher, student
+
+
+def _observations(batch: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
+    return images, ["reach the goal"] * batch, rng.normal(size=(batch, 4)).astype(np.float32)
+
+
+def test_executed_fraction_and_gflops_match_k_for_every_method(twelve_layer_policies):
+    teacher, student = twelve_layer_policies
+    images, instructions, states = _observations(5)
+    full = teacher.predict_batch(images, instructions, states)
+    layer_gflops = full[0].full_backbone_gflops / LAYERS
+    assert full[0].executed_fraction == 1.0
+    for keep in KEEPS:
+        k = round(keep * LAYERS)
+        student.keep_fraction = keep
+        runs = {"student": student.predict_batch(images, instructions, states)}
+        for kind in StaticRoute.KINDS:
+            teacher.static_route = StaticRoute(kind, keep, LAYERS, seed=1)
+            runs[kind] = teacher.predict_batch(images, instructions, states)
+        for method, outputs in runs.items():
+            for out in outputs:
+                assert len(out.executed_layers) == k, (method, keep)
+                assert out.executed_fraction == pytest.approx(k / LAYERS), (method, keep)
+                assert out.backbone_gflops == pytest.approx(k * layer_gflops), (method, keep)
+        assert all(out.executed_layers == list(range(k)) for out in runs["first"])
+        assert all(out.executed_layers == StaticRoute("even", keep, LAYERS).fixed_layers for out in runs["even"])
+        if k < LAYERS:
+            assert len({tuple(out.executed_layers) for out in runs["random"]}) > 1  # per observation
+            # Skipping layers changes the actions: the route really reached the backbone.
+            assert not np.allclose(runs["first"][0].actions, full[0].actions)
+        else:
+            for kind in StaticRoute.KINDS:
+                np.testing.assert_allclose(runs[kind][0].actions, full[0].actions, atol=1e-6)
+    teacher.static_route = None
+    np.testing.assert_array_equal(teacher.predict_batch(images, instructions, states)[0].actions, full[0].actions)
+    with pytest.raises(ValueError, match="student"):
+        student.static_route = StaticRoute("first", 0.5, LAYERS)
+    with pytest.raises(ValueError, match="4 layers"):
+        teacher.static_route = StaticRoute("first", 0.5, 4)
+
+
+def test_wilson_interval_matches_known_values():
+    # 8 of 10: the 95% Wilson score interval is 0.4902 .. 0.9433 (Wilson 1927; Newcombe 1998, table I).
+    assert wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(10, 10)[1] == 1.0
+    outcomes = [EpisodeOutcome("reach", 10000 + i, i < 8, 10, 10 if i < 8 else None, 1) for i in range(10)]
+    assert summarise(outcomes, 1)["success_ci95"] == pytest.approx([0.4902, 0.9433], abs=1e-4)
+
+
+# ------------------------------------------------------------------------------ the sweep, closed loop
+needs_sim = pytest.mark.skipif(importlib.util.find_spec("metaworld") is None,
+                               reason="simulator extra not installed (requirements-sim.txt)")
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    root = tmp_path_factory.mktemp("weights")
+    return (create_untrained_policy(root / "student", size="tiny", student=True, keep=0.5),
+            create_untrained_policy(root / "teacher", size="tiny", student=False))
+
+
+@pytest.fixture(scope="module")
+def truncated_weights(tiny_weights, tmp_path_factory):
+    """The tiny teacher's first 2 of 4 layers fine-tuned on generated demos (a few tiny steps)."""
+    from actdistill_ros.cli import main as cli
+    from actdistill_ros.data.synthetic import write_synthetic_demos
+
+    demos = write_synthetic_demos(tmp_path_factory.mktemp("bags"), episodes=4, length=8)
+    out = tmp_path_factory.mktemp("truncated")
+    assert cli(["train-teacher", "--data", str(demos), "--out", str(out), "--init-from", str(tiny_weights[1]),
+                "--layers", "2", "--steps", "3", "--batch-size", "4", "--lr", "1e-7", "--val-fraction", "0",
+                "--seed", "1",
+                "--action-space", "metaworld", "--device", "cpu"]) == 0
+    return out / "teacher"
+
+
+def test_train_teacher_init_from_keeps_the_first_layers(tiny_weights, truncated_weights, capsys, tmp_path):
+    from safetensors.torch import load_file
+
+    from actdistill_ros.cli import main as cli
+
+    teacher = load_file(str(tiny_weights[1] / "model.safetensors"))
+    truncated = load_file(str(truncated_weights / "model.safetensors"))
+    assert {n.split(".")[1] for n in truncated if n.startswith("layers.")} == {"0", "1"}
+    assert set(truncated) == {n for n in teacher if not n.startswith(("layers.2.", "layers.3."))}
+    for name, tensor in truncated.items():  # started from the teacher (3 steps at lr 1e-7 since)
+        if not name.endswith(("_mean", "_std")):
+            torch.testing.assert_close(tensor, teacher[name], atol=1e-4, rtol=0)
+    card = json.loads((truncated_weights / "card.json").read_text())
+    assert card["vla_config"]["num_layers"] == 2 and card["provenance"]["init_from"] == str(tiny_weights[1])
+    assert cli(["train-teacher", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--init-from",
+                str(tiny_weights[1]), "--layers", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--layers 5" in err and "1..4" in err, err
+
+
+@needs_sim
+def test_sweep_keep_writes_one_curve_per_method_with_intervals(tmp_path, tiny_weights, truncated_weights):
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    from actdistill_ros.sim import evaluate as evaluate_mod
+
+    student = Policy.load(tiny_weights[0], device="cpu")
+    teacher = Policy.load(tiny_weights[1], device="cpu")
+    layers = student.num_layers
+    chunk = student.card.vla_config["chunk_size"]
+    keeps = [0.3, 0.5, 1.0]
+    truncated = Policy.load(truncated_weights, device="cpu")
+    result = evaluate_mod.sweep_keep(student, teacher, keeps, "reach", 2, horizon=8, execute_steps=chunk,
+                                     finetuned_truncated=truncated, out_dir=tmp_path / "sweep", progress=False)
+    assert list(result["methods"]) == ["student", "first", "even", "random", "finetuned-truncated"]
+    assert [p["k"] for p in result["methods"]["finetuned-truncated"]] == [2]  # at its own k
+    full = None
+    for method, points in result["methods"].items():
+        assert [p["keep"] for p in points] == (keeps if method != "finetuned-truncated" else [0.5])
+        for p in points:
+            s = p["overall"]
+            k = max(1, round(p["keep"] * layers))
+            assert p["k"] == k and s["episodes"] == 2
+            assert s["executed_fraction"] == pytest.approx(k / layers), (method, p["keep"])
+            full = full or s["full_backbone_gflops_per_call"]
+            assert s["backbone_gflops_per_call"] == pytest.approx(full * k / layers)
+            low, high = s["success_ci95"]
+            assert 0.0 <= low <= s["success_rate"] <= high <= 1.0 and high - low > 0.3  # 2 episodes: wide
+    # Restored: the student's card operating point, the teacher on every layer.
+    assert student.keep_fraction == student.card.default_keep_fraction and teacher.static_route is None
+    on_disk = json.loads((tmp_path / "sweep" / "sweep_keep.json").read_text())
+    assert on_disk["methods"].keys() == result["methods"].keys()
+    markdown = (tmp_path / "sweep" / "sweep_keep.md").read_text()
+    for method, points in result["methods"].items():
+        assert markdown.count(f"| {method} |") == len(points)
+    assert (tmp_path / "sweep" / "sweep_keep.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="--teacher must be teacher weights"):
+        evaluate_mod.sweep_keep(student, student, [0.5], "reach", 1, horizon=4, progress=False)
+    with pytest.raises(ValueError, match="fewer layers"):
+        evaluate_mod.sweep_keep(student, teacher, [0.5], "reach", 1, horizon=4, finetuned_truncated=student,
+                                progress=False)
+
+
+@needs_sim
+@pytest.mark.parametrize("keeps, expected", [(["0.5", "1.5"], "'1.5'"), (["0.5", "half"], "'half'"),
+                                              (["0"], "'0'"), (["0.5"], "needs --teacher")])
+def test_sweep_keep_bad_input_is_one_line(tmp_path, tiny_weights, capsys, keeps, expected):
+    from actdistill_ros import cli
+
+    teacher = [] if expected == "needs --teacher" else ["--teacher", str(tiny_weights[1])]
+    code = cli.main(["eval-sim", "--policy", str(tiny_weights[0]), *teacher, "--sweep-keep", *keeps,
+                     "--tasks", "reach", "--episodes", "1", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and expected in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_through_ros_refuses_sweep_keep_in_one_line(capsys):
+    from actdistill_ros import cli
+
+    assert cli.main(["eval-sim", "--policy", "w", "--through-ros", "--sweep-keep", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--sweep-keep" in err and "in-process" in err
