@@ -26,6 +26,16 @@ def camera_batch(images: Tensor, num_cameras: int, image_size: int) -> Tensor:
     return images
 
 
+def full_depth_forward(vla, images: Tensor, instructions: list[str], states: Tensor | None) -> Tensor:
+    """Every backbone layer, no routing: a teacher's ``forward`` (behaviour cloning) -> normalised
+    action chunk (B, H, D). Only protocol members are used, so every family shares it."""
+    encoded = vla.encode(images, instructions, states)
+    hidden, mask = encoded.tokens, encoded.attention_mask()
+    for index in range(vla.num_layers):
+        hidden = vla.run_layer(index, hidden, mask)
+    return vla.predict_chunk(hidden, encoded)
+
+
 class NormalizationMixin:
     """For an ``nn.Module``: ``action_mean/std`` and ``state_mean/std`` buffers and their use."""
 

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from actdistill_ros.policies.hf_vla.configuration_hf_vla import HFVLAConfig
-from actdistill_ros.policies.common import NormalizationMixin, camera_batch
+from actdistill_ros.policies.common import NormalizationMixin, camera_batch, full_depth_forward
 from actdistill_ros.policies.vla.modeling_vla import ACTION_QUERY, LANGUAGE, STATE, VISUAL, EncodedObservation
 
 log = logging.getLogger(__name__)
@@ -592,8 +592,4 @@ class HFVLA(NormalizationMixin, nn.Module):
 
     # ---- plain full-depth use (teacher training) -------------------------------------------------
     def forward(self, images: Tensor, instructions: list[str], states: Tensor | None = None) -> Tensor:
-        encoded = self.encode(images, instructions, states)
-        hidden, mask = encoded.tokens, encoded.attention_mask()
-        for index in range(self.num_layers):
-            hidden = self.run_layer(index, hidden, mask)
-        return self.predict_chunk(hidden, encoded)
+        return full_depth_forward(self, images, instructions, states)

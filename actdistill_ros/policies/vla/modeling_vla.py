@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from actdistill_ros.policies.common import NormalizationMixin, camera_batch
+from actdistill_ros.policies.common import NormalizationMixin, camera_batch, full_depth_forward
 from actdistill_ros.policies.vla.configuration_vla import VLAConfig
 from actdistill_ros.policies.vla.tokenizer import PAD_ID, tokenize_batch
 
@@ -174,8 +174,4 @@ class ReferenceVLA(NormalizationMixin, nn.Module):
 
     # ---- plain full-depth use (teacher training) -----------------------------------------
     def forward(self, images: Tensor, instructions: list[str], states: Tensor | None = None) -> Tensor:
-        encoded = self.encode(images, instructions, states)
-        hidden, mask = encoded.tokens, encoded.attention_mask()
-        for index in range(self.num_layers):
-            hidden = self.run_layer(index, hidden, mask)
-        return self.predict_chunk(hidden, encoded)
+        return full_depth_forward(self, images, instructions, states)
