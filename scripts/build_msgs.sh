@@ -119,5 +119,9 @@ PYTHONPATH="$ROS_BUILD_DIR/install/$PY_SITE_REL${PYTHONPATH:+:$PYTHONPATH}" \
 LD_LIBRARY_PATH="$ROS_BUILD_DIR/install/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
   "$PY" -c 'from actdistill_ros.msg import RouterStats; RouterStats()' \
   || { echo "[build_msgs] error: built messages do not import" >&2; exit 1; }
+# ...and the installed package __init__ is ours (extend_path), not rosidl's empty one, which
+# would hide the Python sources behind the install directory.
+cmp -s actdistill_ros/__init__.py "$ROS_BUILD_DIR/install/$PY_SITE_REL/actdistill_ros/__init__.py" \
+  || { echo "[build_msgs] error: installed actdistill_ros/__init__.py is not the package's own" >&2; exit 1; }
 echo "$WANT" > "$STAMP"
 log "done: actdistill_ros.msg.RouterStats built in $ROS_BUILD_DIR/install"

@@ -106,6 +106,17 @@ def test_router_stats_round_trips_through_rclpy_serialization(ros_env):
     assert out["scalars"] == [6, 0.5, 12.25, 24.5, 0.75, 3.5, 18.25]  # all exactly representable
 
 
+def test_built_messages_and_sources_share_one_package(ros_env):
+    # The install dir's actdistill_ros/__init__.py comes first on PYTHONPATH: if it were rosidl's
+    # empty one, every source module (cli, policy, ...) would be hidden behind it.
+    installed = built_messages_path() / "actdistill_ros" / "__init__.py"
+    assert installed.read_bytes() == (REPO_ROOT / "actdistill_ros" / "__init__.py").read_bytes()
+    result = _run_python("""
+        import actdistill_ros, actdistill_ros.msg, actdistill_ros.weights
+        print(actdistill_ros.__version__)
+    """, env=ros_env)
+    assert result.returncode == 0, result.stderr
+
 def test_ros_env_module_imports_without_rclpy():
     result = _run_python("""
         import sys
