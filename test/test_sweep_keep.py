@@ -226,3 +226,41 @@ def test_through_ros_refuses_sweep_keep_in_one_line(capsys):
     assert cli.main(["eval-sim", "--policy", "w", "--through-ros", "--sweep-keep", "0.5"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--sweep-keep" in err and "in-process" in err
+
+
+@needs_sim
+def test_sweep_keep_resumes_after_a_kill_and_evaluates_full_depth_once(tmp_path, tiny_weights, monkeypatch):
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    from actdistill_ros.sim import evaluate as evaluate_mod
+
+    student = Policy.load(tiny_weights[0], device="cpu")
+    teacher = Policy.load(tiny_weights[1], device="cpu")
+    chunk = student.card.vla_config["chunk_size"]
+    evaluated, real_evaluate = [], evaluate_mod._evaluate
+
+    def counting_evaluate(policy, cache, tasks, seeds, execute_steps, gif_dir, label, progress):
+        if len(evaluated) == kill_after:
+            raise KeyboardInterrupt  # the run is killed part way
+        evaluated.append(label)
+        return real_evaluate(policy, cache, tasks, seeds, execute_steps, gif_dir, label, progress)
+
+    monkeypatch.setattr(evaluate_mod, "_evaluate", counting_evaluate)
+    sweep = dict(tasks="reach", episodes_per_task=1, horizon=6, execute_steps=chunk, out_dir=tmp_path / "s",
+                 progress=False)
+    kill_after = 3  # student 0.5, first 0.5, even 0.5
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_mod.sweep_keep(student, teacher, [0.5, 1.0], **sweep)
+    assert (tmp_path / "s" / "sweep_keep.partial.json").is_file() and not (tmp_path / "s" / "sweep_keep.json").exists()
+    with pytest.raises(ValueError, match="other weights or settings"):
+        evaluate_mod.sweep_keep(student, teacher, [0.5, 1.0], **{**sweep, "horizon": 7}, resume=True)
+
+    kill_after = None
+    evaluated.clear()
+    result = evaluate_mod.sweep_keep(student, teacher, [0.5, 1.0], **sweep, resume=True)
+    # Only what the killed run had not finished; at k = L one teacher evaluation serves every route.
+    assert evaluated == ["random keep 0.50", "student keep 1.00", "first keep 1.00"]
+    assert [len(points) for points in result["methods"].values()] == [2, 2, 2, 2]
+    full = [result["methods"][route][1] for route in evaluate_mod.BASELINE_ROUTES]
+    assert all(point["overall"] == full[0]["overall"] and point["keep"] == 1.0 for point in full)
+    assert not (tmp_path / "s" / "sweep_keep.partial.json").exists()
+    assert json.loads((tmp_path / "s" / "sweep_keep.json").read_text())["methods"].keys() == result["methods"].keys()

@@ -11,6 +11,8 @@ Evaluation seeds start at 10000 and never overlap the collection seeds (0 up).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import sys
 import time
 from contextlib import contextmanager
@@ -329,16 +331,19 @@ def sweep_keep(
     route_seed: int = 0,
     finetuned_truncated=None,
     out_dir: str | Path | None = None,
+    resume: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """The compute dial against static layer skipping at equal backbone FLOPs, on the same seeds.
 
     At each keep the student runs its top k = round(keep * L) layers per observation, and the
     teacher runs k layers on each ``BASELINE_ROUTES`` route (random ones drawn from ``route_seed``).
+    At k = L every route is the whole teacher, so one evaluation serves all of them.
     ``finetuned_truncated``: the teacher's first k layers fine-tuned on the demos (``train-teacher
     --init-from``), evaluated once at its own k as the method "finetuned-truncated".
-    With ``out_dir``: sweep_keep.json, sweep_keep.md and sweep_keep.png (one curve per method).
-    Both policies' settings are restored afterwards.
+    With ``out_dir``: sweep_keep.json, sweep_keep.md and sweep_keep.png (one curve per method), and
+    after every point sweep_keep.partial.json, from which ``resume`` skips the points already done
+    by a killed run of the same weights and settings. Both policies' settings are restored afterwards.
     """
     if not getattr(student.card, "is_student", False):
         raise ValueError("keep sweep: --policy must be student weights (it has no router to set a keep fraction on)")
@@ -365,24 +370,41 @@ def sweep_keep(
     methods: dict[str, list[dict[str, Any]]] = {name: [] for name in ("student", *BASELINE_ROUTES)}
     if finetuned_truncated is not None:
         methods["finetuned-truncated"] = []
+    result = {**_run_info(student, task_names, seeds, horizon, image_size, camera), "route_seed": route_seed,
+              "execute_steps": execute_steps, "methods": methods}
+    out = Path(out_dir) if out_dir is not None else None
+    partial = out / "sweep_keep.partial.json" if out is not None else None
+    identity = _sweep_identity(result, student, teacher, finetuned_truncated)
+    done = _finished_points(partial, identity) if resume and partial is not None else {}
 
-    def evaluate_point(policy, method: str, keep: float) -> None:
-        with single_torch_thread():
-            summary, _ = _evaluate(policy, cache, task_names, seeds, execute_steps, None,
-                                   f"{method} keep {keep:.2f}", progress)
-        # Fractions of the teacher's L layers, also for a truncated model (whose own L is k).
-        for stats in (summary["overall"], *summary["per_task"].values()):
-            stats["executed_fraction"] *= policy.num_layers / student.num_layers
+    def evaluate_point(policy, method: str, keep: float) -> dict[str, Any]:
         k = num_kept_layers(keep, student.num_layers)
-        methods[method].append({"keep": keep, "k": k, **summary})
+        point = done.get((method, k))
+        if point is None:
+            with single_torch_thread():
+                summary, _ = _evaluate(policy, cache, task_names, seeds, execute_steps, None,
+                                       f"{method} keep {keep:.2f}", progress)
+            # Fractions of the teacher's L layers, also for a truncated model (whose own L is k).
+            for stats in (summary["overall"], *summary["per_task"].values()):
+                stats["executed_fraction"] *= policy.num_layers / student.num_layers
+            point = {"keep": keep, "k": k, **summary}
+        methods[method].append(point)
+        if partial is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(partial, {"identity": identity, **result})
+        return point
 
     try:
         for keep in keeps:
             student.keep_fraction = keep
             evaluate_point(student, "student", keep)
+            full_depth = None
             for route in BASELINE_ROUTES:
+                if num_kept_layers(keep, teacher.num_layers) == teacher.num_layers and full_depth is not None:
+                    methods[route].append(dict(full_depth, keep=keep))  # every route is the whole teacher
+                    continue
                 teacher.static_route = StaticRoute(route, keep, teacher.num_layers, seed=route_seed)
-                evaluate_point(teacher, route, keep)
+                full_depth = evaluate_point(teacher, route, keep)
         if finetuned_truncated is not None:
             own_keep = finetuned_truncated.num_layers / teacher.num_layers
             evaluate_point(finetuned_truncated, "finetuned-truncated", own_keep)
@@ -390,15 +412,36 @@ def sweep_keep(
         student.keep_fraction = original_keep
         teacher.static_route = original_route
         cache.close()
-    result = {**_run_info(student, task_names, seeds, horizon, image_size, camera), "route_seed": route_seed,
-              "methods": methods}
-    if out_dir is not None:
-        out = Path(out_dir)
+    if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "sweep_keep.json", result)
         write_text(out / "sweep_keep.md", sweep_keep_markdown(result))
         plot_methods_vs_gflops(result, out / "sweep_keep.png")
+        partial.unlink(missing_ok=True)
     return result
+
+
+def _sweep_identity(run: dict[str, Any], *policies) -> str:
+    """A digest of the sweep's settings and the cards of its weights: a resumed sweep only reuses
+    points measured on the same models, seeds and settings."""
+    settings = {key: value for key, value in run.items() if key != "methods"}
+    cards = [policy.card.to_dict() if policy is not None else None for policy in policies]
+    blob = json.dumps({"settings": settings, "cards": cards}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _finished_points(partial: Path, identity: str) -> dict[tuple[str, int], dict[str, Any]]:
+    """(method, k) -> point from a killed sweep's partial file, if it measured the same thing."""
+    if not partial.is_file():
+        return {}
+    try:
+        saved = json.loads(partial.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--resume: {partial} is not a readable sweep record ({err}); delete it to start over")
+    if saved.get("identity") != identity:
+        raise ValueError(f"--resume: {partial} was measured with other weights or settings; "
+                         "delete it or use another --out")
+    return {(method, point["k"]): point for method, points in saved["methods"].items() for point in points}
 
 
 # ------------------------------------------------------------------------------------- run description
@@ -449,6 +492,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--finetuned-truncated", default=None, metavar="WEIGHTS",
                         help="with --sweep-keep: the teacher's first k layers fine-tuned on the demos "
                         "(actdistill train-teacher --init-from TEACHER --layers k), one point at its own k")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --sweep-keep: skip the points a killed sweep into the same --out already measured")
     parser.add_argument("--image-size", type=int, default=None,
                         help="render size in px; use the demos' size so frames get the training resize "
                         "(default: the policy's input size)")
@@ -479,6 +524,8 @@ def run(args: argparse.Namespace) -> int:
         common = dict(tasks=args.tasks, episodes_per_task=args.episodes, horizon=args.horizon,
                       seed_base=args.seed_base, execute_steps=args.execute_steps, image_size=args.image_size,
                       out_dir=args.out)
+        if args.resume and args.sweep_keep is None:
+            raise ValueError("--resume continues a --sweep-keep run; one evaluation has nothing to resume")
         if args.sweep_keep is not None:
             keeps = parse_keep_values(args.sweep_keep)  # before loading the teacher: a typo fails fast
             if args.teacher is None:
@@ -486,7 +533,7 @@ def run(args: argparse.Namespace) -> int:
             teacher = Policy.load(args.teacher, device=args.device, dtype=args.dtype)
             truncated = (None if args.finetuned_truncated is None
                          else Policy.load(args.finetuned_truncated, device=args.device, dtype=args.dtype))
-            result = sweep_keep(policy, teacher, keeps, finetuned_truncated=truncated, **common)
+            result = sweep_keep(policy, teacher, keeps, finetuned_truncated=truncated, resume=args.resume, **common)
             print(sweep_keep_markdown(result))
             print(f"wrote {Path(args.out) / 'sweep_keep.json'}")
         elif args.sweep_threshold is not None:
