@@ -109,6 +109,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     report = {
         "student": str(args.student), "teacher": str(args.teacher), "tasks": result["tasks"],
         "seeds": result["seeds"], "horizon": args.horizon, "threshold": result["threshold"],
+        "keep_fraction": student.keep_fraction,
         "success_rate": overall["success_rate"], "successes": overall["successes"], "episodes": overall["episodes"],
         "per_task_success": {name: s["success_rate"] for name, s in result["per_task"].items()},
         "camera_to_action_ms_p50": overall["camera_to_action_ms_p50"],
@@ -139,13 +140,18 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _routing(keep_fraction: float, threshold: float) -> str:
+    return f"keep {keep_fraction:g}" if keep_fraction > 0 else f"threshold {threshold:g}"
+
+
 def summary_text(r: dict[str, Any]) -> str:
     per_task = ", ".join(f"{name} {rate:.2f}" for name, rate in r["per_task_success"].items())
     return "\n".join([
         f"success              {r['successes']}/{r['episodes']} ({r['success_rate']:.2f}; {per_task})",
         f"camera-to-action     p50 {_fmt(r['camera_to_action_ms_p50'], '.1f')} ms, "
         f"p99 {_fmt(r['camera_to_action_ms_p99'], '.1f')} ms",
-        f"executed layers      {r['executed_layer_fraction']:.2f} of the backbone (threshold {r['threshold']:g})",
+        f"executed layers      {r['executed_layer_fraction']:.2f} of the backbone "
+        f"({_routing(r['keep_fraction'], r['threshold'])})",
         f"speedup vs teacher   {r['speedup']:.2f}x end to end ({r['teacher_ms']:.2f} -> {r['student_ms']:.2f} ms), "
         f"{r['backbone_speedup']:.2f}x backbone, {r['flops_ratio']:.2f}x fewer backbone FLOPs",
         f"sim through ROS      {_fmt(r['sim_steps_per_s'], '.1f')} steps/s (lockstep), run took {r['wall_s']:.0f} s",
