@@ -373,11 +373,13 @@ def sweep_keep(
     result = {**_run_info(student, task_names, seeds, horizon, image_size, camera), "route_seed": route_seed,
               "execute_steps": execute_steps, "methods": methods}
     out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
     partial = out / "sweep_keep.partial.json" if out is not None else None
     identity = _sweep_identity(result, student, teacher, finetuned_truncated)
     done = _finished_points(partial, identity) if resume and partial is not None else {}
 
-    def evaluate_point(policy, method: str, keep: float) -> dict[str, Any]:
+    def evaluate_point(policy, method: str, keep: float) -> None:
         k = num_kept_layers(keep, student.num_layers)
         point = done.get((method, k))
         if point is None:
@@ -390,21 +392,19 @@ def sweep_keep(
             point = {"keep": keep, "k": k, **summary}
         methods[method].append(point)
         if partial is not None:
-            out.mkdir(parents=True, exist_ok=True)
             write_json(partial, {"identity": identity, **result})
-        return point
 
     try:
         for keep in keeps:
             student.keep_fraction = keep
             evaluate_point(student, "student", keep)
-            full_depth = None
+            whole_teacher = num_kept_layers(keep, teacher.num_layers) == teacher.num_layers
             for route in BASELINE_ROUTES:
-                if num_kept_layers(keep, teacher.num_layers) == teacher.num_layers and full_depth is not None:
-                    methods[route].append(dict(full_depth, keep=keep))  # every route is the whole teacher
+                if whole_teacher and route != BASELINE_ROUTES[0]:  # every route is the whole teacher
+                    methods[route].append(dict(methods[BASELINE_ROUTES[0]][-1], keep=keep))
                     continue
                 teacher.static_route = StaticRoute(route, keep, teacher.num_layers, seed=route_seed)
-                full_depth = evaluate_point(teacher, route, keep)
+                evaluate_point(teacher, route, keep)
         if finetuned_truncated is not None:
             own_keep = finetuned_truncated.num_layers / teacher.num_layers
             evaluate_point(finetuned_truncated, "finetuned-truncated", own_keep)
@@ -413,7 +413,6 @@ def sweep_keep(
         teacher.static_route = original_route
         cache.close()
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         write_json(out / "sweep_keep.json", result)
         write_text(out / "sweep_keep.md", sweep_keep_markdown(result))
         plot_methods_vs_gflops(result, out / "sweep_keep.png")
