@@ -164,6 +164,41 @@ def test_train_teacher_init_from_keeps_the_first_layers(tiny_weights, truncated_
     assert err.count("\n") == 0 and "--layers 5" in err and "1..4" in err, err
 
 
+def test_train_teacher_init_from_at_a_higher_resolution_resamples_positions(tiny_weights, capsys, tmp_path):
+    from safetensors.torch import load_file
+
+    from actdistill_ros.cli import main as cli
+    from actdistill_ros.data.synthetic import write_synthetic_demos
+    from actdistill_ros.policies.vla.modeling_vla import resample_visual_positions
+
+    demos = write_synthetic_demos(tmp_path / "bags", episodes=4, length=8)
+    teacher = load_file(str(tiny_weights[1] / "model.safetensors"))
+    grid = round(teacher["visual_pos"].shape[1] ** 0.5)  # tiny: 32 px, 8 px patches
+    assert cli(["train-teacher", "--data", str(demos), "--out", str(tmp_path / "hi"), "--init-from",
+                str(tiny_weights[1]), "--image-size", "48", "--steps", "2", "--batch-size", "4", "--lr", "1e-7",
+                "--val-fraction", "0", "--action-space", "metaworld", "--device", "cpu"]) == 0
+    card = json.loads((tmp_path / "hi" / "teacher" / "card.json").read_text())
+    assert card["vla_config"]["image_size"] == 48 and card["vla_config"]["num_layers"] == 4
+    hi = load_file(str(tmp_path / "hi" / "teacher" / "model.safetensors"))
+    assert hi["visual_pos"].shape == (1, 36, teacher["visual_pos"].shape[2])
+    torch.testing.assert_close(hi["visual_pos"], resample_visual_positions(teacher["visual_pos"], 6),
+                               atol=1e-4, rtol=0)
+    for name in ("patch_embed.weight", "layers.3.fc2.weight", "action_head.2.weight"):
+        torch.testing.assert_close(hi[name], teacher[name], atol=1e-4, rtol=0)
+    output = Policy.load(tmp_path / "hi" / "teacher", device="cpu").predict(
+        np.zeros((48, 48, 3), np.uint8), "push", np.zeros(4, np.float32))
+    assert np.isfinite(output.actions).all()
+    # A constant field stays constant, the same grid is returned as is, and sizes the patches do not tile fail.
+    constant = torch.full((1, grid * grid, 8), 0.5)
+    torch.testing.assert_close(resample_visual_positions(constant, 7), torch.full((1, 49, 8), 0.5))
+    assert resample_visual_positions(teacher["visual_pos"], grid) is teacher["visual_pos"]
+    capsys.readouterr()
+    assert cli(["train-teacher", "--data", str(demos), "--out", str(tmp_path / "bad"), "--init-from",
+                str(tiny_weights[1]), "--image-size", "50"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--image-size 50" in err and "multiple of 8" in err, err
+
+
 @needs_sim
 def test_sweep_keep_writes_one_curve_per_method_with_intervals(tmp_path, tiny_weights, truncated_weights):
     os.environ.setdefault("MUJOCO_GL", "egl")

@@ -8,8 +8,11 @@ tower's pretraining data, a frozen tower keeps its features and saves the memory
 backward pass; the projector, the whole decoder, the state/query tokens and the head train
 (SmolVLA's choice). A from-scratch ``make-backbone`` model has nothing to keep: use --train-vision.
 
-``--init-from TEACHER --layers k`` starts from a trained reference teacher cut to its first k
-layers: the fine-tuned truncated baseline ("train a smaller model") of the compute dial sweep.
+``--init-from TEACHER`` starts from a trained reference teacher. With ``--layers k`` it is cut to its
+first k layers: the fine-tuned truncated baseline ("train a smaller model") of the compute dial
+sweep. With ``--image-size`` it is fine-tuned at another resolution, same patch size: its position
+embeddings are resampled to the new patch grid (the ViT recipe for fine-tuning at higher resolution),
+which is far cheaper than training the larger input from scratch.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from actdistill_ros.distill.runtime import Checkpointer, RunLog, init_distribute
 from actdistill_ros.distill.training import train_stage, wrap_parallel
 from actdistill_ros.policies.hf_vla.configuration_hf_vla import HFVLAConfig
 from actdistill_ros.policies.vla import ReferenceVLA, VLAConfig
+from actdistill_ros.policies.vla.modeling_vla import resample_visual_positions
 from actdistill_ros.policy import make_card, save_model
 from actdistill_ros.weights import atomic_write, load_state_into, read_card, read_weights, resolve_weights_path
 
@@ -58,8 +62,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--layers", type=int, help="override the preset's number of backbone layers")
     p.add_argument("--heads", type=int, help="override the preset's attention heads")
     p.add_argument("--init-from", type=Path, metavar="TEACHER",
-                   help="start from these reference teacher weights, cut to their first --layers layers "
-                   "(the fine-tuned truncated baseline of eval-sim --sweep-keep)")
+                   help="start from these reference teacher weights: cut to their first --layers layers (the "
+                   "fine-tuned truncated baseline of eval-sim --sweep-keep) and/or at another --image-size")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -72,14 +76,15 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _truncated_teacher(args, topics, ctx):
-    """--init-from's teacher cut to its first --layers layers (its weights kept), and the demonstrations."""
-    other = [flag for flag, value in (("--size", args.size), ("--image-size", args.image_size),
-                                      ("--chunk-size", args.chunk_size), ("--patch-size", args.patch_size),
-                                      ("--width", args.width), ("--heads", args.heads)) if value]
+def _teacher_from(args, topics, ctx):
+    """--init-from's teacher, cut to its first --layers layers and/or resampled to --image-size (its
+    weights kept otherwise), and the demonstrations."""
+    other = [flag for flag, value in (("--size", args.size), ("--chunk-size", args.chunk_size),
+                                      ("--patch-size", args.patch_size), ("--width", args.width),
+                                      ("--heads", args.heads)) if value]
     if other:
         raise ValueError(f"{', '.join(other)}: --init-from {args.init_from} brings its architecture; "
-                         "only --layers is set")
+                         "only --layers and --image-size are set")
     weights_file, card_file = resolve_weights_path(args.init_from)
     card = read_card(card_file)
     if card.family != "reference_vla" or card.is_student:
@@ -89,7 +94,11 @@ def _truncated_teacher(args, topics, ctx):
     layers = args.layers or full.num_layers
     if not 1 <= layers <= full.num_layers:
         raise ValueError(f"--layers {layers}: --init-from keeps the first 1..{full.num_layers} of its teacher's layers")
-    config = VLAConfig.from_dict({**card.vla_config, "num_layers": layers})
+    image_size = args.image_size or full.image_size
+    if image_size % full.patch_size:
+        raise ValueError(f"--image-size {image_size}: --init-from {args.init_from} has {full.patch_size} px patches; "
+                         f"expected a multiple of {full.patch_size}")
+    config = VLAConfig.from_dict({**card.vla_config, "num_layers": layers, "image_size": image_size})
     demos = load_demonstrations(args.data, topics, config.image_size, config.chunk_size, args.val_fraction, args.seed,
                                 progress=ctx.is_main)
     found = (len(demos.action_names), len(demos.state_names) if demos.stats.state_dim else 0, topics.num_cameras)
@@ -99,6 +108,10 @@ def _truncated_teacher(args, topics, ctx):
     model = ReferenceVLA(config)
     dropped = tuple(f"layers.{index}." for index in range(layers, full.num_layers))
     tensors = {name: t for name, t in read_weights(weights_file).items() if not name.startswith(dropped)}
+    if image_size != full.image_size:
+        tensors["visual_pos"] = resample_visual_positions(tensors["visual_pos"], image_size // full.patch_size)
+        log.info("--init-from %s: position embeddings resampled from %d px to %d px (%d -> %d patches)",
+                 args.init_from, full.image_size, image_size, full.num_patches, config.num_patches)
     load_state_into(model, tensors, weights_file)
     return model, demos
 
@@ -150,7 +163,7 @@ def train_teacher(args: argparse.Namespace) -> Path:
     topics = topics_from_args(args)
     if args.init_from and args.backbone:
         raise ValueError("--init-from and --backbone both choose the starting model; give one")
-    build = _truncated_teacher if args.init_from else _backbone_teacher if args.backbone else _reference_teacher
+    build = _teacher_from if args.init_from else _backbone_teacher if args.backbone else _reference_teacher
     model, demos = build(args, topics, ctx)
     config = model.config
     model.set_normalization(demos.stats.to_dict())

@@ -51,6 +51,20 @@ class EncodedObservation:
         return self.valid & (self.segment == segment)[None, :]
 
 
+def resample_visual_positions(visual_pos: Tensor, grid: int) -> Tensor:
+    """(1, g * g, W) patch position embeddings -> (1, grid * grid, W), resampled bicubically over the
+    patch grid: the same weights at another input resolution (same patch size)."""
+    _, patches, width = visual_pos.shape
+    old = round(patches ** 0.5)
+    if old * old != patches:
+        raise ValueError(f"visual_pos: expected a square patch grid, got {patches} positions")
+    if old == grid:
+        return visual_pos
+    square = visual_pos.reshape(1, old, old, width).permute(0, 3, 1, 2).float()
+    resized = F.interpolate(square, size=(grid, grid), mode="bicubic", align_corners=False)
+    return resized.permute(0, 2, 3, 1).reshape(1, grid * grid, width).to(visual_pos.dtype)
+
+
 class TransformerBlock(nn.Module):
     """Pre-norm block: h + Attn(LN(h)), then h + MLP(LN(h))."""
 
