@@ -54,7 +54,8 @@ def add_parser(subparsers) -> None:
                    help="--backbone: train the vision tower too (default: frozen; the projector trains)")
     p.add_argument("--max-text-tokens", type=int, help="--backbone: instruction length in tokens (default 16)")
     p.add_argument("--size", choices=["tiny", "default", "bench"], help="reference VLA size preset (default: default)")
-    p.add_argument("--image-size", type=int, help="input resolution (reference: override the preset's; --backbone: "
+    p.add_argument("--image-size", type=int, help="input resolution (reference: override the preset's; --init-from: "
+                                                  "fine-tune at this size, position embeddings resampled; --backbone: "
                                                   "default the vision tower's own)")
     p.add_argument("--chunk-size", type=int, help="action chunk length H (default: the preset's, 8 with --backbone)")
     p.add_argument("--patch-size", type=int, help="override the preset's patch size")
