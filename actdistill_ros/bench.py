@@ -41,9 +41,9 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _time(policy: Policy, image, instruction, state) -> tuple[float, float, float]:
+def _time(policy: Policy, image, instruction, state) -> tuple[float, float, float, float]:
     out = policy.predict(image, instruction, state)
-    return out.timings_ms["total"], out.timings_ms["backbone"], out.backbone_gflops
+    return out.timings_ms["total"], out.timings_ms["backbone"], out.backbone_gflops, out.executed_fraction
 
 
 def measure(teacher: Policy, student: Policy, iters: int = 50, warmup: int = 10, seed: int = 0) -> dict:
@@ -60,7 +60,7 @@ def measure(teacher: Policy, student: Policy, iters: int = 50, warmup: int = 10,
         samples["teacher"].append(_time(teacher, image, instruction, state))
         samples["student"].append(_time(student, image, instruction, state))
     med = {k: [statistics.median(col) for col in zip(*v)] for k, v in samples.items()}
-    (t_total, t_backbone, t_gflops), (s_total, s_backbone, s_gflops) = med["teacher"], med["student"]
+    (t_total, t_backbone, t_gflops, _), (s_total, s_backbone, s_gflops, s_layers) = med["teacher"], med["student"]
     return {
         "device": str(student.device), "dtype": str(student.dtype).replace("torch.", ""),
         "num_layers": student.num_layers, "threshold": student.threshold, "keep_fraction": student.keep_fraction,
@@ -70,7 +70,7 @@ def measure(teacher: Policy, student: Policy, iters: int = 50, warmup: int = 10,
         "backbone_speedup": round(t_backbone / s_backbone, 3) if s_backbone > 0 else float("inf"),
         "teacher_backbone_gflops": round(t_gflops, 4), "student_backbone_gflops": round(s_gflops, 4),
         "flops_ratio": round(t_gflops / s_gflops, 3) if s_gflops > 0 else float("inf"),
-        "executed_layer_fraction": round(s_gflops / t_gflops, 4),
+        "executed_layer_fraction": round(s_layers, 4), "backbone_flops_fraction": round(s_gflops / t_gflops, 4),
         "iters": iters, "torch_threads": torch.get_num_threads(),
     }
 

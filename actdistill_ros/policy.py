@@ -16,7 +16,8 @@ import torch
 
 from actdistill_ros import __version__
 from actdistill_ros.data.images import resize_rgb
-from actdistill_ros.policies.actdistill import RouterConfig, RoutedStudent, num_kept_layers, run_backbone
+from actdistill_ros.policies.actdistill import (RouterConfig, RoutedStudent, backbone_flops, num_kept_layers,
+                                               run_backbone)
 from actdistill_ros.policies.vla import ReferenceVLA, VLAConfig
 from actdistill_ros.weights import (ActionSpace, ModelCard, WeightsError, identity_norm_stats, load_state_into,
                                     read_card, read_weights, resolve_weights_path, save_policy)
@@ -128,7 +129,8 @@ class Policy:
         space = card.action_space
         self._low = np.asarray(space.low, dtype=np.float32)
         self._high = np.asarray(space.high, dtype=np.float32)
-        self._layer_gflops = self.vla.layer_flops(self.vla.config.num_tokens) / 1e9
+        # Backbone GFLOPs of one sample by the number of layers it runs.
+        self._backbone_gflops = [backbone_flops(self.vla, k) / 1e9 for k in range(self.vla.num_layers + 1)]
         self._static_route: StaticRoute | None = None
 
     @classmethod
@@ -220,9 +222,9 @@ class Policy:
         else:
             gates, execute = None, None
         t1 = self._sync()
-        hidden = run_backbone(self.vla, encoded, execute)
+        readout = run_backbone(self.vla, encoded, execute)
         t2 = self._sync()
-        chunk = self.vla.unnormalize_actions(self.vla.predict_chunk(hidden, encoded).float())
+        chunk = self.vla.unnormalize_actions(self.vla.predict_chunk(readout).float())
         actions = np.clip(chunk.cpu().numpy(), self._low, self._high)
         t3 = self._sync()
         timings = {"encode": (t1 - t0) * 1e3, "backbone": (t2 - t1) * 1e3, "head": (t3 - t2) * 1e3,
@@ -235,8 +237,8 @@ class Policy:
             layers = np.flatnonzero(execute_np[row]).tolist()
             outputs.append(PolicyOutput(
                 actions=actions[row], executed_layers=layers, executed_fraction=len(layers) / num_layers,
-                backbone_gflops=len(layers) * self._layer_gflops,
-                full_backbone_gflops=num_layers * self._layer_gflops, timings_ms=timings,
+                backbone_gflops=self._backbone_gflops[len(layers)],
+                full_backbone_gflops=self._backbone_gflops[num_layers], timings_ms=timings,
                 gates=None if gates_np is None else gates_np[row].tolist()))
         return outputs
 

@@ -223,8 +223,9 @@ def test_camera_killed_then_restarted_holds_and_resumes_only_from_fresh_frames(r
         stamp = _stamp_s(stats.header.stamp)
         if stamp < killed and np.isfinite(stats.camera_to_action_ms):
             assert stamp + stats.camera_to_action_ms / 1000.0 <= killed + MAX_AGE_S + SLACK_S
-    assert any("camera" in message for message in rig.hold_messages(since=killed + MAX_AGE_S + SLACK_S)), (
-        rig.hold_messages(since=killed))
+    # From the kill on: the robot was moving up to it, so any camera hold is this gap's. (A later window
+    # can miss it: the first hold report may come before it and the camera be back before the next.)
+    assert any("camera" in message for message in rig.hold_messages(since=killed)), rig.hold_messages(since=killed)
     assert rig.node.alive()
 
 

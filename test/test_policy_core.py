@@ -95,9 +95,9 @@ def test_training_with_hard_gates_computes_the_inference_function():
     with torch.no_grad():
         encoded = model.vla.encode(_model_sized(images, model.vla.config), instructions, torch.from_numpy(states))
         hiddens, gates, _ = model.forward_train(encoded, gate_mode="hard")
-        trained = model.vla.predict_chunk(hiddens[-1], encoded)
+        trained = model.vla.predict_chunk(encoded.readout(hiddens[-1]))
         execute = gates >= model.threshold
-        inferred = model.vla.predict_chunk(run_backbone(model.vla, encoded, execute), encoded)
+        inferred = model.vla.predict_chunk(run_backbone(model.vla, encoded, execute))
     assert 0 < int(execute.sum()) < execute.numel()
     torch.testing.assert_close(trained, inferred, atol=1e-5, rtol=1e-5)
 
@@ -252,9 +252,11 @@ def test_bench_prints_the_promised_json(capsys):
     result = json.loads(capsys.readouterr().out)
     for key in ("device", "teacher_ms", "student_ms", "end_to_end_speedup", "teacher_backbone_ms",
                 "student_backbone_ms", "backbone_speedup", "teacher_backbone_gflops",
-                "student_backbone_gflops", "flops_ratio", "executed_layer_fraction"):
+                "student_backbone_gflops", "flops_ratio", "executed_layer_fraction", "backbone_flops_fraction"):
         assert key in result
-    assert result["flops_ratio"] == pytest.approx(1 / result["executed_layer_fraction"], rel=1e-3)
+    assert result["flops_ratio"] == pytest.approx(1 / result["backbone_flops_fraction"], rel=1e-3)
+    # The last layer a sample runs computes only its readout token: a few layers cost less than their share.
+    assert result["backbone_flops_fraction"] < result["executed_layer_fraction"] == 0.5
 
 
 def test_a_safetensors_header_length_that_looks_like_pickle_still_loads(tmp_path):
@@ -316,7 +318,7 @@ def test_two_camera_token_layout():
     encoded = vla.encode(torch.zeros(2, 2, 16, 16, 3, dtype=torch.uint8), ["a b", ""], torch.zeros(2, 3))
     assert encoded.num_tokens == config.num_tokens == 2 * 4 + 5 + 1 + 1
     assert encoded.modality_mask(0).sum(1).tolist() == [8, 8]  # VISUAL: both cameras' patches
-    assert encoded.segment.tolist() == [0] * 8 + [1] * 5 + [2, 3] and encoded.action_index == 14
+    assert encoded.segment.tolist() == [0] * 8 + [1] * 5 + [2, 3] and encoded.readout_span == slice(14, 15)
     assert vla.camera_embed.shape == (2, config.width)
     # Camera 0's patches come first and differ from camera 1's only by the camera embedding.
     torch.testing.assert_close(encoded.tokens[:, 4:8] - encoded.tokens[:, :4],
@@ -332,8 +334,8 @@ SHIPPED_STUDENT = Path(__file__).resolve().parents[1] / "weights" / "metaworld" 
 
 @pytest.mark.skipif(not (SHIPPED_STUDENT / "card.json").is_file(), reason="shipped weights not in this checkout")
 def test_shipped_single_camera_weights_keep_the_single_camera_layout():
-    """Cards written before multi-camera support load as one camera and encode exactly as before:
-    patch embedding of the (B, 3, S, S) image plus positions, no camera embedding."""
+    """Cards written before multi-camera support load as one camera and encode as before: patch
+    embedding of the (B, 3, S, S) image plus positions, no camera embedding."""
     policy = Policy.load(SHIPPED_STUDENT, device="cpu")
     vla, config = policy.vla, policy.vla.config
     assert policy.num_cameras == 1 and policy.card.num_cameras == 1 and vla.camera_embed is None
@@ -344,7 +346,9 @@ def test_shipped_single_camera_weights_keep_the_single_camera_layout():
         unit = pixels.permute(0, 3, 1, 2).float() / 255.0 * 2.0 - 1.0
         visual = vla.patch_embed(unit).flatten(2).transpose(1, 2) + vla.visual_pos
     assert encoded.num_tokens == config.num_patches + config.max_text_tokens + 2
-    assert torch.equal(encoded.tokens[:, : config.num_patches], visual)
+    # encode computes the patch embedding as one matmul over patch rows: the conv's function, up to
+    # float summation order.
+    torch.testing.assert_close(encoded.tokens[:, : config.num_patches], visual, atol=2e-5, rtol=1e-5)
     assert torch.equal(vla.encode(pixels[:, None], instructions, torch.from_numpy(states)).tokens, encoded.tokens)
     from_frames = policy.predict_batch(images, instructions, states)
     from_pixels = policy.predict_batch(pixels.numpy(), instructions, states)

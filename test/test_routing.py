@@ -65,6 +65,7 @@ def test_kept_layer_count_is_round_keep_times_layers_and_at_least_one():
 def test_keep_routing_executes_exactly_k_layers_per_observation_monotone_in_keep():
     policy = _policy(_student())
     images, instructions, states = _observations(policy, 6)
+    layer_gflops = policy.vla.layer_flops(policy.vla.config.num_tokens) / 1e9
     previous = None
     for keep in np.linspace(0.05, 1.0, 20):
         policy.keep_fraction = float(keep)
@@ -72,7 +73,8 @@ def test_keep_routing_executes_exactly_k_layers_per_observation_monotone_in_keep
         k = max(1, round(float(keep) * NUM_LAYERS))
         for out in outputs:
             assert len(out.executed_layers) == k and out.executed_fraction == k / NUM_LAYERS
-            assert out.backbone_gflops == pytest.approx(k / NUM_LAYERS * out.full_backbone_gflops)
+            # every skipped layer saves a full layer (the readout layer is the last one either way)
+            assert out.backbone_gflops == pytest.approx(out.full_backbone_gflops - (NUM_LAYERS - k) * layer_gflops)
             # the executed layers are the observation's k highest gates
             assert sorted(out.executed_layers) == sorted(np.argsort(-np.asarray(out.gates), kind="stable")[:k].tolist())
         if previous is not None:  # the router is not conditioned: more budget only adds layers
@@ -195,9 +197,9 @@ def test_hard_top_k_training_computes_the_keep_routed_inference_function():
     encoded = _encoded(student, 5)
     with torch.no_grad():
         hiddens, _, masks = student.forward_train(encoded, "hard", keep_fraction=0.4)
-        trained = student.vla.predict_chunk(hiddens[-1], encoded)
+        trained = student.vla.predict_chunk(encoded.readout(hiddens[-1]))
         _, execute = student.execute_mask(encoded, keep_fraction=0.4)
-        inferred = student.vla.predict_chunk(run_backbone(student.vla, encoded, execute), encoded)
+        inferred = student.vla.predict_chunk(run_backbone(student.vla, encoded, execute))
     assert torch.equal(masks.bool(), execute) and execute.sum(1).tolist() == [4] * 5
     torch.testing.assert_close(trained, inferred, atol=1e-5, rtol=1e-5)
 
@@ -259,3 +261,16 @@ def test_routed_inference_reads_the_device_once(routing, batch):
     assert 0 < int(execute.as_subclass(torch.Tensor).sum()) < execute.numel()
     assert DeviceTensor.host_reads == ["to"], DeviceTensor.host_reads
     torch.testing.assert_close(hidden.as_subclass(torch.Tensor), expected)
+
+
+def test_a_training_step_after_an_inference_at_the_same_budget():
+    """The router's features of a dial position are made once; made in inference mode they could
+    not be used by a training step (inference tensors cannot be saved for backward)."""
+    student = _student(budget_conditioned=True)
+    encoded = _encoded(student, 2)
+    with torch.inference_mode():
+        student.execute_mask(_encoded(student, 2), keep_fraction=0.37)
+    student.train()
+    gates = student.train_routes(encoded, "hard", keep_fraction=0.37).gates
+    gates.sum().backward()
+    assert student.router.budget_gate.weight.grad is not None

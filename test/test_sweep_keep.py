@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from actdistill_ros.policies.actdistill import RouterConfig, RoutedStudent
+from actdistill_ros.policies.actdistill import RouterConfig, RoutedStudent, backbone_flops
 from actdistill_ros.policies.vla import ReferenceVLA, VLAConfig
 from actdistill_ros.policy import Policy, StaticRoute, create_untrained_policy, make_card
 from actdistill_ros.sim.report import summarise, wilson_interval, EpisodeOutcome
@@ -77,8 +77,8 @@ def test_executed_fraction_and_gflops_match_k_for_every_method(twelve_layer_poli
     teacher, student = twelve_layer_policies
     images, instructions, states = _observations(5)
     full = teacher.predict_batch(images, instructions, states)
-    layer_gflops = full[0].full_backbone_gflops / LAYERS
     assert full[0].executed_fraction == 1.0
+    assert full[0].backbone_gflops == full[0].full_backbone_gflops == pytest.approx(backbone_flops(teacher.vla, LAYERS) / 1e9)
     for keep in KEEPS:
         k = round(keep * LAYERS)
         student.keep_fraction = keep
@@ -90,7 +90,7 @@ def test_executed_fraction_and_gflops_match_k_for_every_method(twelve_layer_poli
             for out in outputs:
                 assert len(out.executed_layers) == k, (method, keep)
                 assert out.executed_fraction == pytest.approx(k / LAYERS), (method, keep)
-                assert out.backbone_gflops == pytest.approx(k * layer_gflops), (method, keep)
+                assert out.backbone_gflops == pytest.approx(backbone_flops(teacher.vla, k) / 1e9), (method, keep)
         assert all(out.executed_layers == list(range(k)) for out in runs["first"])
         assert all(out.executed_layers == StaticRoute("even", keep, LAYERS).fixed_layers for out in runs["even"])
         if k < LAYERS:
@@ -214,7 +214,6 @@ def test_sweep_keep_writes_one_curve_per_method_with_intervals(tmp_path, tiny_we
                                      finetuned_truncated=truncated, out_dir=tmp_path / "sweep", progress=False)
     assert list(result["methods"]) == ["student", "first", "even", "random", "finetuned-truncated"]
     assert [p["k"] for p in result["methods"]["finetuned-truncated"]] == [2]  # at its own k
-    full = None
     for method, points in result["methods"].items():
         assert [p["keep"] for p in points] == (keeps if method != "finetuned-truncated" else [0.5])
         for p in points:
@@ -222,8 +221,8 @@ def test_sweep_keep_writes_one_curve_per_method_with_intervals(tmp_path, tiny_we
             k = max(1, round(p["keep"] * layers))
             assert p["k"] == k and s["episodes"] == 2
             assert s["executed_fraction"] == pytest.approx(k / layers), (method, p["keep"])
-            full = full or s["full_backbone_gflops_per_call"]
-            assert s["backbone_gflops_per_call"] == pytest.approx(full * k / layers)
+            # equal k, equal FLOPs: the fine-tuned truncated model's k layers cost the student's k
+            assert s["backbone_gflops_per_call"] == pytest.approx(backbone_flops(student.vla, k) / 1e9)
             low, high = s["success_ci95"]
             assert 0.0 <= low <= s["success_rate"] <= high <= 1.0 and high - low > 0.3  # 2 episodes: wide
     # Restored: the student's card operating point, the teacher on every layer.

@@ -99,7 +99,7 @@ class StudentWithHeads(nn.Module):
         routes = self.student.train_routes(encoded, gate_mode, keep_fraction)
         hiddens = self.student.gated_layers(encoded, routes.masks)
         semantic, probes = self.heads(hiddens, encoded.valid)
-        return {"chunk": vla.predict_chunk(hiddens[-1], encoded), "semantic": semantic, "probes": probes,
+        return {"chunk": vla.predict_chunk(encoded.readout(hiddens[-1])), "semantic": semantic, "probes": probes,
                 "gates": routes.gates, "masks": routes.masks, "threshold_masks": routes.threshold_masks}
 
 

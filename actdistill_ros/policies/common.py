@@ -31,9 +31,9 @@ def full_depth_forward(vla, images: Tensor, instructions: list[str], states: Ten
     action chunk (B, H, D). Only protocol members are used, so every family shares it."""
     encoded = vla.encode(images, instructions, states)
     hidden, mask = encoded.tokens, encoded.attention_mask()
-    for index in range(vla.num_layers):
+    for index in range(vla.num_layers - 1):
         hidden = vla.run_layer(index, hidden, mask)
-    return vla.predict_chunk(hidden, encoded)
+    return vla.predict_chunk(vla.run_layer(vla.num_layers - 1, hidden, mask, encoded.readout_span))
 
 
 class NormalizationMixin:

@@ -23,18 +23,22 @@ class DistillableVLA(Protocol):
     num_layers: int
     config: VLAConfig | HFVLAConfig
     layers: nn.ModuleList
+    segment_spans: dict[int, slice]  # the positions of each modality (all encodings share the layout)
 
     def encode(self, images: Tensor, instructions: list[str], states: Tensor | None) -> EncodedObservation:
         """Observation (uint8 images (B, C, S, S, 3)) -> layer-0 tokens, padding mask and modality segments."""
 
-    def run_layer(self, index: int, hidden: Tensor, attn_mask: Tensor) -> Tensor:
-        """Apply backbone layer ``index`` (the full residual block) to ``hidden``."""
+    def run_layer(self, index: int, hidden: Tensor, attn_mask: Tensor, readout: slice | None = None) -> Tensor:
+        """Apply backbone layer ``index`` (the full residual block) to ``hidden`` (B, N, W); with
+        ``readout``, return only those positions (B, R, W): a sample's last layer only has to
+        produce the tokens the head reads."""
 
-    def predict_chunk(self, hidden: Tensor, encoded: EncodedObservation) -> Tensor:
-        """Final hidden states -> normalised action chunk (B, H, D)."""
+    def predict_chunk(self, readout: Tensor) -> Tensor:
+        """Final hidden states at the readout positions (``EncodedObservation.readout``) ->
+        normalised action chunk (B, H, D)."""
 
-    def layer_flops(self, num_tokens: int) -> float:
-        """Matmul FLOPs of one backbone layer for one sample."""
+    def layer_flops(self, num_tokens: int, readout_tokens: int | None = None) -> float:
+        """Matmul FLOPs of one backbone layer for one sample, as ``run_layer`` computes it."""
 
     def freeze_vision(self) -> None:
         """Stop training the image encoder (``freeze_vision: true`` in distillation)."""

@@ -2,7 +2,8 @@
 
 from actdistill_ros.policies.actdistill.configuration_actdistill import RouterConfig
 from actdistill_ros.policies.actdistill.modeling_actdistill import (LayerRouter, RoutedStudent, TrainRoutes,
-                                                                   num_kept_layers, run_backbone, top_k_mask)
+                                                                   backbone_flops, num_kept_layers, run_backbone,
+                                                                   top_k_mask)
 
-__all__ = ["RouterConfig", "LayerRouter", "RoutedStudent", "TrainRoutes", "num_kept_layers", "run_backbone",
-           "top_k_mask"]
+__all__ = ["RouterConfig", "LayerRouter", "RoutedStudent", "TrainRoutes", "backbone_flops", "num_kept_layers",
+           "run_backbone", "top_k_mask"]

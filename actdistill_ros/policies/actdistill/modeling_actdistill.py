@@ -16,6 +16,7 @@ so any :class:`~actdistill_ros.policies.teacher.DistillableVLA` can be routed.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from actdistill_ros.policies.actdistill.configuration_actdistill import RouterConfig
-from actdistill_ros.policies.vla.modeling_vla import LANGUAGE, VISUAL, EncodedObservation
+from actdistill_ros.policies.vla.modeling_vla import ACTION_QUERY, LANGUAGE, VISUAL, EncodedObservation
 
 if TYPE_CHECKING:
     from actdistill_ros.policies.teacher import DistillableVLA
@@ -37,25 +38,36 @@ BUDGET_FEATURES = 8
 BUDGET_FEATURE_SCALE = 4.0
 
 
-def _masked_mean_max(tokens: Tensor, mask: Tensor) -> Tensor:
-    """Mean and max over the tokens where ``mask`` is True: (B, N, r), (B, N) -> (B, 2r).
-
-    A sample with no such token (an empty instruction) pools to zeros.
+def _masked_mean_max(tokens: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Mean and max over the tokens where ``mask`` is True (all of them if it is None):
+    (B, n, r), (B, n) -> two (B, r). A sample with no such token (an empty instruction) pools to zeros.
     """
+    if tokens.shape[1] == 0:
+        zeros = tokens.new_zeros(tokens.shape[0], tokens.shape[2])
+        return zeros, zeros
+    if mask is None:
+        return tokens.mean(1), tokens.amax(1)
     weights = mask.unsqueeze(-1).to(tokens.dtype)
-    count = weights.sum(1).clamp_min(1.0)
-    mean = (tokens * weights).sum(1) / count
-    maximum = tokens.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
-    maximum = torch.where(mask.any(1, keepdim=True), maximum, torch.zeros_like(maximum))
-    return torch.cat([mean, maximum], dim=-1)
+    mean = (tokens * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+    maximum = (tokens + weights.log()).amax(1)  # log 0 = -inf: masked tokens never win
+    return mean, maximum.nan_to_num(neginf=0.0)  # -inf only where no token was valid
 
 
 def budget_features(keep: float | Tensor) -> Tensor:
     """scale * cos(pi * j * keep), j = 1..BUDGET_FEATURES: (F,) for a float (on the CPU), (B, F)
     for a (B,) tensor (on its device)."""
-    keep = torch.as_tensor(keep, dtype=torch.float32)
+    if not isinstance(keep, Tensor):
+        return _budget_features_of(float(keep))
     frequencies = torch.arange(1, BUDGET_FEATURES + 1, dtype=torch.float32, device=keep.device)
-    return BUDGET_FEATURE_SCALE * torch.cos(math.pi * keep[..., None] * frequencies)
+    return BUDGET_FEATURE_SCALE * torch.cos(math.pi * keep.float()[..., None] * frequencies)
+
+
+@functools.lru_cache(maxsize=64)
+def _budget_features_of(keep: float) -> Tensor:
+    """A dial position's features, made once: at inference the keep fraction takes a few values.
+    Made outside inference mode, so that a training step may use them after a prediction did."""
+    with torch.inference_mode(False):
+        return budget_features(torch.tensor(keep))
 
 
 class LayerRouter(nn.Module):
@@ -80,16 +92,18 @@ class LayerRouter(nn.Module):
     def forward(self, encoded: EncodedObservation, keep: float | Tensor | None = None, dropout: bool = True) -> Tensor:
         """Gates (B, L). ``keep``: the budget, required by a budget-conditioned router (ignored
         otherwise). ``dropout=False`` gives, in train mode, exactly the gates of eval mode."""
-        tokens = encoded.tokens
-        visual = _masked_mean_max(self.visual_proj(tokens), encoded.modality_mask(VISUAL))
-        language = _masked_mean_max(self.language_proj(tokens), encoded.modality_mask(LANGUAGE))
-        pooled = torch.cat([visual, language], dim=-1)
-        logits = self.gate(self.dropout(pooled) if dropout else pooled)
+        # Each branch projects only its own modality's tokens (views, no masks over all tokens):
+        # the router runs on every observation, so its fixed cost counts against the skipped layers.
+        visual_tokens, visual_valid = encoded.modality_tokens(VISUAL)
+        language_tokens, language_valid = encoded.modality_tokens(LANGUAGE)
+        pooled = torch.cat([*_masked_mean_max(self.visual_proj(visual_tokens), visual_valid),
+                            *_masked_mean_max(self.language_proj(language_tokens), language_valid)], dim=-1)
+        logits = self.gate(self.dropout(pooled) if dropout and self.training else pooled)
         if self.budget_gate is not None:
             if keep is None:
                 raise ValueError("this router is budget-conditioned: pass the keep fraction it should plan for")
             # Built on the host and copied without blocking: a blocking copy would sync the GPU.
-            features = budget_features(keep).to(tokens.device, self.budget_gate.weight.dtype, non_blocking=True)
+            features = budget_features(keep).to(logits.device, self.budget_gate.weight.dtype, non_blocking=True)
             logits = logits + self.budget_gate(features)
         return torch.sigmoid(logits.float())
 
@@ -140,32 +154,57 @@ def top_k_mask(gates: Tensor, k: int) -> Tensor:
 
 
 def run_backbone(vla: DistillableVLA, encoded: EncodedObservation, execute: Tensor | None) -> Tensor:
-    """Inference through the backbone, running layer l only for the samples with execute[:, l].
+    """Inference through the backbone, running layer l only for the samples with execute[:, l]:
+    the final hidden states at the readout positions (B, R, W), for ``vla.predict_chunk``.
 
-    Samples that skip a layer keep their hidden state untouched and cost nothing; a batch whose
+    Samples that skip a layer keep their hidden state untouched and cost nothing, and the last
+    layer a sample runs computes only its readout positions, all the head reads. A batch whose
     samples take different routes gives each sample what it would get alone. The route is read
     on the host once, so on a GPU routing costs one host sync per call, not one per layer.
     """
-    hidden, mask = encoded.tokens, encoded.attention_mask()
+    hidden, mask, span = encoded.tokens, encoded.attention_mask(), encoded.readout_span
+    num_layers = vla.num_layers
     if execute is None:
-        for layer in range(vla.num_layers):
+        for layer in range(num_layers - 1):
             hidden = vla.run_layer(layer, hidden, mask)
-        return hidden
-    plan = execute.to("cpu")  # the one device -> host sync; the loop below branches on host values
-    batch, runs_per_layer = plan.shape[0], plan.sum(0).tolist()
-    # Rows of every executed (layer, sample), layer-major, sent to the device in one copy that
-    # does not block; needed only when some layer runs for part of the batch.
-    mixed = any(0 < runs < batch for runs in runs_per_layer)
-    rows_by_layer = plan.t().nonzero()[:, 1].to(hidden.device, non_blocking=True) if mixed else None
-    start = 0
-    for layer, runs in enumerate(runs_per_layer):
-        if runs == batch:
+        return vla.run_layer(num_layers - 1, hidden, mask, span)
+    plan = execute.to("cpu").tolist()  # the one device -> host sync; the rest is host bookkeeping
+    batch = len(plan)
+    last = [max((layer for layer, runs in enumerate(row) if runs), default=-1) for row in plan]
+    # Per layer, the samples that run it at every position, and those for which it is the last.
+    through = [[i for i in range(batch) if plan[i][layer] and layer < last[i]] for layer in range(num_layers)]
+    ending = [[i for i in range(batch) if last[i] == layer] for layer in range(num_layers)]
+    runs_through, runs_ending = [len(rows) for rows in through], [len(rows) for rows in ending]
+    # Those rows, layer-major, sent to the device in one copy that does not block; needed only when
+    # a layer runs for part of the batch.
+    mixed = any(0 < runs < batch for runs in runs_through + runs_ending)
+    rows = torch.tensor([i for group in (through, ending) for rows in group for i in rows],
+                        dtype=torch.long).to(hidden.device, non_blocking=True) if mixed else None
+    readout = hidden[:, span]  # a sample that runs no layer reads its layer-0 tokens
+    start_through, start_ending = 0, sum(runs_through)
+    for layer in range(num_layers):
+        ends, goes_on = runs_ending[layer], runs_through[layer]
+        if ends == batch:
+            readout = vla.run_layer(layer, hidden, mask, span)
+        elif ends:
+            part = rows[start_ending:start_ending + ends]
+            readout = readout.index_copy(0, part, vla.run_layer(layer, hidden[part], mask[part], span))
+        if goes_on == batch:
             hidden = vla.run_layer(layer, hidden, mask)
-        elif runs:
-            rows = rows_by_layer[start:start + runs]
-            hidden = hidden.index_copy(0, rows, vla.run_layer(layer, hidden[rows], mask[rows]))
-        start += runs
-    return hidden
+        elif goes_on:
+            part = rows[start_through:start_through + goes_on]
+            hidden = hidden.index_copy(0, part, vla.run_layer(layer, hidden[part], mask[part]))
+        start_through, start_ending = start_through + goes_on, start_ending + ends
+    return readout
+
+
+def backbone_flops(vla: DistillableVLA, executed_layers: int) -> float:
+    """FLOPs of :func:`run_backbone` for one sample that runs ``executed_layers`` layers: full layers
+    but the last, which computes the readout positions only."""
+    if executed_layers == 0:
+        return 0.0
+    num_tokens, span = vla.config.num_tokens, vla.segment_spans[ACTION_QUERY]
+    return (executed_layers - 1) * vla.layer_flops(num_tokens) + vla.layer_flops(num_tokens, span.stop - span.start)
 
 
 class TrainRoutes(NamedTuple):
@@ -261,4 +300,4 @@ class RoutedStudent(nn.Module):
         """Routed inference with hard skips: normalised action chunk (B, H, D)."""
         encoded = self.vla.encode(images, instructions, states)
         _, execute = self.execute_mask(encoded)
-        return self.vla.predict_chunk(run_backbone(self.vla, encoded, execute), encoded)
+        return self.vla.predict_chunk(run_backbone(self.vla, encoded, execute))

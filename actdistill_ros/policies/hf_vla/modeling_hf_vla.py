@@ -40,7 +40,8 @@ from torch import Tensor, nn
 
 from actdistill_ros.policies.hf_vla.configuration_hf_vla import HFVLAConfig
 from actdistill_ros.policies.common import NormalizationMixin, camera_batch, full_depth_forward
-from actdistill_ros.policies.vla.modeling_vla import ACTION_QUERY, LANGUAGE, STATE, VISUAL, EncodedObservation
+from actdistill_ros.policies.vla.modeling_vla import (ACTION_QUERY, LANGUAGE, STATE, VISUAL, EncodedObservation,
+                                                   segment_spans)
 
 log = logging.getLogger(__name__)
 
@@ -401,6 +402,7 @@ class HFVLA(NormalizationMixin, nn.Module):
         segments = ([VISUAL] * c.num_image_tokens + [LANGUAGE] * c.max_text_tokens
                     + ([STATE] if c.state_dim else []) + [ACTION_QUERY] * c.chunk_size)
         self.register_buffer("segment", torch.tensor(segments), persistent=False)
+        self.segment_spans = segment_spans(segments)
         blocks = [(i * c.image_tokens_per_camera, c.image_tokens_per_camera) for i in range(c.num_cameras)]
         positions = self.adapter.position_ids(backbone, c.num_tokens, blocks, c.image_size)
         self.register_buffer("position_ids", positions, persistent=False)
@@ -562,27 +564,29 @@ class HFVLA(NormalizationMixin, nn.Module):
             valid.append(torch.ones(batch, 1, dtype=torch.bool, device=device))
         parts.append(self.action_queries.expand(batch, -1, -1))
         valid.append(torch.ones(batch, c.chunk_size, dtype=torch.bool, device=device))
-        return EncodedObservation(torch.cat(parts, 1), torch.cat(valid, 1), self.segment,
-                                  c.num_tokens - c.chunk_size)
+        return EncodedObservation(torch.cat(parts, 1), torch.cat(valid, 1), self.segment, self.segment_spans,
+                                  frozenset({LANGUAGE}))
 
-    def run_layer(self, index: int, hidden: Tensor, attn_mask: Tensor) -> Tensor:
-        """Decoder layer ``index`` with the arguments the parent's forward gives it."""
+    def run_layer(self, index: int, hidden: Tensor, attn_mask: Tensor, readout: slice | None = None) -> Tensor:
+        """Decoder layer ``index`` with the arguments the parent's forward gives it; with ``readout``,
+        only those positions are returned. A transformers layer computes every position, so here a
+        readout costs the full layer."""
         layer_type = self._layer_types[index]
         out = self.layers[index](hidden, attention_mask=self.layer_attention_mask(attn_mask, layer_type, hidden.dtype),
                                  position_ids=self.adapter.layer_position_ids(self.position_ids),
                                  position_embeddings=self._position_embeddings(hidden)[layer_type])
-        return out[0] if isinstance(out, tuple) else out
+        out = out[0] if isinstance(out, tuple) else out
+        return out if readout is None else out[:, readout]
 
-    def predict_chunk(self, hidden: Tensor, encoded: EncodedObservation) -> Tensor:
-        """Final hidden states of the H action queries -> normalised action chunk (B, H, D)."""
-        start = encoded.action_index
-        queries = self.language_model.norm(hidden[:, start:start + self.config.chunk_size])
-        return self.action_head(queries)
+    def predict_chunk(self, readout: Tensor) -> Tensor:
+        """Final hidden states of the H action queries (B, H, W) -> normalised action chunk (B, H, D)."""
+        return self.action_head(self.language_model.norm(readout))
 
-    def layer_flops(self, num_tokens: int) -> float:
+    def layer_flops(self, num_tokens: int, readout_tokens: int | None = None) -> float:
         """Matmul FLOPs of one decoder layer for one sample (multiply-add = 2 FLOPs): every linear
         map of the layer as it is built (grouped-query K/V, gated MLP, any head_dim), plus the
-        attention scores and weighted sum over all query heads."""
+        attention scores and weighted sum over all query heads. A readout costs the full layer here
+        (see ``run_layer``), so ``readout_tokens`` does not change the count."""
         layer, n = self.layers[0], num_tokens
         linear = sum(2 * n * m.in_features * m.out_features for m in layer.modules() if isinstance(m, nn.Linear))
         text_config = self.language_model.config

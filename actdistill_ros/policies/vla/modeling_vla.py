@@ -32,7 +32,8 @@ class EncodedObservation:
     tokens: Tensor  # (B, N, W)
     valid: Tensor  # (B, N) bool: False for padding tokens
     segment: Tensor  # (N,) long: VISUAL / LANGUAGE / STATE / ACTION_QUERY per position
-    action_index: int  # position of the action-query token
+    spans: dict[int, slice]  # the positions of each modality (see segment_spans), known on the host
+    padded: frozenset[int]  # the modalities that may hold padding tokens; every other token is valid
 
     @property
     def batch_size(self) -> int:
@@ -49,6 +50,33 @@ class EncodedObservation:
     def modality_mask(self, segment: int) -> Tensor:
         """(B, N) bool: valid tokens of one modality."""
         return self.valid & (self.segment == segment)[None, :]
+
+    @property
+    def readout_span(self) -> slice:
+        """The positions the action head reads: the action-query token(s)."""
+        return self.spans[ACTION_QUERY]
+
+    def readout(self, hidden: Tensor) -> Tensor:
+        """(B, N, W) hidden states -> (B, R, W) at the readout positions."""
+        return hidden[:, self.readout_span]
+
+    def modality_tokens(self, segment: int) -> tuple[Tensor, Tensor | None]:
+        """Views of one modality's tokens (B, n, W) and their validity (B, n), None where the modality
+        has no padding; n = 0 if it has no tokens."""
+        span = self.spans.get(segment, slice(0, 0))
+        return self.tokens[:, span], self.valid[:, span] if segment in self.padded else None
+
+
+def segment_spans(segments: list[int]) -> dict[int, slice]:
+    """Segment id per position -> the slice each modality occupies. Every family lays its tokens
+    out modality by modality, so a modality is read as a view, without a mask or a host sync."""
+    spans: dict[int, slice] = {}
+    for position, segment in enumerate(segments):
+        span = spans.get(segment)
+        if span is not None and span.stop != position:
+            raise ValueError(f"token layout: modality {segment} is not contiguous in {segments}")
+        spans[segment] = slice(position if span is None else span.start, position + 1)
+    return spans
 
 
 def resample_visual_positions(visual_pos: Tensor, grid: int) -> Tensor:
@@ -79,13 +107,22 @@ class TransformerBlock(nn.Module):
         self.fc2 = nn.Linear(config.mlp_width, config.width)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, hidden: Tensor, attn_mask: Tensor) -> Tensor:
+    def forward(self, hidden: Tensor, attn_mask: Tensor, readout: slice | None = None) -> Tensor:
+        """(B, N, W) -> (B, N, W); with ``readout``, only those positions (B, R, W). Keys and values
+        still come from every position, so the readout rows are exactly those of the full block."""
         b, n, w = hidden.shape
-        q, k, v = self.qkv(self.norm1(hidden)).view(b, n, 3, self.num_heads, w // self.num_heads).unbind(2)
+        heads, head_dim = self.num_heads, w // self.num_heads
+        normed = self.norm1(hidden)
+        if readout is None:
+            q, k, v = self.qkv(normed).view(b, n, 3, heads, head_dim).unbind(2)
+        else:  # queries for the readout rows only; qkv's weight rows are [q; k; v]
+            k, v = F.linear(normed, self.qkv.weight[w:], self.qkv.bias[w:]).view(b, n, 2, heads, head_dim).unbind(2)
+            q = F.linear(normed[:, readout], self.qkv.weight[:w], self.qkv.bias[:w]).view(b, -1, heads, head_dim)
+            hidden = hidden[:, readout]
         attended = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask,
             dropout_p=self.dropout.p if self.training else 0.0)
-        hidden = hidden + self.dropout(self.proj(attended.transpose(1, 2).reshape(b, n, w)))
+        hidden = hidden + self.dropout(self.proj(attended.transpose(1, 2).reshape(b, -1, w)))
         return hidden + self.dropout(self.fc2(F.gelu(self.fc1(self.norm2(hidden)))))
 
 
@@ -109,6 +146,7 @@ class ReferenceVLA(NormalizationMixin, nn.Module):
         segments = [VISUAL] * c.num_visual_tokens + [LANGUAGE] * c.max_text_tokens
         segments += ([STATE] if c.state_dim else []) + [ACTION_QUERY]
         self.register_buffer("segment", torch.tensor(segments), persistent=False)
+        self.segment_spans = segment_spans(segments)
         self.register_normalization(c.action_dim, c.state_dim)
         self.apply(self._init_weights)
         for param in (self.visual_pos, self.text_pos, self.action_query):
@@ -135,14 +173,21 @@ class ReferenceVLA(NormalizationMixin, nn.Module):
         self.patch_embed.requires_grad_(False)
         self.visual_pos.requires_grad_(False)
 
-    def preprocess_images(self, images: Tensor) -> Tensor:
-        """uint8 RGB (B, C, S, S, 3) on any device -> float (B * C, 3, S, S) in [-1, 1], camera-major
-        within each sample. (B, S, S, 3) is accepted with one camera.
+    def patch_pixels(self, images: Tensor) -> Tensor:
+        """uint8 RGB (B, C, S, S, 3) on any device -> (B * C, P, 3 * p * p) float in [-1, 1]: each
+        patch's pixels in the order of the patch embedding's (W, 3, p, p) weight, camera-major within
+        each sample. (B, S, S, 3) is accepted with one camera.
 
-        See :func:`~actdistill_ros.policies.common.camera_batch` for the accepted shapes.
+        The patch embedding is then one matmul: at batch 1 that costs about half of a strided conv
+        on a CPU, and it is the same function. See :func:`~actdistill_ros.policies.common.camera_batch`
+        for the accepted shapes.
         """
-        images = camera_batch(images, self.config.num_cameras, self.config.image_size)
-        pixels = images.flatten(0, 1).permute(0, 3, 1, 2).to(self.action_query.dtype) / 255.0
+        images = camera_batch(images, self.config.num_cameras, self.config.image_size).flatten(0, 1)
+        frames, grid, patch = images.shape[0], self.config.image_size // self.config.patch_size, self.config.patch_size
+        # (N, gy, py, gx, px, 3) -> (N, gy, gx, 3, py, px): reordered while still uint8 (a quarter
+        # of the bytes), then converted.
+        patches = images.reshape(frames, grid, patch, grid, patch, 3).permute(0, 1, 3, 5, 2, 4)
+        pixels = patches.reshape(frames, grid * grid, 3 * patch * patch).to(self.action_query.dtype) / 255.0
         return pixels * 2.0 - 1.0
 
     def encode(self, images: Tensor, instructions: list[str], states: Tensor | None = None) -> EncodedObservation:
@@ -151,8 +196,8 @@ class ReferenceVLA(NormalizationMixin, nn.Module):
         if len(instructions) != batch:
             raise ValueError(f"got {len(instructions)} instructions for {batch} images")
         # (B * C, P, W): every camera through the same patch embedding and positions.
-        visual = self.patch_embed(self.preprocess_images(images.to(device))).flatten(2).transpose(1, 2)
-        visual = visual + self.visual_pos
+        weight = self.patch_embed.weight.flatten(1)  # (W, 3 * p * p), a view
+        visual = F.linear(self.patch_pixels(images.to(device)), weight, self.patch_embed.bias) + self.visual_pos
         if self.camera_embed is not None:
             visual = visual.reshape(batch, c.num_cameras, c.num_patches, c.width) + self.camera_embed[None, :, None]
         visual = visual.reshape(batch, c.num_visual_tokens, c.width)
@@ -169,21 +214,24 @@ class ReferenceVLA(NormalizationMixin, nn.Module):
             valid.append(torch.ones(batch, 1, dtype=torch.bool, device=device))
         parts.append(self.action_query.expand(batch, -1, -1))
         valid.append(torch.ones(batch, 1, dtype=torch.bool, device=device))
-        return EncodedObservation(torch.cat(parts, 1), torch.cat(valid, 1), self.segment, c.num_tokens - 1)
+        return EncodedObservation(torch.cat(parts, 1), torch.cat(valid, 1), self.segment, self.segment_spans,
+                                  frozenset({LANGUAGE}))
 
-    def run_layer(self, index: int, hidden: Tensor, attn_mask: Tensor) -> Tensor:
-        return self.layers[index](hidden, attn_mask)
+    def run_layer(self, index: int, hidden: Tensor, attn_mask: Tensor, readout: slice | None = None) -> Tensor:
+        return self.layers[index](hidden, attn_mask, readout)
 
-    def predict_chunk(self, hidden: Tensor, encoded: EncodedObservation) -> Tensor:
-        """Final hidden states -> normalised action chunk (B, H, D)."""
-        query = self.final_norm(hidden[:, encoded.action_index])
+    def predict_chunk(self, readout: Tensor) -> Tensor:
+        """Final hidden state of the action query (B, 1, W) -> normalised action chunk (B, H, D)."""
+        query = self.final_norm(readout[:, 0])
         return self.action_head(query).view(-1, self.config.chunk_size, self.config.action_dim)
 
-    def layer_flops(self, num_tokens: int) -> float:
-        """Matmul FLOPs of one backbone layer for one sample (multiply-add = 2 FLOPs)."""
+    def layer_flops(self, num_tokens: int, readout_tokens: int | None = None) -> float:
+        """Matmul FLOPs of one backbone layer for one sample (multiply-add = 2 FLOPs), computing
+        every position, or only ``readout_tokens`` of them (keys and values from all)."""
         n, w, m = num_tokens, self.config.width, self.config.mlp_width
-        projections = 2 * n * w * (3 * w) + 2 * n * w * w + 2 * (2 * n * w * m)
-        attention = 2 * (2 * n * n * w)  # scores and weighted sum
+        r = n if readout_tokens is None else readout_tokens
+        projections = 2 * n * w * (2 * w) + 2 * r * w * w + 2 * r * w * w + 2 * (2 * r * w * m)  # kv, q, out, mlp
+        attention = 2 * (2 * r * n * w)  # scores and weighted sum
         return float(projections + attention)
 
     # ---- plain full-depth use (teacher training) -----------------------------------------
