@@ -298,3 +298,11 @@ def test_sweep_keep_resumes_after_a_kill_and_evaluates_full_depth_once(tmp_path,
     assert all(point["overall"] == full[0]["overall"] and point["keep"] == 1.0 for point in full)
     assert not (tmp_path / "s" / "sweep_keep.partial.json").exists()
     assert json.loads((tmp_path / "s" / "sweep_keep.json").read_text())["methods"].keys() == result["methods"].keys()
+
+
+def test_evaluation_reports_name_the_routing_that_ran():
+    from actdistill_ros.sim.report import routing_label
+
+    assert routing_label({"is_student": False, "threshold": 0.5, "keep_fraction": 0.0}) == "every layer"
+    assert routing_label({"is_student": True, "threshold": 0.5, "keep_fraction": 0.5}) == "keep 0.50"
+    assert routing_label({"is_student": True, "threshold": 0.3, "keep_fraction": 0.0}) == "threshold 0.30"

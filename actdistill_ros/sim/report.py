@@ -86,9 +86,17 @@ def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def routing_label(result: dict[str, Any]) -> str:
+    """How the evaluated policy routed: every layer (a teacher), keep k, or threshold tau."""
+    if not result.get("is_student", True):
+        return "every layer"
+    keep = result.get("keep_fraction") or 0.0
+    return f"keep {keep:.2f}" if keep > 0 else f"threshold {fmt(result.get('threshold'), '.2f')}"
+
+
 def eval_markdown(result: dict[str, Any]) -> str:
     lines = [
-        f"# Meta-World closed-loop evaluation (threshold {fmt(result.get('threshold'), '.2f')})",
+        f"# Meta-World closed-loop evaluation ({routing_label(result)})",
         "",
         f"Seeds {result['seeds'][0]}..{result['seeds'][-1]} per task, horizon {result['horizon']}, "
         f"{result['image_size']} px, execute {result['overall']['execute_steps']} actions per chunk, "
@@ -178,7 +186,7 @@ def plot_success_per_task(result: dict[str, Any], path: str | Path) -> None:
                label=f"all tasks {result['overall']['success_rate']:.2f}")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("success rate")
-    ax.set_title(f"Meta-World success per task (threshold {fmt(result.get('threshold'), '.2f')})")
+    ax.set_title(f"Meta-World success per task ({routing_label(result)})")
     ax.legend(loc="lower right")
     plt.setp(ax.get_xticklabels(), rotation=35, ha="right")
     fig.tight_layout()
