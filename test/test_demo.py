@@ -26,7 +26,7 @@ from actdistill_ros import demo  # noqa: E402
 from actdistill_ros.policy import Policy, create_untrained_policy  # noqa: E402
 from actdistill_ros.ros.closed_loop import RosClosedLoop, RosLoopConfig, evaluate_through_ros  # noqa: E402
 from actdistill_ros.sim.evaluate import run_episode  # noqa: E402
-from actdistill_ros.sim.metaworld_env import MetaWorldTask  # noqa: E402
+from actdistill_ros.sim.metaworld_env import MetaWorldTask, camera_topics  # noqa: E402
 from actdistill_ros.weights import ActionSpace  # noqa: E402
 
 HORIZON = 25
@@ -77,6 +77,26 @@ def test_closed_loop_through_ros_matches_the_in_process_loop(weights, tmp_path):
         in_process_hand = task.state()
     assert outcome.steps == first.outcome.steps and outcome.success == first.outcome.success
     np.testing.assert_allclose(first.status["hand_state"], in_process_hand, atol=1e-4)
+
+
+def test_two_cameras_through_ros_match_the_in_process_loop(tmp_path):
+    """The sim arm publishes one topic per camera and the policy node takes both, in its card's order."""
+    cameras = "corner4,topview"
+    student = create_untrained_policy(tmp_path / "two", size="tiny", student=True, keep=0.5,
+                                      action_space=ActionSpace.metaworld(), state_dim=4, router_weight_std=0.5,
+                                      camera_names=camera_topics(cameras))
+    card_size = Policy.load(student, device="cpu").card.image_size
+    config = RosLoopConfig(student, "reach", card_size, 10, camera=cameras, device="cpu", log_dir=tmp_path / "logs")
+    with RosClosedLoop(config) as loop:
+        through_ros = loop.run_episode("reach", 10005)
+    with MetaWorldTask("reach", image_size=card_size, horizon=10, camera=cameras, seed=10005) as task:
+        start_hand = task.state().copy()
+        outcome, _ = run_episode(Policy.load(student, device="cpu"), task, 10005, execute_steps=1)
+        in_process_hand = task.state()
+    assert through_ros.outcome.steps == outcome.steps and through_ros.outcome.policy_calls >= outcome.steps
+    # The hand moved, along the same path: with the cameras swapped or one missing it would not.
+    assert not np.allclose(in_process_hand, start_hand, atol=1e-3)
+    np.testing.assert_allclose(through_ros.status["hand_state"], in_process_hand, atol=1e-4)
 
 
 def test_eval_through_ros_writes_the_report(weights, tmp_path):

@@ -26,6 +26,9 @@ from actdistill_ros.sim.metaworld_env import (  # noqa: E402
     MT10,
     STATE_NAMES,
     MetaWorldTask,
+    camera_names,
+    camera_topics,
+    check_camera_count,
     check_seed_ranges_disjoint,
     parse_task_list,
 )
@@ -43,10 +46,10 @@ def reach():
 
 def _rollout_frames(task: MetaWorldTask, seed: int, steps: int = 5) -> list[np.ndarray]:
     task.reset(seed)
-    frames = [task.observe()[0].copy()]
+    frames = [task.observe()[0][0].copy()]
     for _ in range(steps):
         task.step(task.expert_action())
-        frames.append(task.observe()[0].copy())
+        frames.append(task.observe()[0][0].copy())
     return frames
 
 
@@ -84,6 +87,33 @@ def test_observe_state_and_action_validation(reach):
     assert info.step == 1 and moved[2] > state[2]  # +z action raised the hand
     with pytest.raises(ValueError, match="unknown Meta-World task 'sweep-the-floor'"):
         MetaWorldTask("sweep-the-floor")
+
+
+def test_several_cameras_render_each_step_in_their_order():
+    both = MetaWorldTask("push", image_size=SIZE, horizon=HORIZON, camera="corner4, topview", seed=5)
+    one = MetaWorldTask("push", image_size=SIZE, horizon=HORIZON, camera="corner4", seed=5)
+    try:
+        frames, _ = both.observe()
+        (alone,), _ = one.observe()
+        assert both.num_cameras == 2 and len(frames) == 2
+        assert all(f.shape == (SIZE, SIZE, 3) and f.dtype == np.uint8 for f in frames)
+        assert np.array_equal(frames[0], alone)  # the first camera is the one-camera view
+        assert not np.array_equal(frames[0], frames[1]) and frames[1].std() > 10
+        both.step(both.expert_action())
+        moved, _ = both.observe()
+        assert not np.array_equal(moved[1], frames[1])  # re-rendered after a step, every camera
+    finally:
+        both.close()
+        one.close()
+    assert camera_topics("corner4") == ["/camera/image_raw"]
+    assert camera_topics("corner4,topview") == ["/camera/image_raw", "/camera_topview/image_raw"]
+    for bad in ("corner4,,topview", "corner4,corner4", ""):
+        with pytest.raises(ValueError, match="Meta-World camera names"):
+            camera_names(bad)
+    with pytest.raises(ValueError, match="camera 'ceiling' not in the Meta-World scene"):
+        MetaWorldTask("push", image_size=SIZE, camera="corner4,ceiling")
+    with pytest.raises(ValueError, match="takes 1 camera image"):
+        check_camera_count("corner4,topview", 1)
 
 
 def test_task_list_parsing():
@@ -186,6 +216,34 @@ def test_collection_writes_readable_bags_and_resumes(tmp_path):
     # Mixing settings in one directory is refused.
     with pytest.raises(ValueError, match="image_size=64"):
         collect(["reach"], 2, out, image_size=96, horizon=HORIZON, action_noise=0.1, workers=1, progress=False)
+
+
+def test_two_camera_collection_and_evaluation(tmp_path):
+    from actdistill_ros.data.bags import read_episode
+    from actdistill_ros.data.config import TopicConfig
+    from actdistill_ros.policy import Policy, create_untrained_policy
+
+    cameras = "corner4,topview"
+    record = collect(["reach"], 1, tmp_path / "demos", image_size=SIZE, horizon=HORIZON, camera=cameras,
+                     workers=1, progress=False)
+    assert record["camera_topics"] == camera_topics(cameras)
+    seed = record["per_task"]["reach"]["seeds"][0]
+    episode = read_episode(tmp_path / "demos" / bag_name("reach", seed), TopicConfig(cameras=camera_topics(cameras)))
+    steps = record["episodes"][bag_name("reach", seed)]["steps"]
+    assert episode.images.shape == (steps, 2, SIZE, SIZE, 3)
+    replay = MetaWorldTask("reach", image_size=SIZE, horizon=HORIZON, camera=cameras, seed=seed)
+    try:  # the bag holds each camera's own view, in order
+        frames, _ = replay.observe()
+        assert all(np.array_equal(episode.images[0, i], frames[i]) for i in range(2))
+    finally:
+        replay.close()
+
+    policy = Policy.load(create_untrained_policy(tmp_path / "two", size="tiny", student=True,
+                                                 camera_names=camera_topics(cameras)), device="cpu")
+    result = evaluate_mod.evaluate_policy(policy, "reach", 1, horizon=8, camera=cameras, progress=False)
+    assert result["camera"] == cameras and result["overall"]["env_steps"] == 8
+    with pytest.raises(ValueError, match="takes 2 camera image"):
+        evaluate_mod.evaluate_policy(policy, "reach", 1, horizon=8, progress=False)  # corner4 alone
 
 
 def test_closed_loop_evaluation_and_threshold_sweep(tmp_path):

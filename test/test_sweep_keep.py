@@ -306,3 +306,35 @@ def test_evaluation_reports_name_the_routing_that_ran():
     assert routing_label({"is_student": False, "threshold": 0.5, "keep_fraction": 0.0}) == "every layer"
     assert routing_label({"is_student": True, "threshold": 0.5, "keep_fraction": 0.5}) == "keep 0.50"
     assert routing_label({"is_student": True, "threshold": 0.3, "keep_fraction": 0.0}) == "threshold 0.30"
+
+
+def test_train_teacher_init_from_a_one_camera_teacher_adds_cameras(tiny_weights, capsys, tmp_path):
+    from safetensors.torch import load_file
+
+    from actdistill_ros.cli import main as cli
+    from actdistill_ros.data.synthetic import write_synthetic_demos
+
+    cameras = ["/camera/image_raw", "/camera_topview/image_raw"]
+    demos = write_synthetic_demos(tmp_path / "bags", episodes=4, length=8, cameras=cameras)
+    camera_flags = [flag for topic in cameras for flag in ("--camera-topic", topic)]
+    assert cli(["train-teacher", "--data", str(demos), "--out", str(tmp_path / "two"), "--init-from",
+                str(tiny_weights[1]), *camera_flags, "--steps", "2", "--batch-size", "4", "--lr", "1e-7",
+                "--val-fraction", "0", "--action-space", "metaworld", "--device", "cpu"]) == 0
+    card = json.loads((tmp_path / "two" / "teacher" / "card.json").read_text())
+    assert card["vla_config"]["num_cameras"] == 2 and card["camera_names"] == cameras
+    teacher = load_file(str(tiny_weights[1] / "model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "teacher" / "model.safetensors"))
+    assert set(two) == set(teacher) | {"camera_embed"}
+    torch.testing.assert_close(two["camera_embed"], torch.zeros_like(two["camera_embed"]), atol=1e-4, rtol=0)
+    for name in ("patch_embed.weight", "visual_pos", "layers.3.fc2.weight", "action_head.2.weight"):
+        torch.testing.assert_close(two[name], teacher[name], atol=1e-4, rtol=0)
+    frames = [np.zeros((32, 32, 3), np.uint8), np.full((32, 32, 3), 255, np.uint8)]
+    output = Policy.load(tmp_path / "two" / "teacher", device="cpu").predict(frames, "push", np.zeros(4, np.float32))
+    assert np.isfinite(output.actions).all()
+    # A teacher that already takes two cameras is not re-cut to another count.
+    capsys.readouterr()
+    one_camera = write_synthetic_demos(tmp_path / "one", episodes=2, length=8)
+    assert cli(["train-teacher", "--data", str(one_camera), "--out", str(tmp_path / "bad"), "--init-from",
+                str(tmp_path / "two" / "teacher")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "takes 2 cameras, the demos give 1" in err, err

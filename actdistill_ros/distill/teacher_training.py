@@ -64,7 +64,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--heads", type=int, help="override the preset's attention heads")
     p.add_argument("--init-from", type=Path, metavar="TEACHER",
                    help="start from these reference teacher weights: cut to their first --layers layers (the "
-                   "fine-tuned truncated baseline of eval-sim --sweep-keep) and/or at another --image-size")
+                   "fine-tuned truncated baseline of eval-sim --sweep-keep), at another --image-size, and/or, "
+                   "from a one-camera teacher, with the demos' --camera-topic cameras")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -78,8 +79,8 @@ def add_parser(subparsers) -> None:
 
 
 def _teacher_from(args, topics, ctx):
-    """--init-from's teacher, cut to its first --layers layers and/or resampled to --image-size (its
-    weights kept otherwise), and the demonstrations."""
+    """--init-from's teacher, cut to its first --layers layers, resampled to --image-size and/or given
+    the demos' extra cameras (its weights kept otherwise), and the demonstrations."""
     other = [flag for flag, value in (("--size", args.size), ("--chunk-size", args.chunk_size),
                                       ("--patch-size", args.patch_size), ("--width", args.width),
                                       ("--heads", args.heads)) if value]
@@ -99,7 +100,11 @@ def _teacher_from(args, topics, ctx):
     if image_size % full.patch_size:
         raise ValueError(f"--image-size {image_size}: --init-from {args.init_from} has {full.patch_size} px patches; "
                          f"expected a multiple of {full.patch_size}")
-    config = VLAConfig.from_dict({**card.vla_config, "num_layers": layers, "image_size": image_size})
+    if full.num_cameras != topics.num_cameras and full.num_cameras != 1:
+        raise ValueError(f"--init-from {args.init_from}: its teacher takes {full.num_cameras} cameras, the demos give "
+                         f"{topics.num_cameras}; only a one-camera teacher can be given more cameras")
+    config = VLAConfig.from_dict({**card.vla_config, "num_layers": layers, "image_size": image_size,
+                                  "num_cameras": topics.num_cameras})
     demos = load_demonstrations(args.data, topics, config.image_size, config.chunk_size, args.val_fraction, args.seed,
                                 progress=ctx.is_main)
     found = (len(demos.action_names), len(demos.state_names) if demos.stats.state_dim else 0, topics.num_cameras)
@@ -113,6 +118,12 @@ def _teacher_from(args, topics, ctx):
         tensors["visual_pos"] = resample_visual_positions(tensors["visual_pos"], image_size // full.patch_size)
         log.info("--init-from %s: position embeddings resampled from %d px to %d px (%d -> %d patches)",
                  args.init_from, full.image_size, image_size, full.num_patches, config.num_patches)
+    if config.num_cameras > full.num_cameras:
+        # Every camera goes through the teacher's patch embedding and positions; a zero camera embedding
+        # starts each camera's tokens exactly as the one-camera teacher saw its image.
+        tensors["camera_embed"] = torch.zeros_like(model.camera_embed)
+        log.info("--init-from %s: %d cameras (%s), camera embeddings start at zero", args.init_from,
+                 config.num_cameras, ", ".join(topics.cameras))
     load_state_into(model, tensors, weights_file)
     return model, demos
 

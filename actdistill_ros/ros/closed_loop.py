@@ -33,7 +33,7 @@ from actdistill_ros.ros.ros_process import BackgroundRos, NodeProcess, node_comm
 from actdistill_ros.sim.evaluate import check_eval_seeds
 from actdistill_ros.sim.report import (EpisodeOutcome, episode_dict, eval_markdown, fmt, plot_success_per_task, pyplot,
                                        save_figure, summarise, write_json, write_text)
-from actdistill_ros.sim.metaworld_env import EVAL_SEED_BASE, parse_task_list
+from actdistill_ros.sim.metaworld_env import EVAL_SEED_BASE, camera_topics, check_camera_count, parse_task_list
 from actdistill_ros.weights import WeightsError, load_card
 
 POLICY_NODE = "policy_node"
@@ -124,6 +124,7 @@ class RosClosedLoop:
             # its frame alone (as in the in-process loop).
             "action.velocity_limit": 0.0,
             "state.enabled": self.card.state_dim > 0,
+            "topics.cameras": camera_topics(cfg.camera),  # what sim_arm_node publishes, one topic per camera
             # Commands leave only on the node's control timer; lockstep pairs each frame with its own
             # ActionChunk instead (sim_arm_node), and the frame's RouterStats follow at the next tick.
             "control_rate_hz": float(cfg.control_rate_hz),
@@ -315,6 +316,7 @@ def evaluate_through_ros(
         raise ValueError(f"episodes_per_task {episodes_per_task}: expected >= 1")
     seeds = check_eval_seeds(seed_base, episodes_per_task)
     card = load_card(weights)
+    check_camera_count(camera, card.num_cameras)
     image_size = int(image_size or card.image_size)
     out = Path(out_dir) if out_dir is not None else None
     config = RosLoopConfig(Path(weights), task_names[0], image_size, horizon, camera, sync, control_rate_hz,
@@ -414,7 +416,7 @@ def run_eval_sim(args: argparse.Namespace) -> int:
     try:
         result, _ = evaluate_through_ros(
             args.policy, args.tasks, episodes_per_task=args.episodes, horizon=args.horizon, seed_base=args.seed_base,
-            image_size=args.image_size, threshold=args.threshold, device=args.device,
+            image_size=args.image_size, camera=args.camera, threshold=args.threshold, device=args.device,
             sync=args.realtime_hz is None, control_rate_hz=args.realtime_hz or 20.0, out_dir=args.out)
     except (WeightsError, ValueError, NodeProcessError) as err:
         print(f"actdistill eval-sim: {err}", file=sys.stderr)

@@ -30,6 +30,7 @@ from .metaworld_env import (
     EVAL_SEED_BASE,
     STATE_NAMES,
     MetaWorldTask,
+    camera_topics,
     instruction_for,
     parse_task_list,
 )
@@ -87,6 +88,7 @@ def _worker_init() -> None:
 def run_episode(spec: EpisodeSpec) -> EpisodeResult:
     """Run the expert for one seed; write the bag only if the episode succeeds."""
     from actdistill_ros.data.bag_writer import write_episode_bag
+    from actdistill_ros.data.config import TopicConfig
 
     start = time.perf_counter()
     key = (spec.task, spec.image_size, spec.camera, spec.horizon)
@@ -97,10 +99,10 @@ def run_episode(spec: EpisodeSpec) -> EpisodeResult:
         )
     task.reset(spec.seed)
     rng = _noise_rng(spec.task, spec.seed)
-    images, states, actions = [], [], []
+    per_camera, states, actions = [[] for _ in range(task.num_cameras)], [], []
     success = False
     for _ in range(spec.horizon):
-        rgb, state = task.observe()
+        frames, state = task.observe()
         action = task.expert_action()
         executed = action
         if spec.action_noise > 0:
@@ -108,7 +110,8 @@ def run_episode(spec: EpisodeSpec) -> EpisodeResult:
         # The bag records the expert's clean action, not the noisy executed one: the noise only
         # widens the visited states, and the label for each state should be the expert's intent
         # (the correction back towards the expert's path), not a random perturbation.
-        images.append(rgb)
+        for images, frame in zip(per_camera, frames):
+            images.append(frame)
         states.append(state)
         actions.append(action)
         success, _info = task.step(executed)
@@ -117,7 +120,8 @@ def run_episode(spec: EpisodeSpec) -> EpisodeResult:
     if success:
         write_episode_bag(
             spec.bag_path,
-            images=np.stack(images),
+            images=np.stack(per_camera[0]) if task.num_cameras == 1 else [np.stack(images) for images in per_camera],
+            topics=TopicConfig(cameras=camera_topics(spec.camera)),
             instruction=task.instruction,
             states=np.stack(states),
             actions=np.stack(actions),
@@ -235,6 +239,7 @@ def collect(
         raise ValueError(f"max_attempts_per_task {max_attempts_per_task}: expected >= episodes_per_task")
     if seed_base < 0:
         raise ValueError(f"seed_base {seed_base}: expected >= 0")
+    topics = camera_topics(camera)  # checks the camera list before any worker starts
     # Demonstration placements must never be evaluation placements.
     if seed_base + max_attempts_per_task > EVAL_SEED_BASE:
         raise ValueError(f"collection seeds {seed_base}..{seed_base + max_attempts_per_task - 1} reach the "
@@ -246,6 +251,7 @@ def collect(
         "format": 1,
         "image_size": int(image_size),
         "camera": camera,
+        "camera_topics": topics,
         "horizon": int(horizon),
         "action_noise": float(action_noise),
         "seed_base": int(seed_base),
@@ -375,7 +381,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--storage", choices=STORAGES, default="mcap", help="rosbag2 storage (default: mcap)")
     parser.add_argument("--image-format", choices=IMAGE_FORMATS, default="rgb8",
                         help="camera encoding in the bags: rgb8 (raw), png (lossless, smaller), jpeg (default: rgb8)")
-    parser.add_argument("--camera", default="corner4", help="Meta-World camera (default: corner4)")
+    parser.add_argument("--camera", default="corner4",
+                        help="Meta-World camera, or several separated by commas, e.g. corner4,topview: the first "
+                             "is recorded on /camera/image_raw, each further one on /camera_<name>/image_raw "
+                             "(default: corner4)")
     parser.add_argument("--seed-base", type=int, default=COLLECTION_SEED_BASE, help="first seed per task (default: 0)")
     parser.add_argument("--max-attempts", type=int, default=None,
                         help="episodes tried per task before giving up (default: max(2N, N+10))")

@@ -21,7 +21,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from .metaworld_env import EVAL_SEED_BASE, MetaWorldTask, parse_task_list
+from .metaworld_env import EVAL_SEED_BASE, MetaWorldTask, check_camera_count, parse_task_list
 from .report import (EpisodeOutcome, episode_dict, eval_markdown, plot_methods_vs_gflops, plot_success_per_task,
                      plot_success_vs_gflops, plot_sweep_per_task, summarise, sweep_keep_markdown, sweep_markdown,
                      write_gif, write_json, write_text)
@@ -39,7 +39,8 @@ class ChunkPredictor(Protocol):
 
     threshold: float
 
-    def predict(self, image: np.ndarray, instruction: str, state: np.ndarray | None = None) -> Any: ...
+    def predict(self, images: list[np.ndarray], instruction: str, state: np.ndarray | None = None) -> Any:
+        """One frame per camera, in the policy's camera order."""
 
 
 def check_eval_seeds(seed_base: int, episodes_per_task: int) -> list[int]:
@@ -80,11 +81,11 @@ def run_episode(
     full_gflops = 0.0
     success = False
     while task.steps < task.horizon and not success:
-        image, state = task.observe()
+        images, state = task.observe()
         if record_frames:
-            frames.append(image)
+            frames.append(images[0])
         start = time.perf_counter()
-        out = policy.predict(image, task.instruction, state if use_state else None)
+        out = policy.predict(images, task.instruction, state if use_state else None)
         predict_ms.append((time.perf_counter() - start) * 1e3)
         fractions.append(float(out.executed_fraction))
         gflops.append(float(out.backbone_gflops))
@@ -95,12 +96,12 @@ def run_episode(
         k = chunk.shape[0] if execute_steps is None else min(execute_steps, chunk.shape[0])
         for i in range(k):
             if i > 0 and record_frames:
-                frames.append(task.observe()[0])
+                frames.append(task.observe()[0][0])
             success, info = task.step(chunk[i])
             if success or info.truncated:
                 break
     if record_frames and success:
-        frames.append(task.observe()[0])  # the success frame
+        frames.append(task.observe()[0][0])  # the success frame (first camera)
     return (
         EpisodeOutcome(
             task=task.name,
@@ -121,8 +122,9 @@ def run_episode(
 class _TaskCache:
     """One MetaWorldTask per task name, reused across episodes and sweep points."""
 
-    def __init__(self, image_size: int, horizon: int, camera: str):
-        self.image_size, self.horizon, self.camera = image_size, horizon, camera
+    def __init__(self, image_size: int, horizon: int, camera: str, policy):
+        self.image_size, self.horizon = image_size, horizon
+        self.camera = check_camera_count(camera, int(_card_value(policy, "num_cameras", 1)))
         self.tasks: dict[str, MetaWorldTask] = {}
 
     def get(self, name: str) -> MetaWorldTask:
@@ -226,7 +228,7 @@ def evaluate_policy(
     out = Path(out_dir) if out_dir is not None else None
     if gif and out is None:
         raise ValueError("gif=True needs an out_dir to write the GIFs into")
-    cache = _TaskCache(image_size, horizon, camera)
+    cache = _TaskCache(image_size, horizon, camera, policy)
     try:
         with single_torch_thread():
             summary, outcomes = _evaluate(
@@ -279,7 +281,7 @@ def sweep_threshold(
     image_size = int(image_size or _card_value(policy, "image_size", 96))
     original = policy.threshold, policy.keep_fraction
     policy.keep_fraction = 0.0  # threshold routing: a keep fraction would override the threshold
-    cache = _TaskCache(image_size, horizon, camera)
+    cache = _TaskCache(image_size, horizon, camera, policy)
     points = []
     try:
         for threshold in thresholds:
@@ -365,8 +367,9 @@ def sweep_keep(
     seeds = check_eval_seeds(seed_base, episodes_per_task)
     execute_steps = _resolve_execute_steps(student, execute_steps)
     image_size = int(image_size or _card_value(student, "image_size", 96))
+    check_camera_count(camera, int(_card_value(teacher, "num_cameras", 1)))
     original_keep, original_route = student.keep_fraction, teacher.static_route
-    cache = _TaskCache(image_size, horizon, camera)
+    cache = _TaskCache(image_size, horizon, camera, student)
     methods: dict[str, list[dict[str, Any]]] = {name: [] for name in ("student", *BASELINE_ROUTES)}
     if finetuned_truncated is not None:
         methods["finetuned-truncated"] = []
@@ -496,6 +499,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=None,
                         help="render size in px; use the demos' size so frames get the training resize "
                         "(default: the policy's input size)")
+    parser.add_argument("--camera", default="corner4",
+                        help="Meta-World camera, or one per camera image the policy takes, separated by commas in "
+                        "its order, e.g. corner4,topview (default: corner4)")
     parser.add_argument("--seed-base", type=int, default=EVAL_SEED_BASE, help="first evaluation seed (default: 10000)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
@@ -522,7 +528,7 @@ def run(args: argparse.Namespace) -> int:
         # In-process loop; `actdistill` hands --through-ros to ros.closed_loop.run_eval_sim instead.
         common = dict(tasks=args.tasks, episodes_per_task=args.episodes, horizon=args.horizon,
                       seed_base=args.seed_base, execute_steps=args.execute_steps, image_size=args.image_size,
-                      out_dir=args.out)
+                      camera=args.camera, out_dir=args.out)
         if args.resume and args.sweep_keep is None:
             raise ValueError("--resume continues a --sweep-keep run; one evaluation has nothing to resume")
         if args.sweep_keep is not None:

@@ -3,6 +3,7 @@
 ``MetaWorldTask`` hides the benchmark's quirks:
   * fast offscreen rendering (no shadow map, no multisampling) through our own ``mujoco.Renderer``;
   * the ``corner*`` cameras render upside down, so their frames are rotated by 180 degrees;
+  * several cameras can render each step ("corner4,topview"), in that order;
   * ``reset(seed)`` gives a fresh, reproducible object/goal placement (Meta-World ignores the
     gymnasium seed; its own seeded RNG must be switched on), bit-identical across processes;
   * every goal marker gets the same colour, so only the instruction tells reach/push/pick-place apart.
@@ -49,6 +50,30 @@ MT10_TASKS: dict[str, tuple[str, str]] = {
 }
 MT10 = tuple(MT10_TASKS)
 CI_TASKS = ("reach", "push")
+DEFAULT_CAMERA_TOPIC = "/camera/image_raw"
+
+
+def camera_names(camera: str) -> tuple[str, ...]:
+    """'corner4' or 'corner4,topview' -> the Meta-World camera names, in order."""
+    names = tuple(name.strip() for name in str(camera).split(","))
+    if not all(names) or len(set(names)) != len(names):
+        raise ValueError(f"camera {camera!r}: expected Meta-World camera names separated by commas, each once")
+    return names
+
+
+def check_camera_count(camera: str, num_cameras: int) -> str:
+    """``camera`` if it names as many cameras as a policy takes images, else a one-line ValueError."""
+    if len(camera_names(camera)) != num_cameras:
+        raise ValueError(f"camera {camera!r}: the policy takes {num_cameras} camera image(s) per observation; give "
+                         "as many Meta-World cameras, in its order, separated by commas (e.g. corner4,topview)")
+    return camera
+
+
+def camera_topics(camera: str) -> list[str]:
+    """The topic of each camera in bags and on the simulated arm: the first on /camera/image_raw
+    (as with one camera), the others on /camera_<name>/image_raw."""
+    first, *others = camera_names(camera)
+    return [DEFAULT_CAMERA_TOPIC, *(f"/camera_{name}/image_raw" for name in others)]
 
 
 def canonical_task_name(name: str) -> str:
@@ -108,9 +133,10 @@ class StepInfo:
 
 
 class MetaWorldTask:
-    """A Meta-World v3 task rendering ``image_size`` px RGB frames from ``camera``.
+    """A Meta-World v3 task rendering ``image_size`` px RGB frames from ``camera`` (one name, or
+    several separated by commas).
 
-    ``observe()`` -> (rgb uint8 (S, S, 3), state float32 (4,) = hand xyz + gripper opening);
+    ``observe()`` -> (one rgb uint8 (S, S, 3) per camera, state float32 (4,) = hand xyz + gripper opening);
     ``step(action)`` -> (success, StepInfo); ``expert_action()`` -> the scripted expert's action.
     """
 
@@ -144,12 +170,13 @@ class MetaWorldTask:
         self.horizon = self._horizon
 
         model = env.model
-        camera_id = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, camera)
-        if camera_id < 0:
-            cameras = [mujoco.mj_id2name(model, mujoco.mjtObj.mjOBJ_CAMERA, i) for i in range(model.ncam)]
-            raise ValueError(f"camera {camera!r} not in the Meta-World scene: expected one of {cameras}")
-        self._camera_id = camera_id
-        self._flip = camera.startswith("corner")  # these cameras are mounted upside down
+        self._camera_ids = []
+        for name in camera_names(camera):
+            camera_id = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, name)
+            if camera_id < 0:
+                known = [mujoco.mj_id2name(model, mujoco.mjtObj.mjOBJ_CAMERA, i) for i in range(model.ncam)]
+                raise ValueError(f"camera {name!r} not in the Meta-World scene: expected one of {known}")
+            self._camera_ids.append((camera_id, name.startswith("corner")))  # corner* are mounted upside down
 
         for site in GOAL_MARKER_SITES:
             site_id = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_SITE, site)
@@ -175,7 +202,7 @@ class MetaWorldTask:
         self.seed: int | None = None
         self._next_seed = int(seed)
         self._obs: np.ndarray | None = None
-        self._frame: np.ndarray | None = None
+        self._frames: list[np.ndarray] | None = None
         self.steps = 0
         self.success_step: int | None = None
         self.reset(seed)
@@ -213,21 +240,25 @@ class MetaWorldTask:
         # would keep values from the previous episode (frames would depend on episode history).
         mujoco.mj_forward(env.model, env.data)
         self._obs = obs
-        self._frame = None
+        self._frames = None
         self.seed = seed
         self._next_seed = seed + 1
         self.steps = 0
         self.success_step = None
 
-    def observe(self) -> tuple[np.ndarray, np.ndarray]:
-        """(rgb uint8 (S, S, 3), state float32 (4,)). The frame is rendered once per step."""
-        if self._frame is None:
-            self._renderer.update_scene(self._env.data, camera=self._camera_id)
-            frame = self._renderer.render()
-            if self._flip:
-                frame = frame[::-1, ::-1]
-            self._frame = np.ascontiguousarray(frame)
-        return self._frame, self.state()
+    @property
+    def num_cameras(self) -> int:
+        return len(self._camera_ids)
+
+    def observe(self) -> tuple[list[np.ndarray], np.ndarray]:
+        """(one rgb uint8 (S, S, 3) per camera, state float32 (4,)). Frames are rendered once per step."""
+        if self._frames is None:
+            self._frames = []
+            for camera_id, upside_down in self._camera_ids:
+                self._renderer.update_scene(self._env.data, camera=camera_id)
+                frame = self._renderer.render()
+                self._frames.append(np.ascontiguousarray(frame[::-1, ::-1] if upside_down else frame))
+        return self._frames, self.state()
 
     def state(self) -> np.ndarray:
         """float32 (4,): hand x, y, z in metres and gripper opening in [0, 1]."""
@@ -245,7 +276,7 @@ class MetaWorldTask:
         action = np.clip(action, ACTION_LOW, ACTION_HIGH)
         obs, reward, _terminated, truncated, info = self._env.step(action)
         self._obs = obs
-        self._frame = None
+        self._frames = None
         self.steps += 1
         success = bool(info.get("success", 0.0) >= 1.0)
         if success and self.success_step is None:
