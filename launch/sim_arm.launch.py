@@ -1,13 +1,14 @@
 """Launch a simulated Meta-World arm together with the ActDistill policy node driving it.
 
     ros2 launch actdistill_ros sim_arm.launch.py weights:=<weights dir> task:=push seed:=10000 \
-        sync_mode:=false device:=auto [threshold:=0.5]
+        sync_mode:=false device:=auto [threshold:=0.5] [camera:=corner4,topview]
 
 The arm (sim_arm_node) publishes camera, joint state and the task instruction and applies the
 policy node's ee_twist output (TwistStamped + Float64 gripper); both nodes read action.twist_scale
 from their parameter files (config/sim_arm.yaml, config/policy.yaml), which must agree. Start the
 next episode with the arm's ~/reset service (std_srvs/Trigger), or set episode.auto_reset.
-Without threshold the policy node uses the card's default_threshold.
+Without threshold the policy node uses the card's default_threshold. With several cameras the arm
+publishes one topic per camera and the policy node subscribes to them in that order.
 The Fast DDS profile for large camera images is set for both processes.
 """
 
@@ -21,6 +22,7 @@ from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
 
 from actdistill_ros.ros.launch_arguments import threshold_override
+from actdistill_ros.sim.metaworld_env import camera_topics
 
 
 def _policy_node(context):
@@ -28,6 +30,7 @@ def _policy_node(context):
         "weights_path": LaunchConfiguration("weights").perform(context),
         "device": LaunchConfiguration("device").perform(context),
         "action.mode": "ee_twist",
+        "topics.cameras": camera_topics(LaunchConfiguration("camera").perform(context)),
     }
     # Only when given: it overrides the card's default_threshold.
     overrides.update(threshold_override(LaunchConfiguration("threshold").perform(context)))
@@ -50,6 +53,9 @@ def generate_launch_description():
         DeclareLaunchArgument("seed", default_value="10000", description="placement seed of the first episode"),
         DeclareLaunchArgument("image_size", default_value="96",
                               description="camera size in px (use the policy's input size)"),
+        DeclareLaunchArgument("camera", default_value="corner4",
+                              description="Meta-World camera, or several separated by commas (one per camera "
+                                          "image the policy takes, in its order), e.g. corner4,topview"),
         DeclareLaunchArgument("sync_mode", default_value="false",
                               description="true: lockstep (step once per answered frame); false: real time"),
         DeclareLaunchArgument("auto_reset", default_value="true",
@@ -74,6 +80,7 @@ def generate_launch_description():
                 "task": LaunchConfiguration("task"),
                 "seed": ParameterValue(LaunchConfiguration("seed"), value_type=int),
                 "image_size": ParameterValue(LaunchConfiguration("image_size"), value_type=int),
+                "camera": LaunchConfiguration("camera"),
                 "sync_mode": ParameterValue(LaunchConfiguration("sync_mode"), value_type=bool),
                 "episode.auto_reset": ParameterValue(LaunchConfiguration("auto_reset"), value_type=bool),
                 "topics.router_stats": "/policy_node/router_stats",
