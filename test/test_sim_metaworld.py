@@ -218,6 +218,24 @@ def test_collection_writes_readable_bags_and_resumes(tmp_path):
         collect(["reach"], 2, out, image_size=96, horizon=HORIZON, action_noise=0.1, workers=1, progress=False)
 
 
+def test_hold_steps_record_the_expert_after_the_first_success(tmp_path):
+    from actdistill_ros.data.bags import read_episode
+
+    plain = collect(["reach"], 1, tmp_path / "plain", image_size=SIZE, horizon=HORIZON, workers=1, progress=False)
+    held = collect(["reach"], 1, tmp_path / "held", image_size=SIZE, horizon=HORIZON, hold_steps=5, workers=1,
+                   progress=False)
+    name = bag_name("reach", plain["per_task"]["reach"]["seeds"][0])
+    assert held["per_task"]["reach"]["seeds"] == plain["per_task"]["reach"]["seeds"]
+    assert held["episodes"][name]["steps"] == plain["episodes"][name]["steps"] + 5
+    short, long = read_episode(tmp_path / "plain" / name), read_episode(tmp_path / "held" / name)
+    assert len(long) == len(short) + 5
+    np.testing.assert_array_equal(long.actions[: len(short)], short.actions)  # the same episode, then more
+    with pytest.raises(ValueError, match="hold_steps=5"):  # a resumed collection keeps its settings
+        collect(["reach"], 1, tmp_path / "held", image_size=SIZE, horizon=HORIZON, workers=1, progress=False)
+    with pytest.raises(ValueError, match="hold_steps -1"):
+        collect(["reach"], 1, tmp_path / "bad", image_size=SIZE, horizon=HORIZON, hold_steps=-1, progress=False)
+
+
 def test_two_camera_collection_and_evaluation(tmp_path):
     from actdistill_ros.data.bags import read_episode
     from actdistill_ros.data.config import TopicConfig

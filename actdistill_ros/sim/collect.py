@@ -38,7 +38,8 @@ from .metaworld_env import (
 COLLECTION_FILE = "collection.json"
 STORAGES = ("mcap", "sqlite3")
 # Settings that must match for bags of a resumed collection to be mixed with new ones.
-_RESUME_KEYS = ("image_size", "camera", "horizon", "action_noise", "storage", "image_format", "seed_base")
+_RESUME_KEYS = ("image_size", "camera", "horizon", "action_noise", "storage", "image_format", "seed_base",
+                "hold_steps")
 # rgb8 keeps frames exact (~2 MB per 96 px episode); png is lossless and smaller; jpeg is lossy.
 IMAGE_FORMATS = ("rgb8", "png", "jpeg")
 
@@ -58,6 +59,7 @@ class EpisodeSpec:
     storage: str
     bag_path: str
     image_format: str = "rgb8"
+    hold_steps: int = 0  # expert steps recorded after the first success (within the horizon)
 
 
 @dataclass
@@ -100,7 +102,7 @@ def run_episode(spec: EpisodeSpec) -> EpisodeResult:
     task.reset(spec.seed)
     rng = _noise_rng(spec.task, spec.seed)
     per_camera, states, actions = [[] for _ in range(task.num_cameras)], [], []
-    success = False
+    success_at: int | None = None
     for _ in range(spec.horizon):
         frames, state = task.observe()
         action = task.expert_action()
@@ -114,9 +116,14 @@ def run_episode(spec: EpisodeSpec) -> EpisodeResult:
             images.append(frame)
         states.append(state)
         actions.append(action)
-        success, _info = task.step(executed)
-        if success:
+        success_now, _info = task.step(executed)
+        if success_now and success_at is None:
+            success_at = len(actions)
+        # After the first success the expert goes on for hold_steps: a policy then learns to stay
+        # at the goal, not only to arrive (the demos would otherwise end where it should settle).
+        if success_at is not None and len(actions) >= success_at + spec.hold_steps:
             break
+    success = success_at is not None
     if success:
         write_episode_bag(
             spec.bag_path,
@@ -218,6 +225,7 @@ def collect(
     camera: str = "corner4",
     max_attempts_per_task: int | None = None,
     image_format: str = "rgb8",
+    hold_steps: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Collect ``episodes_per_task`` successful expert episodes per task into ``out_dir``.
@@ -239,6 +247,8 @@ def collect(
         raise ValueError(f"max_attempts_per_task {max_attempts_per_task}: expected >= episodes_per_task")
     if seed_base < 0:
         raise ValueError(f"seed_base {seed_base}: expected >= 0")
+    if isinstance(hold_steps, bool) or not isinstance(hold_steps, int) or hold_steps < 0:
+        raise ValueError(f"hold_steps {hold_steps!r}: expected an integer >= 0")
     topics = camera_topics(camera)  # checks the camera list before any worker starts
     # Demonstration placements must never be evaluation placements.
     if seed_base + max_attempts_per_task > EVAL_SEED_BASE:
@@ -255,6 +265,7 @@ def collect(
         "horizon": int(horizon),
         "action_noise": float(action_noise),
         "seed_base": int(seed_base),
+        "hold_steps": int(hold_steps),
         "storage": storage,
         "image_format": image_format,
         "max_attempts_per_task": int(max_attempts_per_task),
@@ -282,7 +293,7 @@ def collect(
                         continue
                     state.in_flight += 1
                     yield EpisodeSpec(state.task, seed, int(image_size), camera, int(horizon),
-                                      float(action_noise), storage, str(path), image_format)
+                                      float(action_noise), storage, str(path), image_format, int(hold_steps))
                     issued = True
                     break
             if not issued:
@@ -385,6 +396,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="Meta-World camera, or several separated by commas, e.g. corner4,topview: the first "
                              "is recorded on /camera/image_raw, each further one on /camera_<name>/image_raw "
                              "(default: corner4)")
+    parser.add_argument("--hold-steps", type=int, default=0,
+                        help="expert steps still recorded after the first success, within --horizon: demos that "
+                             "show staying at the goal, not only arriving (default: 0)")
     parser.add_argument("--seed-base", type=int, default=COLLECTION_SEED_BASE, help="first seed per task (default: 0)")
     parser.add_argument("--max-attempts", type=int, default=None,
                         help="episodes tried per task before giving up (default: max(2N, N+10))")
@@ -398,6 +412,7 @@ def run(args: argparse.Namespace) -> int:
             args.tasks, args.episodes, args.out, image_size=args.image_size, horizon=args.horizon,
             action_noise=args.noise, seed_base=args.seed_base, workers=args.workers, storage=args.storage,
             camera=args.camera, max_attempts_per_task=args.max_attempts, image_format=args.image_format,
+            hold_steps=args.hold_steps,
         )
     except ValueError as err:
         print(f"actdistill collect: {err}", file=sys.stderr)
