@@ -21,6 +21,8 @@ from dataclasses import dataclass  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from actdistill_ros.data.config import DEFAULT_CAMERA_TOPIC  # noqa: E402
+
 # Seeds of demonstration episodes count up from 0; evaluation episodes from 10000 up. The two
 # ranges must never overlap, or evaluation would replay placements seen in training.
 COLLECTION_SEED_BASE = 0
@@ -50,7 +52,6 @@ MT10_TASKS: dict[str, tuple[str, str]] = {
 }
 MT10 = tuple(MT10_TASKS)
 CI_TASKS = ("reach", "push")
-DEFAULT_CAMERA_TOPIC = "/camera/image_raw"
 
 
 def camera_names(camera: str) -> tuple[str, ...]:
@@ -72,8 +73,7 @@ def check_camera_count(camera: str, num_cameras: int) -> str:
 def camera_topics(camera: str) -> list[str]:
     """The topic of each camera in bags and on the simulated arm: the first on /camera/image_raw
     (as with one camera), the others on /camera_<name>/image_raw."""
-    first, *others = camera_names(camera)
-    return [DEFAULT_CAMERA_TOPIC, *(f"/camera_{name}/image_raw" for name in others)]
+    return [DEFAULT_CAMERA_TOPIC, *(f"/camera_{name}/image_raw" for name in camera_names(camera)[1:])]
 
 
 def canonical_task_name(name: str) -> str:
