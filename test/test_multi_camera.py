@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from actdistill_ros.cli import main as cli
 from actdistill_ros.data import TopicConfig, read_episodes
@@ -95,3 +96,7 @@ def test_a_single_camera_model_refuses_two_frames(tmp_path):
     two = Policy.load(create_untrained_policy(tmp_path / "two", size="tiny", camera_names=CAMERAS), device="cpu")
     assert two.num_cameras == 2 and two.card.camera_names == CAMERAS
     assert two.predict([frame, np.zeros((10, 20, 3), np.uint8)], "x", np.zeros(4)).actions.shape == (4, 4)
+    # The model itself takes uint8 pixels only: float frames in [0, 1] would be read as near-black.
+    pixels = torch.zeros(1, 2, two.vla.config.image_size, two.vla.config.image_size, 3)
+    with pytest.raises(ValueError, match=r"^images: expected uint8 RGB \(0\.\.255\), got torch.float32$"):
+        two.vla.encode(pixels, ["x"], torch.zeros(1, 4))

@@ -107,10 +107,10 @@ def _teacher_from(args, topics, ctx):
                                   "num_cameras": topics.num_cameras})
     demos = load_demonstrations(args.data, topics, config.image_size, config.chunk_size, args.val_fraction, args.seed,
                                 progress=ctx.is_main)
-    found = (len(demos.action_names), len(demos.state_names) if demos.stats.state_dim else 0, topics.num_cameras)
-    if found != (config.action_dim, config.state_dim, config.num_cameras):
-        raise ValueError(f"--init-from {args.init_from}: the demos give (actions, state, cameras) = {found}, "
-                         f"its teacher takes {(config.action_dim, config.state_dim, config.num_cameras)}")
+    found = (len(demos.action_names), len(demos.state_names) if demos.stats.state_dim else 0)
+    if found != (config.action_dim, config.state_dim):
+        raise ValueError(f"--init-from {args.init_from}: the demos give (actions, state) = {found}, "
+                         f"its teacher takes {(config.action_dim, config.state_dim)}")
     model = ReferenceVLA(config)
     dropped = tuple(f"layers.{index}." for index in range(layers, full.num_layers))
     tensors = {name: t for name, t in read_weights(weights_file).items() if not name.startswith(dropped)}

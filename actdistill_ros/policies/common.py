@@ -23,6 +23,8 @@ def camera_batch(images: Tensor, num_cameras: int, image_size: int) -> Tensor:
     if images.dim() != 5 or tuple(images.shape[1:]) != expected:
         raise ValueError(f"images: expected RGB (B, {', '.join(map(str, expected))}) ({num_cameras} camera image(s) "
                          f"per sample, resized to {image_size} px with data.images.resize_rgb), got shape {given}")
+    if images.dtype != torch.uint8:
+        raise ValueError(f"images: expected uint8 RGB (0..255), got {images.dtype}")
     return images
 
 

@@ -173,7 +173,8 @@ class RosClosedLoop:
         self._node.create_subscription(String, f"/{SIM_NODE}/episode", self._on_status, episode_qos)
         self._node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, reliable)
         if self.config.record_frames:
-            self._node.create_subscription(Image, "/camera/image_raw", self._on_image, sensor)
+            # Frames are recorded from the first camera, the one on the default camera topic.
+            self._node.create_subscription(Image, camera_topics(self.config.camera)[0], self._on_image, sensor)
         self._reset_client = self._node.create_client(Trigger, f"/{SIM_NODE}/reset")
         self._set_params_client = self._node.create_client(SetParameters, f"/{SIM_NODE}/set_parameters")
         self._Trigger, self._SetParameters = Trigger, SetParameters
