@@ -88,7 +88,7 @@ def test_topics_yaml_lists_the_cameras_and_distill_checks_their_count(demos, tea
     assert code == 2 and "takes 2 camera(s)" in err and "--camera-topic once per camera" in err, err
 
 
-def test_a_single_camera_model_refuses_two_frames(tmp_path):
+def test_a_single_camera_model_refuses_two_frames_and_a_model_refuses_float_pixels(tmp_path):
     policy = Policy.load(create_untrained_policy(tmp_path / "one", size="tiny"), device="cpu")
     frame = np.zeros((32, 32, 3), np.uint8)
     with pytest.raises(ValueError, match=r"^images: this policy takes 1 camera image\(s\) per observation, got 2$"):
