@@ -1,7 +1,9 @@
 """Runtime policy: load a teacher or student weights directory and turn observations into
-un-normalised, clamped action chunks, reporting what the backbone executed and what it cost.
+un-normalised action chunks, reporting what the backbone executed and what it cost.
 
-This is what the ROS node, the simulator evaluation and the benchmarks call.
+This is what the ROS node, the simulator evaluation and the benchmarks call. The chunk is what the
+model predicts, not clamped: the limits of an arm are the safety contract's (actdistill_ros.control),
+and the simulator clips to its own action space.
 """
 
 from __future__ import annotations
@@ -105,12 +107,13 @@ class StaticRoute:
 
 @dataclass
 class PolicyOutput:
-    actions: np.ndarray  # (H, D) float32, un-normalised and clamped to the action space
+    actions: np.ndarray  # (H, D) float32, un-normalised as predicted (not clamped to any limit)
     executed_layers: list[int]
     executed_fraction: float
     backbone_gflops: float  # what this sample's backbone cost
     full_backbone_gflops: float  # what running every layer would cost
-    timings_ms: dict[str, float]  # encode, backbone, head, total (for the whole call)
+    # For the whole call: total; with Policy.profile also encode (with routing), backbone, head.
+    timings_ms: dict[str, float]
     gates: list[float] | None = None  # router gates (students only)
 
 
@@ -126,9 +129,9 @@ class Policy:
         # Normalisation buffers stay float32 for accuracy whatever the compute dtype.
         for name in ("action_mean", "action_std", "state_mean", "state_std"):
             setattr(self.vla, name, getattr(self.vla, name).float())
-        space = card.action_space
-        self._low = np.asarray(space.low, dtype=np.float32)
-        self._high = np.asarray(space.high, dtype=np.float32)
+        # Per-stage timings need the device drained after each stage (a sync per stage): only
+        # benchmarks turn this on; an inference otherwise waits for the device once.
+        self.profile = False
         # Backbone GFLOPs of one sample by the number of layers it runs.
         self._backbone_gflops = [backbone_flops(self.vla, k) / 1e9 for k in range(self.vla.num_layers + 1)]
         self._static_route: StaticRoute | None = None
@@ -200,40 +203,60 @@ class Policy:
         return self.vla.config.num_cameras
 
     # ---- inference -----------------------------------------------------------------------
-    def _sync(self) -> float:
+    def _stage_mark(self) -> float:
+        """A profiled stage boundary: wait for the device (a host sync on a GPU), then read the clock."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        """A host array on the device without the host waiting for the device: a blocking copy
+        would drain the GPU first. Pinned memory makes the copy truly asynchronous."""
+        tensor = torch.from_numpy(array)
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def predict_batch(self, images, instructions: list[str], states=None) -> list[PolicyOutput]:
         """images: a uint8 RGB array (B, C, h, w, 3), or (B, h, w, 3) with one camera; or a list
         with one entry per sample, each a list of C frames (h, w, 3) in camera order, or one frame
-        with one camera. Frames may have any size: each is resized with ``resize_rgb``."""
-        t0 = self._sync()
+        with one camera. Frames may have any size: each is resized with ``resize_rgb``.
+
+        The host waits for the device once to read the result, and a student once more before its
+        backbone, to read its route (gates and layers in one copy): which layers run is decided
+        on the host. With ``profile`` set, each stage is timed behind a sync of its own.
+        """
+        profile = self.profile
+        t0 = self._stage_mark() if profile else time.perf_counter()
         frames = _stack_images(images, self.vla.config.image_size, self.num_cameras)
-        pixels = torch.from_numpy(frames).to(self.device, non_blocking=True)
-        state_tensor = self._state_tensor(states, len(frames))
+        batch, num_layers = len(frames), self.num_layers
+        pixels = self._to_device(frames)
+        state_tensor = self._state_tensor(states, batch)
         encoded = self.vla.encode(pixels, list(instructions), state_tensor)
+        gates_np = None
         if self.student:
             gates, execute = self.student.execute_mask(encoded)
+            # The route's one copy to the host: run_backbone then reads the host mask for free.
+            route = torch.cat([gates.float(), execute.float()], dim=-1).cpu().numpy()
+            gates_np, execute_np = route[:, :num_layers], route[:, num_layers:] > 0.5
+            execute = torch.from_numpy(execute_np)
         elif self._static_route is not None:
-            gates, execute = None, self._static_route.mask(len(frames)).to(self.device)
+            execute = self._static_route.mask(batch)  # made on the host: nothing to read back
+            execute_np = execute.numpy()
         else:
-            gates, execute = None, None
-        t1 = self._sync()
+            execute, execute_np = None, np.ones((batch, num_layers), bool)
+        t1 = self._stage_mark() if profile else 0.0
         readout = run_backbone(self.vla, encoded, execute)
-        t2 = self._sync()
+        t2 = self._stage_mark() if profile else 0.0
         chunk = self.vla.unnormalize_actions(self.vla.predict_chunk(readout).float())
-        actions = np.clip(chunk.cpu().numpy(), self._low, self._high)
-        t3 = self._sync()
-        timings = {"encode": (t1 - t0) * 1e3, "backbone": (t2 - t1) * 1e3, "head": (t3 - t2) * 1e3,
-                   "total": (t3 - t0) * 1e3}
-        num_layers = self.num_layers
-        execute_np = (np.ones((len(frames), num_layers), bool) if execute is None else execute.cpu().numpy())
-        gates_np = None if gates is None else gates.float().cpu().numpy()
+        actions = chunk.cpu().numpy()  # the result: the one read every inference needs
+        t3 = time.perf_counter()
+        timings = {"total": (t3 - t0) * 1e3}
+        if profile:
+            timings.update(encode=(t1 - t0) * 1e3, backbone=(t2 - t1) * 1e3, head=(t3 - t2) * 1e3)
         outputs = []
-        for row in range(len(frames)):
+        for row in range(batch):
             layers = np.flatnonzero(execute_np[row]).tolist()
             outputs.append(PolicyOutput(
                 actions=actions[row], executed_layers=layers, executed_fraction=len(layers) / num_layers,
@@ -259,7 +282,7 @@ class Policy:
             raise ValueError(f"state must have shape ({batch}, {state_dim}), got {array.shape}")
         if not np.isfinite(array).all():
             raise ValueError("state contains NaN or inf")
-        return torch.from_numpy(array).to(self.device)
+        return self._to_device(np.ascontiguousarray(array))
 
 
 def _camera_frames(sample, num_cameras: int) -> list:

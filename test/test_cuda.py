@@ -82,6 +82,28 @@ def test_routed_inference_syncs_with_the_host_once(batch, keep):
     assert routed == 1, f"{routed} host syncs for one routed inference"
 
 
+@pytest.mark.parametrize("keep", [0.0, 0.5])
+def test_a_policy_inference_syncs_once_for_its_result_and_once_for_a_route(weights, tmp_path, keep, monkeypatch):
+    """Without profiling, a teacher's predict waits for the device once (its chunk), a student's
+    once more (its route); profiling adds a device sync per stage."""
+    teacher = Policy.load(create_untrained_policy(tmp_path / "teacher", size="tiny", student=False), device="cuda")
+    student = Policy.load(weights, device="cuda")
+    student.keep_fraction = keep
+    images, instructions, states = _observations(student, 1)
+    for policy, syncs in ((teacher, 1), (student, 2)):
+        policy.predict(images[0], instructions[0], states[0])  # warm-up: allocations, pinned buffers
+        counted = _count_syncs(lambda: policy.predict(images[0], instructions[0], states[0]))
+        assert counted == syncs, f"{counted} host syncs for one {'student' if policy.student else 'teacher'} predict"
+    synchronize, fences = torch.cuda.synchronize, []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: fences.append(args) or synchronize(*args))
+    student.predict(images[0], instructions[0], states[0])
+    assert fences == []
+    student.profile = True
+    assert sorted(student.predict(images[0], instructions[0], states[0]).timings_ms) == [
+        "backbone", "encode", "head", "total"]
+    assert len(fences) == 3  # before encode, after routing, after the backbone
+
+
 def test_bf16_autocast_training_step_trains_the_routes_that_run():
     torch.manual_seed(0)
     teacher = ReferenceVLA(VLAConfig.tiny(num_layers=8)).cuda()

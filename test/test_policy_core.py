@@ -12,10 +12,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from actdistill_ros.data.images import resize_rgb
 from actdistill_ros.policies.actdistill import RouterConfig, RoutedStudent, run_backbone
-from actdistill_ros.policies.actdistill.modeling_actdistill import straight_through_mask
 from actdistill_ros.policies.vla import ReferenceVLA, VLAConfig
-from actdistill_ros.policy import Policy, create_untrained_policy, make_card, resolve_device, save_model
+from actdistill_ros.policy import (Policy, StaticRoute, create_untrained_policy, make_card, resolve_device,
+                                   save_model)
 from actdistill_ros.weights import ActionSpace, WeightsError
+from host_reads import DeviceTensor, on_device
 
 INSTRUCTIONS = ["push the puck to the goal", "open the drawer", "reach the target", "press the button"]
 
@@ -94,20 +95,24 @@ def test_training_with_hard_gates_computes_the_inference_function():
     images, instructions, states = _observations(model.vla.config, 5)
     with torch.no_grad():
         encoded = model.vla.encode(_model_sized(images, model.vla.config), instructions, torch.from_numpy(states))
-        hiddens, gates, _ = model.forward_train(encoded, gate_mode="hard")
-        trained = model.vla.predict_chunk(encoded.readout(hiddens[-1]))
-        execute = gates >= model.threshold
+        routes = model.train_routes(encoded, gate_mode="hard")
+        trained = model.vla.predict_chunk(encoded.readout(model.gated_layers(encoded, routes.masks)[-1]))
+        execute = routes.gates >= model.threshold
         inferred = model.vla.predict_chunk(run_backbone(model.vla, encoded, execute))
     assert 0 < int(execute.sum()) < execute.numel()
     torch.testing.assert_close(trained, inferred, atol=1e-5, rtol=1e-5)
 
 
-def test_straight_through_mask_is_hard_forward_and_passes_gradient():
-    gates = torch.tensor([0.2, 0.5, 0.9], requires_grad=True)
-    mask = straight_through_mask(gates, 0.5)
-    assert mask.tolist() == [0.0, 1.0, 1.0]
-    (mask * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
-    assert gates.grad.tolist() == [1.0, 2.0, 3.0]
+def test_hard_training_masks_are_hard_forward_and_pass_the_gates_gradient():
+    _, student = _teacher_and_student(keep=0.5, router_weight_std=2.0, seed=3)
+    model: RoutedStudent = student.model
+    images, instructions, states = _observations(model.vla.config, 3)
+    encoded = model.vla.encode(_model_sized(images, model.vla.config), instructions, torch.from_numpy(states))
+    routes = model.train_routes(encoded, gate_mode="hard")
+    assert torch.equal(routes.masks, (routes.gates >= model.threshold).float())
+    weights = torch.arange(routes.masks.numel(), dtype=torch.float32).view_as(routes.masks)
+    gate_grad, = torch.autograd.grad((routes.masks * weights).sum(), routes.gates, retain_graph=True)
+    torch.testing.assert_close(gate_grad, weights)  # straight-through: d mask / d gate = 1
 
 
 @pytest.mark.parametrize("num_cameras", [1, 2])
@@ -139,19 +144,60 @@ def test_save_load_round_trip_gives_identical_actions(tmp_path):
     assert first.card == second.card and first.card.is_student
 
 
-def test_actions_are_unnormalised_and_clamped_to_the_card_limits(tmp_path):
+def test_actions_are_unnormalised_and_not_clamped_to_the_card_limits(tmp_path):
+    """The policy returns what the model predicts; the safety contract (actdistill_ros.control)
+    owns every limit, so a chunk beyond the card's range comes back beyond it."""
     torch.manual_seed(0)
     vla = ReferenceVLA(VLAConfig.tiny())
     space = ActionSpace(kind="joint", names=["a", "b", "c", "d"], units=["rad"] * 4,
                         low=[-0.1, -5, -5, -5], high=[0.1, 5, 5, 5])
-    stats = {"action_mean": [0.0, 1.0, 2.0, 3.0], "action_std": [10.0, 1e-3, 1e-3, 1e-3],
+    stats = {"action_mean": [0.0, 1.0, 2.0, 3.0], "action_std": [1e3, 1e-3, 1e-3, 1e-3],
              "state_mean": [0.0] * 4, "state_std": [1.0] * 4}
     save_model(tmp_path / "t", vla, make_card(vla, space, norm_stats=stats))
     policy = Policy.load(tmp_path / "t", device="cpu")
     actions = policy.predict(np.zeros((32, 32, 3), np.uint8), "x", np.zeros(4)).actions
+    with torch.no_grad():
+        normalised = vla.eval()(torch.zeros(1, 32, 32, 3, dtype=torch.uint8), ["x"], torch.zeros(1, 4))[0].numpy()
     assert actions.shape == (4, 4)
-    assert np.all(np.abs(actions[:, 0]) <= 0.1)
+    np.testing.assert_allclose(actions[:, 0], 1e3 * normalised[:, 0], rtol=1e-4, atol=1e-6)  # un-normalised
+    assert np.abs(actions[:, 0]).max() > 0.1, "the model's output must exceed the card's limit to test this"
     np.testing.assert_allclose(actions[:, 1:], np.broadcast_to([1.0, 2.0, 3.0], (4, 3)), atol=0.05)
+
+
+def _counting_host_reads(policy: Policy) -> Policy:
+    """Make ``policy``'s encoded observations count the host reads of everything computed from
+    them (see host_reads.DeviceTensor): the CPU stand-in for a GPU's host syncs."""
+    encode = policy.vla.encode
+    policy.vla.encode = lambda *args, **kwargs: on_device(encode(*args, **kwargs))
+    return policy
+
+
+@pytest.mark.parametrize("profile", [False, True])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_an_inference_reads_the_device_once_for_its_result_and_once_for_a_route(batch, profile):
+    """A teacher (every layer, or a static route made on the host) reads the device once, for the
+    chunk; a student once more, before its backbone, for its route: gates and layers in one copy."""
+    teacher, student = _teacher_and_student(keep=0.5, router_weight_std=2.0, seed=3)
+    images, instructions, states = _observations(student.vla.config, batch)
+    expected = {name: policy.predict_batch(images, instructions, states)
+                for name, policy in (("teacher", teacher), ("student", student))}
+    static = Policy(teacher.model, teacher.card, torch.device("cpu"))
+    static.static_route = StaticRoute("even", 0.5, static.num_layers)
+    for name, policy, reads in (("teacher", teacher, ["cpu"]), ("static", static, ["cpu"]),
+                                ("student", student, ["cpu", "cpu"])):
+        policy.profile = profile
+        _counting_host_reads(policy)
+        DeviceTensor.host_reads = []
+        outputs = policy.predict_batch(images, instructions, states)
+        assert DeviceTensor.host_reads == reads, (name, DeviceTensor.host_reads)
+        assert all(type(out.actions) is np.ndarray for out in outputs)
+        assert sorted(outputs[0].timings_ms) == (["backbone", "encode", "head", "total"] if profile else ["total"])
+        for out, want in zip(outputs, expected.get(name, outputs)):
+            assert out.executed_layers == want.executed_layers and out.gates == want.gates
+            np.testing.assert_array_equal(out.actions, want.actions)
+    student_out = expected["student"]
+    assert len({tuple(out.executed_layers) for out in student_out}) > 1 or batch == 1
+    assert 0 < len(student_out[0].executed_layers) < student.num_layers and len(student_out[0].gates) == 6
 
 
 @pytest.fixture
@@ -317,7 +363,8 @@ def test_two_camera_token_layout():
     vla = ReferenceVLA(config)
     encoded = vla.encode(torch.zeros(2, 2, 16, 16, 3, dtype=torch.uint8), ["a b", ""], torch.zeros(2, 3))
     assert encoded.num_tokens == config.num_tokens == 2 * 4 + 5 + 1 + 1
-    assert encoded.modality_mask(0).sum(1).tolist() == [8, 8]  # VISUAL: both cameras' patches
+    visual_tokens, visual_valid = encoded.modality_tokens(0)
+    assert visual_tokens.shape[1] == 8 and visual_valid is None  # VISUAL: both cameras' patches, no padding
     assert encoded.segment.tolist() == [0] * 8 + [1] * 5 + [2, 3] and encoded.readout_span == slice(14, 15)
     assert vla.camera_embed.shape == (2, config.width)
     # Camera 0's patches come first and differ from camera 1's only by the camera embedding.

@@ -12,6 +12,7 @@ from actdistill_ros.policies.actdistill import (RouterConfig, RoutedStudent, num
 from actdistill_ros.policies.vla import ReferenceVLA, VLAConfig
 from actdistill_ros.policy import Policy, create_untrained_policy, make_card
 from actdistill_ros.weights import ActionSpace
+from host_reads import DeviceTensor, on_device
 
 INSTRUCTIONS = ["push the puck to the goal", "open the drawer", "reach the target", "press the button"]
 NUM_LAYERS = 10
@@ -196,8 +197,8 @@ def test_hard_top_k_training_computes_the_keep_routed_inference_function():
     student = _student()
     encoded = _encoded(student, 5)
     with torch.no_grad():
-        hiddens, _, masks = student.forward_train(encoded, "hard", keep_fraction=0.4)
-        trained = student.vla.predict_chunk(encoded.readout(hiddens[-1]))
+        masks = student.train_routes(encoded, "hard", keep_fraction=0.4).masks
+        trained = student.vla.predict_chunk(encoded.readout(student.gated_layers(encoded, masks)[-1]))
         _, execute = student.execute_mask(encoded, keep_fraction=0.4)
         inferred = student.vla.predict_chunk(run_backbone(student.vla, encoded, execute))
     assert torch.equal(masks.bool(), execute) and execute.sum(1).tolist() == [4] * 5
@@ -205,36 +206,6 @@ def test_hard_top_k_training_computes_the_keep_routed_inference_function():
 
 
 # ---- one host sync per routed inference ----------------------------------------------------------
-HOST_READS = {"__bool__", "item", "tolist", "numpy", "nonzero", "__int__", "__float__", "__index__", "cpu", "to"}
-
-
-class DeviceTensor(torch.Tensor):
-    """A CPU tensor that counts what would make a GPU wait: reading its values on the host
-    (bool(), .item(), .tolist(), .nonzero(), a copy to the CPU, ...). A copy to the CPU returns a
-    plain tensor, so host-side work on it is free, as it is on a real GPU."""
-
-    host_reads: list[str] = []
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        targets = [a for a in (*args[1:], kwargs.get("device")) if isinstance(a, (str, torch.device))]
-        to_host = name == "cpu" or (name == "to" and any(torch.device(a).type == "cpu" for a in targets))
-        if name in HOST_READS and (name not in ("cpu", "to") or to_host):
-            cls.host_reads.append(name)
-        result = super().__torch_function__(func, types, args, kwargs)
-        if to_host and isinstance(result, torch.Tensor):
-            return result.as_subclass(torch.Tensor)
-        return result
-
-
-def _on_device(encoded):
-    encoded.tokens = encoded.tokens.as_subclass(DeviceTensor)
-    encoded.valid = encoded.valid.as_subclass(DeviceTensor)
-    return encoded
-
-
 def test_the_host_read_counter_sees_a_per_layer_sync():
     DeviceTensor.host_reads = []
     runs = torch.ones(3, dtype=torch.bool).as_subclass(DeviceTensor)
@@ -253,7 +224,7 @@ def test_routed_inference_reads_the_device_once(routing, batch):
     with torch.no_grad():
         expected = run_backbone(student.vla, _encoded(student, batch), student.execute_mask(
             _encoded(student, batch), keep_fraction=keep)[1])
-        encoded = _on_device(_encoded(student, batch))
+        encoded = on_device(_encoded(student, batch))
         DeviceTensor.host_reads = []
         _, execute = student.execute_mask(encoded, keep_fraction=keep)
         assert DeviceTensor.host_reads == [], "deciding the route must not wait for the device"

@@ -160,7 +160,8 @@ def run_backbone(vla: DistillableVLA, encoded: EncodedObservation, execute: Tens
     Samples that skip a layer keep their hidden state untouched and cost nothing, and the last
     layer a sample runs computes only its readout positions, all the head reads. A batch whose
     samples take different routes gives each sample what it would get alone. The route is read
-    on the host once, so on a GPU routing costs one host sync per call, not one per layer.
+    on the host once, so on a GPU routing costs one host sync per call, not one per layer, and
+    none when ``execute`` is already on the host (``Policy`` copies it there with the gates).
     """
     hidden, mask, span = encoded.tokens, encoded.attention_mask(), encoded.readout_span
     num_layers = vla.num_layers

@@ -540,8 +540,10 @@ class HFVLA(NormalizationMixin, nn.Module):
                     self._text_cache.clear()
                 self._text_cache[text] = row
             rows.append(row)
-        ids = torch.tensor([r[0] for r in rows], device=device)
-        return ids, torch.tensor([r[1] for r in rows], device=device).bool()
+        # Built on the host and copied without blocking: a blocking copy would make the host wait
+        # for the device (torch.tensor(..., device=cuda) is one).
+        ids = torch.tensor([r[0] for r in rows]).to(device, non_blocking=True)
+        return ids, torch.tensor([r[1] for r in rows], dtype=torch.bool).to(device, non_blocking=True)
 
     def encode(self, images: Tensor, instructions: list[str], states: Tensor | None = None) -> EncodedObservation:
         c = self.config

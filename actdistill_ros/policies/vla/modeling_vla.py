@@ -203,7 +203,8 @@ class ReferenceVLA(NormalizationMixin, nn.Module):
         if self.camera_embed is not None:
             visual = visual.reshape(batch, c.num_cameras, c.num_patches, c.width) + self.camera_embed[None, :, None]
         visual = visual.reshape(batch, c.num_visual_tokens, c.width)
-        text_ids = tokenize_batch(instructions, c.text_vocab_size, c.max_text_tokens).to(device)
+        # Made on the host; a blocking copy would make the host wait for the device.
+        text_ids = tokenize_batch(instructions, c.text_vocab_size, c.max_text_tokens).to(device, non_blocking=True)
         language = self.word_embed(text_ids) + self.text_pos
         parts = [visual, language]
         valid = [torch.ones(batch, c.num_visual_tokens, dtype=torch.bool, device=device), text_ids != PAD_ID]
