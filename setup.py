@@ -15,6 +15,8 @@ CORE_REQUIREMENTS = [
     "safetensors>=0.4",
     "rosbags>=0.11",
     "tqdm>=4.66",
+    "pyarrow>=15",  # LeRobotDataset v3 demonstrations: parquet tables
+    "av>=15.1",  # and their mp4 frames (AV1, H.264, ...)
     "matplotlib>=3.8",
     # hf_vla teachers (PaliGemma, SmolVLM, Qwen2.5-VL, ...): requirements.txt pins the tested
     # 5.x release; loading such a weights directory needs it, so it is core, not an extra.

@@ -14,6 +14,7 @@ import sys
 # the simulator or ROS.
 SUBCOMMANDS = {
     "bench": "actdistill_ros.bench",
+    "predict": "actdistill_ros.predict",
     "train-teacher": "actdistill_ros.distill.teacher_training",
     "make-backbone": "actdistill_ros.policies.hf_vla.tiny_backbone",
     "distill": "actdistill_ros.distill.distillation",
@@ -24,6 +25,7 @@ SUBCOMMANDS = {
     "soak": "actdistill_ros.ros.soak",
     "replay-eval": "actdistill_ros.ros.replay.cli",
     "demo": "actdistill_ros.demo",
+    "dataset-info": "actdistill_ros.data.lerobot_dataset",
 }
 # A flag that hands a subcommand to another module's function: the in-process evaluator stays
 # ROS-free, and the ROS layer runs `eval-sim --through-ros`.

@@ -29,7 +29,8 @@ from tqdm import tqdm
 from actdistill_ros.data import TopicConfig
 from actdistill_ros.data.dataset import collate_samples
 from actdistill_ros.distill.config import DistillConfig
-from actdistill_ros.distill.demos import Demonstrations, add_data_arguments, load_demonstrations, topics_from_args
+from actdistill_ros.distill.demos import (Demonstrations, add_data_arguments, check_policy_takes_demos,
+                                          load_demonstrations, topics_from_args)
 from actdistill_ros.distill.evaluation import evaluate_routing
 from actdistill_ros.distill.graph_heads import LayerHeads
 from actdistill_ros.distill.losses import (balance_loss, budget_loss, depth_weights, masked_mse, semantic_loss,
@@ -286,9 +287,8 @@ def run_distillation(teacher_path: Path, data: list[Path], out_dir: Path, config
     teacher = teacher_policy.vla.to(ctx.device).eval()
     c = teacher.config
     topics = topics or TopicConfig()
-    if topics.num_cameras != c.num_cameras:
-        raise ValueError(f"{teacher_path}: the teacher takes {c.num_cameras} camera(s) {teacher_policy.card.camera_names}, "
-                         f"the topics name {topics.num_cameras} {topics.cameras}; give --camera-topic once per camera")
+    check_policy_takes_demos(data, topics, str(teacher_path), c.num_cameras, c.action_dim, c.state_dim,
+                             teacher_policy.card.camera_names)
     demos = load_demonstrations(data, topics, c.image_size, c.chunk_size, config.val_fraction,
                                 config.seed, progress=ctx.is_main)
     if len(demos.action_names) != c.action_dim:

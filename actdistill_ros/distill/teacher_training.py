@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from actdistill_ros.distill.config import TrainConfig
-from actdistill_ros.distill.demos import (add_data_arguments, infer_action_space, load_demonstrations,
-                                          topics_from_args)
+from actdistill_ros.distill.demos import (add_data_arguments, demo_cameras, infer_action_space,
+                                          load_demonstrations, topics_from_args)
 from actdistill_ros.distill.evaluation import evaluate_routing
 from actdistill_ros.distill.losses import masked_mse
 from actdistill_ros.distill.plots import plot_losses
@@ -100,11 +100,12 @@ def _teacher_from(args, topics, ctx):
     if image_size % full.patch_size:
         raise ValueError(f"--image-size {image_size}: --init-from {args.init_from} has {full.patch_size} px patches; "
                          f"expected a multiple of {full.patch_size}")
-    if full.num_cameras != topics.num_cameras and full.num_cameras != 1:
+    cameras = demo_cameras(args.data, topics)
+    if full.num_cameras != len(cameras) and full.num_cameras != 1:
         raise ValueError(f"--init-from {args.init_from}: its teacher takes {full.num_cameras} cameras, the demos give "
-                         f"{topics.num_cameras}; only a one-camera teacher can be given more cameras")
+                         f"{len(cameras)}; only a one-camera teacher can be given more cameras")
     config = VLAConfig.from_dict({**card.vla_config, "num_layers": layers, "image_size": image_size,
-                                  "num_cameras": topics.num_cameras})
+                                  "num_cameras": len(cameras)})
     demos = load_demonstrations(args.data, topics, config.image_size, config.chunk_size, args.val_fraction, args.seed,
                                 progress=ctx.is_main)
     found = (len(demos.action_names), len(demos.state_names) if demos.stats.state_dim else 0)
@@ -123,7 +124,7 @@ def _teacher_from(args, topics, ctx):
         # starts each camera's tokens exactly as the one-camera teacher saw its image.
         tensors["camera_embed"] = torch.zeros_like(model.camera_embed)
         log.info("--init-from %s: %d cameras (%s), camera embeddings start at zero", args.init_from,
-                 config.num_cameras, ", ".join(topics.cameras))
+                 config.num_cameras, ", ".join(cameras))
     load_state_into(model, tensors, weights_file)
     return model, demos
 
@@ -139,7 +140,7 @@ def _reference_teacher(args, topics, ctx):
                                 args.val_fraction, args.seed, progress=ctx.is_main)
     config = VLAConfig.sized(size, **overrides, action_dim=len(demos.action_names),
                              state_dim=len(demos.state_names) if demos.stats.state_dim else 0,
-                             num_cameras=topics.num_cameras)
+                             num_cameras=len(demos.camera_names))
     return ReferenceVLA(config), demos
 
 
@@ -159,7 +160,7 @@ def _backbone_teacher(args, topics, ctx):
     chunk_size = args.chunk_size or HFVLAConfig.chunk_size
     demos = load_demonstrations(args.data, topics, image_size, chunk_size, args.val_fraction, args.seed,
                                 progress=ctx.is_main)
-    config = HFVLAConfig(num_cameras=topics.num_cameras, max_text_tokens=args.max_text_tokens or 16,
+    config = HFVLAConfig(num_cameras=len(demos.camera_names), max_text_tokens=args.max_text_tokens or 16,
                          state_dim=len(demos.state_names) if demos.stats.state_dim else 0,
                          action_dim=len(demos.action_names), chunk_size=chunk_size, image_size=image_size,
                          trust_remote_code=args.trust_remote_code)
