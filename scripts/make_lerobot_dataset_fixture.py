@@ -1,13 +1,15 @@
-"""Write test/fixtures/lerobot_dataset_v3/: a tiny LeRobotDataset v3 recorded by LeRobot itself,
-the oracle for the reader in actdistill_ros/data/lerobot_dataset.py (test/test_lerobot_dataset.py).
+"""Write test/fixtures/lerobot_dataset_v3/ and lerobot_dataset_v3_image/: tiny LeRobotDataset v3
+roots recorded by LeRobot itself, the oracle for the reader in actdistill_ros/data/lerobot_dataset.py
+(test/test_lerobot_dataset.py).
 
 LeRobot is never a dependency of this package; run this with the throwaway environment that
 scripts/make_lerobot_fixtures.sh builds (lerobot 0.4.4 beside the CPU torch):
 
-    "$LEROBOT_VENV/bin/python" scripts/make_lerobot_dataset_fixture.py [OUT_DIR]
+    "$LEROBOT_VENV/bin/python" scripts/make_lerobot_dataset_fixture.py [FIXTURES_DIR]
 
 Two cameras of different sizes, three episodes (10, 12, 14 frames at 10 fps) that LeRobot
-concatenates into one data parquet file and one AV1 mp4 per camera. Frame n of the dataset (its
+concatenates into one data parquet file and one AV1 mp4 per camera. In the _image variant the
+wrist camera is a feature of dtype "image": LeRobot embeds its frames as PNG bytes in the parquet. Frame n of the dataset (its
 global index) has blue level 16 + 6 n, action [n, -n, n / 2, n % 2] and state sin(n * [0.1, 0.2, 0.3]),
 so a reader's episode boundaries and frame timing can be checked exactly.
 """
@@ -37,10 +39,10 @@ def frame_values(n: int) -> tuple[np.ndarray, np.ndarray]:
     return action, state
 
 
-def main(out: Path) -> None:
+def write(out: Path, image_cameras: tuple[str, ...] = ()) -> None:
     shutil.rmtree(out, ignore_errors=True)
-    features = {key: {"dtype": "video", "shape": (h, w, 3), "names": ["height", "width", "channels"]}
-                for key, (h, w) in CAMERAS.items()}
+    features = {key: {"dtype": "image" if key in image_cameras else "video", "shape": (h, w, 3),
+                      "names": ["height", "width", "channels"]} for key, (h, w) in CAMERAS.items()}
     features["observation.state"] = {"dtype": "float32", "shape": (3,), "names": ["joint_0", "joint_1", "joint_2"]}
     features["action"] = {"dtype": "float32", "shape": (4,), "names": ["x", "y", "z", "gripper"]}
     dataset = LeRobotDataset.create(repo_id="actdistill/tiny_arm", fps=10, features=features, root=out,
@@ -58,4 +60,6 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "test" / "fixtures" / "lerobot_dataset_v3")
+    fixtures = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "test" / "fixtures"
+    write(fixtures / "lerobot_dataset_v3")
+    write(fixtures / "lerobot_dataset_v3_image", image_cameras=("observation.images.wrist",))

@@ -151,6 +151,19 @@ def test_a_dataset_recorded_by_lerobot_reads_frame_exact():
     assert np.abs(frames.astype(np.int16) - original).mean() < 3.0
 
 
+def test_a_camera_stored_as_images_reads_lossless_beside_a_video_camera():
+    root = LEROBOT_MADE.with_name("lerobot_dataset_v3_image")  # LeRobot embeds PNG bytes in the parquet
+    reader = LeRobotDatasetReader(root)
+    assert [reader.features[k].dtype for k in reader.camera_keys] == ["video", "image"]
+    entry = reader.episodes[1]
+    rows = reader.read_rows(entry)
+    frames = reader.decode_images(WRIST, entry, rows["table"])
+    np.testing.assert_array_equal(frames, np.stack([camera_frame(32, 40, n, 1) for n in range(10, 22)]))
+    episodes = read_lerobot_episodes(root, image_size=32, progress=False)
+    assert [[frame_number(f) for f in e.images[:, 1]] for e in episodes] == \
+        [list(range(0, 10)), list(range(10, 22)), list(range(22, 36))]
+
+
 def test_load_demonstrations_takes_a_dataset_root(written):
     root, _ = written
     demos = load_demonstrations([root], TopicConfig(), image_size=32, chunk_size=4, val_fraction=0.34, seed=0,
@@ -175,15 +188,28 @@ def test_dataset_info_prints_episodes_features_and_tasks(written, capsys):
                                 {"task_index": 1, "task": "open the drawer"}]
 
 
-def test_train_teacher_runs_on_a_dataset_root(written, tmp_path):
-    root, _ = written
-    out = tmp_path / "run"
-    assert cli(["train-teacher", "--data", str(root), "--out", str(out), "--size", "tiny", "--steps", "6",
+@pytest.fixture(scope="module")
+def teacher_run(written, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher_run")
+    assert cli(["train-teacher", "--data", str(written[0]), "--out", str(out), "--size", "tiny", "--steps", "6",
                 "--batch-size", "8", "--val-fraction", "0.34", "--checkpoint-every", "100"]) == 0
+    return out
+
+
+def test_train_teacher_runs_on_a_dataset_root(teacher_run):
+    out = teacher_run
     policy = Policy.load(out / "teacher", device="cpu")
     assert policy.card.camera_names == [TOP, WRIST] and policy.vla.config.num_cameras == 2
     assert policy.card.state_names == STATE_NAMES and policy.card.action_space.names == ACTION_NAMES
     assert policy.card.provenance["bags"] == ["episode_000000", "episode_000001", "episode_000002"]
+
+
+def test_distill_runs_on_a_dataset_root(written, teacher_run, tmp_path):
+    out = tmp_path / "distill"
+    assert cli(["distill", "--teacher", str(teacher_run / "teacher"), "--data", str(written[0]), "--out", str(out),
+                "--probe-steps", "3", "--distill-steps", "4", "--batch-size", "8", "--checkpoint-every", "100"]) == 0
+    student = Policy.load(out / "student", device="cpu")
+    assert student.card.is_student and student.card.camera_names == [TOP, WRIST]
 
 
 def test_bag_topic_flags_and_mixed_data_are_refused(written, tmp_path, capfd):
@@ -291,6 +317,14 @@ def test_a_dataset_the_teacher_does_not_take_is_refused_before_decoding(written)
     with pytest.raises(DatasetError, match=rf"{info}: 2 camera feature\(s\) .* teacher/ takes 1"):
         check_policy_takes_demos([root], TopicConfig(), "teacher/", num_cameras=1, action_dim=4, state_dim=0)
     check_policy_takes_demos([root], TopicConfig(), "teacher/", num_cameras=2, action_dim=4, state_dim=0)
+
+
+def test_distill_refuses_a_dataset_whose_actions_the_teacher_does_not_predict(copy, teacher_run, tmp_path, capfd):
+    info = _edit_info(copy, lambda features: features["action"].update(shape=[6], names=None))
+    line = _one_line_error(capfd, ["distill", "--teacher", str(teacher_run / "teacher"), "--data", str(copy),
+                                   "--out", str(tmp_path / "o")])
+    assert f"{info}: feature 'action' has shape [6], {teacher_run / 'teacher'} predicts [4]" in line
+    assert not (tmp_path / "o").exists()
 
 
 def test_rows_that_disagree_with_the_episode_table_are_refused(copy):
