@@ -246,9 +246,9 @@ def resolve_vlm_dir(vlm_model_name: str, vlm_processor: str | Path | None = None
     """The directory holding the VLM's config.json and tokenizer: ``vlm_processor`` if given, else
     ``vlm_model_name`` when it is a local directory, else its snapshot in the Hugging Face cache
     (offline). Raises ProcessorError with one line saying what is missing and how to provide it."""
-    how = (f"pass --vlm-processor DIR, a local copy of {vlm_model_name!r}'s config.json and tokenizer files "
-           f"(its weights are not needed: they are in model.safetensors), or download that repository into "
-           f"the Hugging Face cache once while online")
+    how = (f"pass --vlm-processor DIR holding the config.json and tokenizer files of {vlm_model_name} (not its "
+           f"weights: those are in model.safetensors), or download that repository into the Hugging Face cache "
+           f"once while online")
     if vlm_processor is not None:
         directory = Path(vlm_processor)
         if not directory.is_dir():
