@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 # Test selection, e.g. `make test TESTS=test/test_packaging.py`.
 TESTS ?= test
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 setup:
 	bash scripts/setup.sh
@@ -13,8 +13,14 @@ setup:
 demo: setup
 	$(VENV)/bin/actdistill demo
 
+# Missing ROS 2 parts or a missing simulator fail the run instead of skipping tests.
 test: setup
-	source scripts/ros_env.sh && ACTDISTILL_REQUIRE_ROS=1 $(PY) -m pytest -q $(TESTS)
+	source scripts/ros_env.sh && ACTDISTILL_REQUIRE_ROS=1 ACTDISTILL_REQUIRE_SIM=1 $(PY) -m pytest -q $(TESTS)
+
+# The suite without the tests that start ROS 2 node processes or drive the simulator (markers set
+# in test/conftest.py): a few minutes on two cores, for the edit-test loop; `make test` runs everything.
+test-fast: setup
+	source scripts/ros_env.sh && ACTDISTILL_REQUIRE_ROS=1 $(PY) -m pytest -q -m "not slow_ros and not sim" $(TESTS)
 
 bench: setup
 	$(VENV)/bin/actdistill bench --json

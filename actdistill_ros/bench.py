@@ -31,8 +31,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--keep", type=float, default=0.5, help="layer fraction an untrained router keeps")
     p.add_argument("--threshold", type=float, help="router threshold for the student (default: its card's)")
     p.add_argument("--keep-fraction", type=float,
-                   help="student keep routing: top round(keep * L) layers per observation (default: the card's; "
-                        "0 = threshold routing)")
+                   help="student keep routing: top max(1, round(keep * L)) layers per observation "
+                        "(default: the card's; 0 = threshold routing)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--iters", type=int, default=50)

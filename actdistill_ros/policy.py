@@ -76,7 +76,7 @@ def build_model(card: ModelCard, weights_dir: str | Path | None = None,
 
 
 class StaticRoute:
-    """A training-free baseline route: a teacher runs k = round(keep * L) of its L layers.
+    """A training-free baseline route: a teacher runs k = max(1, round(keep * L)) of its L layers.
 
     "first": layers 0..k-1 (the teacher truncated); "even": k evenly spaced layers, always
     including the last (it feeds the action head); "random": k layers drawn afresh for every
@@ -165,7 +165,7 @@ class Policy:
 
     @property
     def keep_fraction(self) -> float:
-        """> 0: each observation runs its top round(keep * L) layers by gate; 0.0: threshold routing."""
+        """> 0: each observation runs its top max(1, round(keep * L)) layers by gate; 0.0: threshold routing."""
         return self.student.keep_fraction if self.student else 0.0
 
     @keep_fraction.setter

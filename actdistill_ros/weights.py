@@ -95,7 +95,7 @@ class ModelCard:
     norm_stats: dict  # action_mean/std, state_mean/std (lists of floats)
     router_config: dict | None = None  # students only
     default_threshold: float = 0.5
-    # Keep routing by default: run the top round(keep * L) layers by gate. 0.0 = threshold routing
+    # Keep routing by default: run the top max(1, round(keep * L)) layers by gate. 0.0 = threshold routing
     # (and what cards written before keep routing existed mean).
     default_keep_fraction: float = 0.0
     state_names: list[str] = field(default_factory=list)

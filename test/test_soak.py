@@ -18,7 +18,8 @@ load_router_stats_type()  # the helper records RouterStats: the built messages m
 
 from actdistill_ros import cli  # noqa: E402
 from actdistill_ros.ros import bench_node  # noqa: E402
-from actdistill_ros.ros.soak import rss_growth  # noqa: E402
+from actdistill_ros.ros.bench_node import RigRun  # noqa: E402
+from actdistill_ros.ros.soak import rss_growth, soak_report  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -39,7 +40,7 @@ def test_soak_reports_rss_growth_latency_per_bin_and_a_png(tmp_path, capsys):
     rss = report["rss"]
     assert rss["window_s"] == pytest.approx([2.0, 12.0], abs=0.01) and rss["max_growth_mb"] == 5.0
     assert 100.0 < rss["start_mb"] < 4000.0 and math.isfinite(rss["growth_mb"])
-    assert rss["target_met"] == (rss["growth_mb"] <= 5.0)
+    assert isinstance(rss["target_met"], bool)  # the verdict itself: test_soak_report_judges_growth_against_the_target
     # Latency per bin from RouterStats: three 4 s bins, each with its own inferences.
     bins = report["latency_per_bin"]
     assert [(b["start_s"], b["end_s"]) for b in bins] == [(0.0, 4.0), (4.0, 8.0), (8.0, 12.0)]
@@ -100,6 +101,31 @@ def test_rss_growth_flags_a_leak_and_passes_a_flat_series():
     assert step["growth_mb"] == pytest.approx(6.0)
     with pytest.raises(ValueError, match="RSS samples: expected samples at both ends"):
         rss_growth([(0.0, 800.0), (10.0, 800.0)], 600.0, 480.0)
+
+
+def _rig_run(rss_mb_at) -> RigRun:
+    """A 600 s rig run as the helper records it: 20 Hz commands, 10 Hz inferences, the node's RSS
+    every 2 s from ``rss_mb_at(seconds since the window start)``; the window starts at 1000 s."""
+    start, duration = 1000.0, 600.0
+    times = np.arange(0.0, duration + 0.1, 2.0)
+    inferences = [[t, 30.0, 25.0, 40.0, 0.5] for t in np.arange(0.05, duration, 0.1)]
+    recording = {"window": [start, start + duration], "camera": "640x480 rgb8 at 30 Hz for 600 s", "model": "tiny",
+                 "frames_published": 18000, "inferences": inferences,
+                 "commands": [[t, 1] for t in np.arange(0.0, duration, 0.05)],
+                 "control_rate_hz": 20.0, "diagnostics": {}, "stress_processes": 0, "device_requested": "cpu",
+                 "threshold_requested": 0.5, "threshold": 0.5}
+    return RigRun(recording, [(start + t, float(rss_mb_at(t))) for t in times])
+
+
+@pytest.mark.parametrize("max_growth_mb", [5.0, 20.0])
+def test_soak_report_judges_growth_against_the_target(max_growth_mb):
+    leak = soak_report(_rig_run(lambda t: 800.0 + 2.0 * t / 60.0), 60.0, 480.0, max_growth_mb)["rss"]  # 2 MB/min
+    flat = soak_report(_rig_run(lambda t: 800.0), 60.0, 480.0, max_growth_mb)["rss"]
+    # Over the last 480 s (from 120 s), 30 s at each end: means at 135 s and 585 s, 15 MB apart.
+    assert leak["window_s"] == [120.0, 600.0] and leak["growth_mb"] == pytest.approx(15.0, abs=0.1)
+    assert leak["target_met"] is (max_growth_mb == 20.0)  # 15 MB misses a 5 MB target, meets 20 MB
+    assert flat["growth_mb"] == 0.0 and flat["target_met"] is True
+    assert leak["max_growth_mb"] == max_growth_mb and leak["peak_mb"] == pytest.approx(820.0)
 
 
 def test_control_summary_counts_holds_and_jitter():

@@ -39,7 +39,8 @@ from actdistill_ros.distill.plots import plot_layer_usage, plot_losses
 from actdistill_ros.distill.runtime import Checkpointer, DistContext, RunLog, init_distributed
 from actdistill_ros.distill.training import full_state, to_device, train_stage, wrap_parallel
 from actdistill_ros.policies.actdistill import RouterConfig, RoutedStudent, num_kept_layers
-from actdistill_ros.policies.vla import EncodedObservation, ReferenceVLA
+from actdistill_ros.policies.observation import EncodedObservation
+from actdistill_ros.policies.vla import ReferenceVLA
 from actdistill_ros.policy import Policy, make_card, save_model
 from actdistill_ros.weights import atomic_write
 

@@ -3,8 +3,8 @@
 Kept narrow on purpose: a teacher family implements these members around its own modules. Two
 families do: the reference VLA (policies/vla) and a Hugging Face image-text-to-text backbone
 (policies/hf_vla). Beyond these members, distillation and the runtime read the sizes in
-``config`` (width, num_layers, chunk_size, action_dim, state_dim, image_size, num_cameras,
-num_tokens), and ``layers`` (the routed stack, sharded unit by unit under FSDP).
+``config`` (:class:`VLASizes`), and ``layers`` (the routed stack, sharded unit by unit under FSDP).
+The protocol names no family: nothing here imports one.
 """
 
 from __future__ import annotations
@@ -13,15 +13,32 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
-from actdistill_ros.policies.hf_vla.configuration_hf_vla import HFVLAConfig
-from actdistill_ros.policies.vla.configuration_vla import VLAConfig
-from actdistill_ros.policies.vla.modeling_vla import EncodedObservation
+from actdistill_ros.policies.observation import EncodedObservation
+
+
+class VLASizes(Protocol):
+    """The part of a family's config that distillation, routing and the runtime read; each family's
+    own config (e.g. VLAConfig, HFVLAConfig) has these and whatever else it needs."""
+
+    width: int
+    num_layers: int
+    chunk_size: int
+    action_dim: int
+    state_dim: int
+    image_size: int
+    num_cameras: int
+
+    @property
+    def num_tokens(self) -> int: ...
+
+    def to_dict(self) -> dict:
+        """What the model card stores to rebuild the model."""
 
 
 @runtime_checkable
 class DistillableVLA(Protocol):
     num_layers: int
-    config: VLAConfig | HFVLAConfig
+    config: VLASizes
     layers: nn.ModuleList
     segment_spans: dict[int, slice]  # the positions of each modality (all encodings share the layout)
 

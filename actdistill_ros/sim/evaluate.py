@@ -338,7 +338,7 @@ def sweep_keep(
 ) -> dict[str, Any]:
     """The compute dial against static layer skipping at equal backbone FLOPs, on the same seeds.
 
-    At each keep the student runs its top k = round(keep * L) layers per observation, and the
+    At each keep the student runs its top k = max(1, round(keep * L)) layers per observation, and the
     teacher runs k layers on each ``BASELINE_ROUTES`` route (random ones drawn from ``route_seed``).
     At k = L every route is the whole teacher, so one evaluation serves all of them.
     ``finetuned_truncated``: the teacher's first k layers fine-tuned on the demos (``train-teacher

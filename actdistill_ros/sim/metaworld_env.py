@@ -108,20 +108,6 @@ def parse_task_list(text: str | list[str] | tuple[str, ...]) -> list[str]:
     return names
 
 
-def check_seed_ranges_disjoint(collection_seeds, eval_seeds) -> None:
-    """Raise if a collection seed reaches the evaluation range or the two sets share a seed."""
-    collection_seeds, eval_seeds = set(collection_seeds), set(eval_seeds)
-    if collection_seeds and max(collection_seeds) >= EVAL_SEED_BASE:
-        raise ValueError(
-            f"collection seed {max(collection_seeds)} is in the evaluation range (>= {EVAL_SEED_BASE})"
-        )
-    if eval_seeds and min(eval_seeds) < EVAL_SEED_BASE:
-        raise ValueError(f"evaluation seed {min(eval_seeds)} is below {EVAL_SEED_BASE} (collection range)")
-    overlap = collection_seeds & eval_seeds
-    if overlap:
-        raise ValueError(f"collection and evaluation seeds overlap: {sorted(overlap)[:5]}")
-
-
 @dataclass
 class StepInfo:
     """What one ``step`` reports besides success."""
@@ -295,14 +281,6 @@ class MetaWorldTask:
             warnings.simplefilter("ignore", UserWarning)
             action = self._expert.get_action(self._obs)
         return np.clip(np.asarray(action, dtype=np.float32), ACTION_LOW, ACTION_HIGH)
-
-    def goal_marker_rgba(self) -> np.ndarray:
-        """RGBA of the goal marker site(s) as rendered (for checks)."""
-        import mujoco
-
-        model = self._env.model
-        ids = [mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_SITE, s) for s in GOAL_MARKER_SITES]
-        return np.array([model.site_rgba[i] for i in ids if i >= 0], dtype=np.float32)
 
     def close(self) -> None:
         if self._renderer is not None:

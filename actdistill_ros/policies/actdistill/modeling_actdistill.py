@@ -7,7 +7,7 @@ hard mask and a layer with ``m = 0`` is simply not run. With hard masks both com
 function, so what was trained is what runs on the robot.
 
 Two routings read the same gates: threshold routing runs the layers with ``g >= tau``; keep
-routing runs, for each observation, the ``k = round(keep * L)`` layers with the highest gates, so
+routing runs, for each observation, the ``k = max(1, round(keep * L))`` layers with the highest gates, so
 its compute is exact. The router only reads ``vla.config.width``, ``vla.num_layers`` and the
 modality masks of the encoded observation, and the backbone is driven through ``vla.run_layer``,
 so any :class:`~actdistill_ros.policies.teacher.DistillableVLA` can be routed.
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from actdistill_ros.policies.actdistill.configuration_actdistill import RouterConfig
-from actdistill_ros.policies.vla.modeling_vla import ACTION_QUERY, LANGUAGE, VISUAL, EncodedObservation
+from actdistill_ros.policies.observation import ACTION_QUERY, LANGUAGE, VISUAL, EncodedObservation
 
 if TYPE_CHECKING:
     from actdistill_ros.policies.teacher import DistillableVLA
@@ -135,13 +135,9 @@ def straight_through(hard: Tensor, gates: Tensor) -> Tensor:
     return hard.to(gates.dtype) + gates - gates.detach()
 
 
-def straight_through_mask(gates: Tensor, threshold: float) -> Tensor:
-    """Forward: 1[g >= tau]. Backward: the gradient of g."""
-    return straight_through(gates >= threshold, gates)
-
-
 def num_kept_layers(keep_fraction: float, num_layers: int) -> int:
-    """k = round(keep * L), at least 1: the layers keep routing runs per observation."""
+    """k = max(1, round(keep * L)): the layers keep routing runs per observation (Python's round: a
+    half goes to the even integer)."""
     if not 0.0 < keep_fraction <= 1.0:
         raise ValueError(f"keep fraction must be in (0, 1], got {keep_fraction!r}")
     return max(1, min(num_layers, round(keep_fraction * num_layers)))
@@ -289,13 +285,6 @@ class RoutedStudent(nn.Module):
             hidden = hidden + masks[:, layer, None, None].to(hidden.dtype) * update
             hiddens.append(hidden)
         return hiddens
-
-    def forward_train(self, encoded: EncodedObservation, gate_mode: str,
-                      keep_fraction: float = 0.0) -> tuple[list[Tensor], Tensor, Tensor]:
-        """Hidden state after each layer, gates g (B, L) and the masks m (B, L) that were applied
-        (see :meth:`train_routes` and :meth:`gated_layers`)."""
-        routes = self.train_routes(encoded, gate_mode, keep_fraction)
-        return self.gated_layers(encoded, routes.masks), routes.gates, routes.masks
 
     def forward(self, images: Tensor, instructions: list[str], states: Tensor | None = None) -> Tensor:
         """Routed inference with hard skips: normalised action chunk (B, H, D)."""

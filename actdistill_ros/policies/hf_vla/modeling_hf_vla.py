@@ -40,8 +40,8 @@ from torch import Tensor, nn
 
 from actdistill_ros.policies.hf_vla.configuration_hf_vla import HFVLAConfig
 from actdistill_ros.policies.common import NormalizationMixin, camera_batch, full_depth_forward
-from actdistill_ros.policies.vla.modeling_vla import (ACTION_QUERY, LANGUAGE, STATE, VISUAL, EncodedObservation,
-                                                   segment_spans)
+from actdistill_ros.policies.observation import (ACTION_QUERY, LANGUAGE, STATE, VISUAL, EncodedObservation,
+                                                segment_spans)
 
 log = logging.getLogger(__name__)
 

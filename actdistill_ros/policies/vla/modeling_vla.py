@@ -12,71 +12,15 @@ that distillation and routed inference need from a teacher.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from actdistill_ros.policies.common import NormalizationMixin, camera_batch, full_depth_forward
+from actdistill_ros.policies.observation import (ACTION_QUERY, LANGUAGE, STATE, VISUAL, EncodedObservation,
+                                                segment_spans)
 from actdistill_ros.policies.vla.configuration_vla import VLAConfig
 from actdistill_ros.policies.vla.tokenizer import PAD_ID, tokenize_batch
-
-VISUAL, LANGUAGE, STATE, ACTION_QUERY = 0, 1, 2, 3
-
-
-@dataclass
-class EncodedObservation:
-    """Layer-0 input of the backbone for a batch."""
-
-    tokens: Tensor  # (B, N, W)
-    valid: Tensor  # (B, N) bool: False for padding tokens
-    segment: Tensor  # (N,) long: VISUAL / LANGUAGE / STATE / ACTION_QUERY per position
-    spans: dict[int, slice]  # the positions of each modality (see segment_spans), known on the host
-    padded: frozenset[int]  # the modalities that may hold padding tokens; every other token is valid
-
-    @property
-    def batch_size(self) -> int:
-        return self.tokens.shape[0]
-
-    @property
-    def num_tokens(self) -> int:
-        return self.tokens.shape[1]
-
-    def attention_mask(self) -> Tensor:
-        """(B, 1, 1, N) bool: True where a key may be attended to."""
-        return self.valid[:, None, None, :]
-
-    def modality_mask(self, segment: int) -> Tensor:
-        """(B, N) bool: valid tokens of one modality."""
-        return self.valid & (self.segment == segment)[None, :]
-
-    @property
-    def readout_span(self) -> slice:
-        """The positions the action head reads: the action-query token(s)."""
-        return self.spans[ACTION_QUERY]
-
-    def readout(self, hidden: Tensor) -> Tensor:
-        """(B, N, W) hidden states -> (B, R, W) at the readout positions."""
-        return hidden[:, self.readout_span]
-
-    def modality_tokens(self, segment: int) -> tuple[Tensor, Tensor | None]:
-        """Views of one modality's tokens (B, n, W) and their validity (B, n), None where the modality
-        has no padding; n = 0 if it has no tokens."""
-        span = self.spans.get(segment, slice(0, 0))
-        return self.tokens[:, span], self.valid[:, span] if segment in self.padded else None
-
-
-def segment_spans(segments: list[int]) -> dict[int, slice]:
-    """Segment id per position -> the slice each modality occupies. Every family lays its tokens
-    out modality by modality, so a modality is read as a view, without a mask or a host sync."""
-    spans: dict[int, slice] = {}
-    for position, segment in enumerate(segments):
-        span = spans.get(segment)
-        if span is not None and span.stop != position:
-            raise ValueError(f"token layout: modality {segment} is not contiguous in {segments}")
-        spans[segment] = slice(position if span is None else span.start, position + 1)
-    return spans
 
 
 def resample_visual_positions(visual_pos: Tensor, grid: int) -> Tensor:
