@@ -304,7 +304,7 @@ def render_markdown(report: dict) -> str:
               "| bag | camera | type | encoding | resolution | frames |", "|---|---|---|---|---|---|"]
     for bag in report["bags"]:
         for camera in bag["cameras"]:
-            lines.append(f"| {Path(bag['path']).name} | {camera['topic']} | {bag['camera_type'].rsplit('/', 1)[-1]} | "
+            lines.append(f"| {Path(bag['path']).name} | {camera['topic']} | {camera['type'].rsplit('/', 1)[-1]} | "
                          f"{camera['encoding']} | {camera['resolution']} | {camera['frames']} |")
     lines += ["", "Sent to the node: frames published / used by an inference (RouterStats source_stamps) / dropped / "
               "inferences that used an older frame than the newest sent with the frame set:", "",

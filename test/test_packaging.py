@@ -24,7 +24,11 @@ from actdistill_ros.ros.env import built_messages_path, fastdds_profile_path, ro
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Where each imported top-level module comes from, as a package.xml/rosdep key.
-PYTHON_MODULE_TO_ROSDEP = {"numpy": "python3-numpy", "cv2": "python3-opencv", "yaml": "python3-yaml"}
+PYTHON_MODULE_TO_ROSDEP = {"numpy": "python3-numpy", "cv2": "python3-opencv", "yaml": "python3-yaml",
+                           "tqdm": "python3-tqdm", "matplotlib": "python3-matplotlib"}
+# Imported, but not in rosdep: pip installs them (requirements.txt, requirements-sim.txt); package.xml says so.
+PIP_ONLY_MODULES = {"torch", "safetensors", "rosbags", "transformers", "tokenizers", "huggingface_hub", "pyarrow",
+                    "av", "metaworld", "mujoco", "imageio", "PIL"}
 
 
 def _run_python(code: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
@@ -180,15 +184,24 @@ def test_fastdds_profile_is_valid_and_carries_a_camera_frame(ros_env):
 
 # --- (b) package.xml -------------------------------------------------------------------------------
 
-def _imported_top_level_modules(package_dir: Path) -> set[str]:
-    modules = set()
-    for path in package_dir.rglob("*.py"):
+def _imported_top_level_modules(paths) -> dict[str, set[str]]:
+    """{top-level module: files importing it} (at any depth: lazy imports count) for ``paths``."""
+    modules: dict[str, set[str]] = {}
+    for path in paths:
+        names = []
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
             if isinstance(node, ast.Import):
-                modules.update(alias.name.split(".")[0] for alias in node.names)
+                names += [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                modules.add(node.module.split(".")[0])
+                names.append(node.module)
+        for name in names:
+            modules.setdefault(name.split(".")[0], set()).add(path.relative_to(REPO_ROOT).as_posix())
     return modules
+
+
+def _run_time_sources() -> list[Path]:
+    """What runs on a robot: the package's modules and the launch files."""
+    return sorted((REPO_ROOT / "actdistill_ros").rglob("*.py")) + sorted((REPO_ROOT / "launch").glob("*.py"))
 
 
 def test_package_xml_declares_what_the_python_code_imports():
@@ -204,11 +217,42 @@ def test_package_xml_declares_what_the_python_code_imports():
     exec_deps = {e.text for e in root.findall("exec_depend") + root.findall("depend")}
     assert {"rclpy", "rosidl_default_runtime", "std_msgs", "builtin_interfaces"} <= exec_deps
 
-    imported = _imported_top_level_modules(REPO_ROOT / "actdistill_ros")
-    ros_imports = {m for m in imported if m == "rclpy" or m.endswith(("_msgs", "_interfaces"))}
-    needed = ros_imports | {PYTHON_MODULE_TO_ROSDEP[m] for m in imported if m in PYTHON_MODULE_TO_ROSDEP}
-    assert "numpy" in imported  # the scan sees the code at all
-    assert not needed - exec_deps, f"package.xml lacks exec_depend for: {sorted(needed - exec_deps)}"
+    imported = _imported_top_level_modules(_run_time_sources())
+    third_party = {m: files for m, files in imported.items() if m not in sys.stdlib_module_names and m != "actdistill_ros"}
+    assert {"numpy", "rclpy", "launch", "launch_ros", "ament_index_python"} <= set(third_party)  # the scan sees it all
+    # Every other module is a ROS package or a rosdep key, declared under its own name or its key.
+    missing = {m: sorted(files) for m, files in third_party.items() if m not in PIP_ONLY_MODULES
+               and PYTHON_MODULE_TO_ROSDEP.get(m, m) not in exec_deps}
+    assert not missing, f"package.xml lacks exec_depend for (module: importing files): {missing}"
+    with_comments = ET.parse(REPO_ROOT / "package.xml", ET.XMLParser(target=ET.TreeBuilder(insert_comments=True)))
+    comment = " ".join(c.text for c in with_comments.getroot().iter(ET.Comment))
+    assert all(re.search(rf"\b{m}\b", comment) for m in PIP_ONLY_MODULES), "package.xml must name the pip-only modules"
+    assert PIP_ONLY_MODULES.isdisjoint(exec_deps)
+
+
+def test_package_xml_declares_what_the_launch_files_run():
+    """Processes the launch files start: `ros2 <verb>` needs ros2<verb> (and ros2 bag play a storage plugin
+    for mcap and sqlite3 bags); the package's own executables are installed by CMakeLists.txt."""
+    from actdistill_ros.ros.launch_arguments import bag_play_command
+
+    root = ET.parse(REPO_ROOT / "package.xml").getroot()
+    exec_deps = {e.text for e in root.findall("exec_depend") + root.findall("depend")}
+    commands = []
+    for path in (REPO_ROOT / "launch").glob("*.launch.py"):
+        for call in ast.walk(ast.parse(path.read_text())):
+            if isinstance(call, ast.Call) and getattr(call.func, "id", None) == "ExecuteProcess":
+                cmd = next(k.value for k in call.keywords if k.arg == "cmd")
+                assert isinstance(cmd, ast.Call) and cmd.func.id == "bag_play_command", ast.unparse(cmd)
+                commands.append(bag_play_command("bag", "1.0", ["/camera/image_raw"]))
+    assert commands, "replay_eval.launch.py runs ros2 bag play"
+    for command in commands:
+        assert command[0] == "ros2" and f"ros2{command[1]}" in exec_deps, command
+    assert "rosbag2_storage_default_plugins" in exec_deps
+    executables = {ast.literal_eval(k.value) for path in (REPO_ROOT / "launch").glob("*.launch.py")
+                   for call in ast.walk(ast.parse(path.read_text())) if isinstance(call, ast.Call)
+                   for k in call.keywords if k.arg == "executable" and isinstance(k.value, ast.Constant)}
+    assert executables == {"policy_node", "sim_arm_node", "replay_eval"}
+    assert executables <= {Path(p).name for p in _cmake_installed_programs()}
 
 
 def test_package_xml_is_accepted_by_catkin_pkg():
@@ -254,6 +298,27 @@ def test_console_scripts_and_ros2_run_executables_match():
     installed = REPO_ROOT / "build" / "ros" / "install" / "lib" / "actdistill_ros"
     if installed.is_dir():
         assert {p.name for p in installed.iterdir()} == names
+
+
+def test_colcon_installs_the_launch_files_and_config():
+    """`ros2 launch actdistill_ros <file>` and config_file() look in share/actdistill_ros/{launch,config}."""
+    cmake = (REPO_ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    loop = re.search(r"foreach\(_share_dir ([^)]*)\)(.*?)endforeach", cmake, re.S)
+    assert loop and set(loop.group(1).split()) == {"launch", "config"}
+    assert "install(DIRECTORY ${_share_dir} DESTINATION share/${PROJECT_NAME})" in loop.group(2)
+    launch_files = {p.name for p in (REPO_ROOT / "launch").glob("*.launch.py")}
+    assert launch_files == {"policy.launch.py", "sim_arm.launch.py", "replay_eval.launch.py"}
+    assert {"policy.yaml", "sim_arm.yaml", "topics.yaml", "fastdds_large_images.xml"} <= \
+        {p.name for p in (REPO_ROOT / "config").iterdir()}
+    # The launch files' default params files are the installed config files.
+    for name in launch_files:
+        text = (REPO_ROOT / "launch" / name).read_text()
+        for config in re.findall(r'os\.path\.join\(share, "config", "([^"]+)"\)', text):
+            assert (REPO_ROOT / "config" / config).is_file(), (name, config)
+    share = REPO_ROOT / "build" / "ros" / "install" / "share" / "actdistill_ros"
+    if share.is_dir():  # the colcon build of scripts/build_msgs.sh
+        assert launch_files <= {p.name for p in (share / "launch").iterdir()}
+        assert {p.name for p in (REPO_ROOT / "config").iterdir()} <= {p.name for p in (share / "config").iterdir()}
 
 
 # --- (d) wheel (slowest: ~5 s) ----------------------------------------------------------------------

@@ -170,7 +170,7 @@ def test_sqlite_jpeg_bag_with_shuffled_actions_gives_the_true_error(policies, te
     report = _report(result, out)
     section = report["policies"]["student"]  # --weights is the evaluated policy, whatever its kind
     assert section["kind"] == "teacher" and report["bags"][0]["storage"] == "sqlite3"
-    assert report["bags"][0]["camera_type"] == "sensor_msgs/msg/CompressedImage"
+    assert report["bags"][0]["cameras"][0]["type"] == "sensor_msgs/msg/CompressedImage"
     assert section["chunks_received"] == FRAMES
     expected_mse = ((shuffled - true_actions) ** 2).mean(axis=0)
     expected_mae = np.abs(shuffled - true_actions).mean(axis=0)
@@ -273,7 +273,8 @@ def test_two_camera_sqlite_jpeg_bag_with_other_topic_names_and_a_remap(two_camer
                       "--device", "cpu"], tmp_path)
     report = _report(result, out)
     bag_info = report["bags"][0]
-    assert bag_info["storage"] == "sqlite3" and bag_info["camera_type"] == "sensor_msgs/msg/CompressedImage"
+    assert bag_info["storage"] == "sqlite3"
+    assert [c["type"] for c in bag_info["cameras"]] == ["sensor_msgs/msg/CompressedImage"] * 2
     assert [c["topic"] for c in bag_info["cameras"]] == [front, hand]
     assert all("jpeg" in c["encoding"] for c in bag_info["cameras"])  # the CompressedImage format field
     section = report["policies"]["student"]
@@ -406,12 +407,18 @@ def _listen_only_replay(weights: Path, bag: Path, tmp_path: Path, after_frame=No
     node's topic)."""
     from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
     from rosbags.rosbag2 import Reader
-    from sensor_msgs.msg import Image
+    from sensor_msgs.msg import CompressedImage, Image
     from std_msgs.msg import String
 
+    from actdistill_ros.ros.launch_arguments import bag_camera_transports, bag_topic_types
+
     domain = reserve_domain()
-    node = start_policy_node(weights, domain, tmp_path / "node",
-                             params={"enable_output": False, "state.enabled": False, "topics.cameras": list(cameras)})
+    # The node as replay_eval.launch.py starts it: each camera's transport from the bag.
+    node = start_policy_node(weights, domain, tmp_path / "node", params={
+        "enable_output": False, "state.enabled": False, "topics.cameras": list(cameras),
+        "camera.transports": bag_camera_transports(bag, list(cameras))})
+    camera_class = {topic: CompressedImage if msgtype.endswith("CompressedImage") else Image
+                    for topic, msgtype in bag_topic_types(bag).items()}
     out = tmp_path / "report"
     env = node_environment(domain, tmp_path / "replay_log")
     stderr_path = tmp_path / "replay_stderr.txt"
@@ -427,7 +434,7 @@ def _listen_only_replay(weights: Path, bag: Path, tmp_path: Path, after_frame=No
     try:
         assert wait_until(lambda: "listening on" in stderr_path.read_text() or replay.poll() is not None, 60.0)
         assert replay.poll() is None, stderr_path.read_text()[-3000:]
-        publishers = {topic: player.node.create_publisher(Image, topic, QoSProfile(
+        publishers = {topic: player.node.create_publisher(camera_class[topic], topic, QoSProfile(
             depth=1, reliability=ReliabilityPolicy.RELIABLE)) for topic in cameras}
         command = player.node.create_publisher(String, "/instruction", QoSProfile(
             depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
@@ -586,37 +593,175 @@ def _calls(tree: ast.AST, name: str) -> list[ast.Call]:
             and getattr(n.func, "id", getattr(n.func, "attr", None)) == name]
 
 
-def test_launch_file_runs_listen_only_replay_beside_ros2_bag_play():
+def _launch_call(tree: ast.AST, function: str) -> ast.Call:
+    (call,) = _calls(tree, function)
+    return call
+
+
+def test_launch_file_runs_replay_eval_as_a_node_beside_ros2_bag_play_of_the_inputs_only():
+    """replay_eval is a launch_ros Node (launch's SIGINT reaches it; `ros2 run` did not pass it on), in
+    --listen-only mode attached to the dry-run policy node; ros2 bag play plays only what the policy takes."""
+    from actdistill_ros.ros.launch_arguments import bag_play_command, policy_input_topics, replay_eval_arguments
+
     tree = ast.parse(LAUNCH_FILE.read_text(), filename=str(LAUNCH_FILE))
     constants = {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body
                  if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)}
     declared = {ast.literal_eval(call.args[0]) for call in _calls(tree, "DeclareLaunchArgument")}
-    used = {ast.literal_eval(call.args[0]) for call in _calls(tree, "LaunchConfiguration")}
-    assert declared == used and "camera_topics" in declared
-    cameras = ["/cam/scene", "/cam/wrist"]
-
-    def element(e: ast.expr) -> list[str]:
-        # Launch arguments and the weights become placeholders; *camera_topic_flags(cameras) the flags for
-        # two cameras; the rest of the command line is literal.
-        if isinstance(e, ast.Starred):
-            assert _calls(e, "camera_topic_flags")
-            return camera_topic_flags(cameras)
-        if isinstance(e, ast.Constant):
-            return [ast.literal_eval(e)]
-        return [constants.get(getattr(e, "id", None), "/x")]
-
-    commands = []
-    for call in _calls(tree, "ExecuteProcess"):
-        cmd = next(k.value for k in call.keywords if k.arg == "cmd")
-        commands.append([part for e in cmd.elts for part in element(e)])
-    replay_cmd = next(c for c in commands if c[:4] == ["ros2", "run", "actdistill_ros", "replay_eval"])
-    assert any(c[:3] == ["ros2", "bag", "play"] for c in commands)
-    args = replay_cli.build_parser().parse_args(replay_cmd[4:])
+    used = {ast.literal_eval(call.args[0]) for name in ("LaunchConfiguration", "value") for call in _calls(tree, name)
+            if isinstance(call.args[0], ast.Constant)}
+    assert declared == used and {"camera_topics", "command_topic", "state_topic", "action_topic"} <= declared
+    assert "transport" not in declared  # each camera's transport comes from the bag
+    nodes = {ast.literal_eval(next(k.value for k in call.keywords if k.arg == "executable")): call
+             for call in _calls(tree, "Node")}
+    assert set(nodes) == {"policy_node", "replay_eval"}
+    assert not [c for c in _calls(tree, "ExecuteProcess") if "'run'" in ast.unparse(c)], "no `ros2 run` process"
+    arguments = next(k.value for k in nodes["replay_eval"].keywords if k.arg == "arguments")
+    assert isinstance(arguments, ast.Call) and arguments.func.id == "replay_eval_arguments"
+    assert ast.unparse(arguments.args[-1]) == "NODE_NAME" and constants["NODE_NAME"] == "policy_node"
+    # What that call gives, through replay_eval's own parser.
+    cameras = [SCENE, WRIST]
+    argv = replay_eval_arguments("/bags/b", "/w", "/out", cameras, "/task", "/robot/joints", "/robot/action",
+                                 constants["NODE_NAME"])
+    args = replay_cli.build_parser().parse_args(argv)
     assert args.listen_only and args.attach == "policy_node" and args.camera_topic == cameras
-    node = _calls(tree, "Node")[0]
-    parameters = next(k.value for k in node.keywords if k.arg == "parameters")
-    names = {ast.literal_eval(key) for d in parameters.elts if isinstance(d, ast.Dict) for key in d.keys}
-    assert {"enable_output", "topics.cameras"} <= names  # a replay never commands a robot; the node reads every camera
+    assert (args.command_topic, args.state_topic, args.action_topic) == ("/task", "/robot/joints", "/robot/action")
+    assert args.bags == [Path("/bags/b")] and args.weights == Path("/w") and args.out == Path("/out")
+    # ros2 bag play: --topics, built from the policy's inputs.
+    play = next(k.value for k in _launch_call(tree, "ExecuteProcess").keywords if k.arg == "cmd")
+    assert isinstance(play, ast.Call) and play.func.id == "bag_play_command"
+    topics = play.args[2]
+    assert isinstance(topics, ast.Call) and topics.func.id == "policy_input_topics"
+    assert ast.unparse(topics.args[-1]) == "card_state_dim(weights)"
+    without_state = policy_input_topics(cameras, "/task", "/robot/joints", 0)
+    with_state = policy_input_topics(cameras, "/task", "/robot/joints", 4)
+    assert without_state == [SCENE, WRIST, "/task"] and with_state == [SCENE, WRIST, "/task", "/robot/joints"]
+    command = bag_play_command("/bags/b", "0.5", with_state)
+    assert command == ["ros2", "bag", "play", "/bags/b", "--rate", "0.5", "--topics", *with_state]
+    assert "/robot/action" not in command and "/action" not in command
+    with pytest.raises(ValueError, match="launch argument state_topic: the policy takes a robot state"):
+        policy_input_topics(cameras, "/task", "", 4)
+    # The policy node: a dry run with the bag's transports (replay_node_parameters, checked below).
+    parameters = next(k.value for k in nodes["policy_node"].keywords if k.arg == "parameters")
+    assert [getattr(e.func, "id", None) for e in parameters.elts] == ["LaunchConfiguration", "replay_node_parameters"]
+    transports = parameters.elts[1].args[3]
+    assert ast.unparse(transports) == "bag_camera_transports(bag, cameras)"
+
+
+def _mixed_transport_bag(path: Path, raw_bag: Path, compressed_topic: str, storage: str) -> Path:
+    """``raw_bag`` with the frames of ``compressed_topic`` as sensor_msgs/CompressedImage (jpeg, like an
+    image_transport compressed republisher), everything else (stamps, timing, other topics) unchanged."""
+    from rosbags.rosbag2 import StoragePlugin, Reader, Writer
+
+    from actdistill_ros.data.bag_writer import jazzy_typestore
+
+    store = jazzy_typestore()
+    compressed_type = "sensor_msgs/msg/CompressedImage"
+    with Reader(raw_bag) as reader, Writer(path, version=9, storage_plugin=StoragePlugin.SQLITE3 if storage == "sqlite3"
+                                           else StoragePlugin.MCAP) as writer:
+        connections = {}
+        for conn in reader.connections:
+            msgtype = compressed_type if conn.topic == compressed_topic else conn.msgtype
+            connections[conn.topic] = writer.add_connection(conn.topic, msgtype, typestore=store)
+        for conn, stamp, raw in reader.messages():
+            if conn.topic == compressed_topic:
+                image = store.deserialize_cdr(raw, conn.msgtype)
+                rgb = image.data.reshape(image.height, image.width, 3)
+                jpeg = cv2.imencode(".jpg", rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])[1].reshape(-1)
+                msg = store.types[compressed_type](header=image.header, format="rgb8; jpeg compressed bgr8", data=jpeg)
+                raw = store.serialize_cdr(msg, compressed_type)
+            writer.write(connections[conn.topic], stamp, raw)
+    return path
+
+
+def _decoded_jpeg(frames: np.ndarray) -> np.ndarray:
+    """What the node sees of frames sent as jpeg (quality 95)."""
+    return np.stack([cv2.imdecode(cv2.imencode(".jpg", f[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])[1],
+                                  cv2.IMREAD_COLOR)[:, :, ::-1] for f in frames])
+
+
+@pytest.fixture
+def mixed_bag(tmp_path, two_camera_teacher) -> tuple[Path, np.ndarray, float]:
+    """A raw scene camera and a compressed wrist camera (sqlite3); the recording is the teacher's output at
+    each frame set as the node decodes it. Returns (bag, actions, the error a wrong pairing gives)."""
+    scene, wrist = _frames(14), _frames(15, height=40, width=40)
+    actions = _first_steps(two_camera_teacher, _frame_sets(scene, _decoded_jpeg(wrist)))
+    stale = _first_steps(two_camera_teacher, _frame_sets(scene[1:], _decoded_jpeg(wrist)[:-1]))
+    raw_bag = write_episode_bag(tmp_path / "raw_two", images=[scene, wrist], instruction=INSTRUCTION, states=None,
+                                actions=actions, topics=TWO_CAMERAS, storage="mcap", image_format="rgb8", fps=10.0,
+                                action_names=two_camera_teacher.card.action_space.names)
+    bag = _mixed_transport_bag(tmp_path / "mixed_transports", raw_bag, WRIST, "sqlite3")
+    return bag, actions, _mse(stale, actions[1:])
+
+
+def test_bag_camera_transports_come_from_each_cameras_message_type(mixed_bag, tmp_path):
+    from actdistill_ros.ros.launch_arguments import bag_camera_transports, bag_topic_types
+
+    bag, _, _ = mixed_bag
+    assert bag_topic_types(bag)[WRIST] == "sensor_msgs/msg/CompressedImage"
+    assert bag_camera_transports(bag, [SCENE, WRIST]) == ["raw", "compressed"]
+    assert bag_camera_transports(bag, [WRIST, SCENE]) == ["compressed", "raw"]  # in the order asked for
+    with pytest.raises(ValueError, match=r"camera topic '/cam/other' is not in the bag, expected sensor_msgs/msg/Image "
+                                         r"or sensor_msgs/msg/CompressedImage; topics present: /action, /cam/scene"):
+        bag_camera_transports(bag, [SCENE, "/cam/other"])
+    with pytest.raises(ValueError, match=r"camera topic '/instruction' has type std_msgs/msg/String"):
+        bag_camera_transports(bag, ["/instruction"])
+    with pytest.raises(ValueError, match="no metadata.yaml, expected a rosbag2 directory"):
+        bag_camera_transports(tmp_path / "nothing", [SCENE])
+
+
+def test_dry_run_action_scale_only_for_cards_without_physical_units(policies):
+    from actdistill_ros.ros.launch_arguments import card_dry_run_action_scale, dry_run_action_scale, \
+        replay_node_parameters
+
+    # The shipped Meta-World card: normalized units; the node needs a scale to start, a dry run takes 1.0.
+    assert dry_run_action_scale(["normalized"] * 4, 3) == {"action.scale": [1.0, 1.0, 1.0, 1.0]}
+    # Physical arm units: the node takes them as they are; a gripper in its own unit does not count.
+    assert dry_run_action_scale(["m/s", "m/s", "m/s", "rad/s", "rad/s", "rad/s", "normalized"], 6) == {}
+    assert dry_run_action_scale(["rad"] * 7, None) == {}
+    assert dry_run_action_scale(["rad", "rad", "deg"], None) == {"action.scale": [1.0, 1.0, 1.0]}
+    from actdistill_ros.weights import load_card
+
+    card = load_card(policies["student_with_state"])
+    expected = dry_run_action_scale(card.action_space.units, card.action_space.gripper_index)
+    assert card_dry_run_action_scale(policies["student_with_state"]) == expected
+    params = replay_node_parameters(str(policies["student_with_state"]), "cpu", [SCENE, WRIST], ["raw", "compressed"],
+                                    "/task", "/robot/joints")
+    assert params["enable_output"] is False and params["camera.transports"] == ["raw", "compressed"]
+    assert params["state.enabled"] is True and params["topics.state"] == "/robot/joints"
+    assert {k: v for k, v in params.items() if k == "action.scale"} == expected
+    assert replay_node_parameters(str(policies["student"]), "cpu", [SCENE], ["raw"], "/task", "/s")["state.enabled"] \
+        is False
+
+
+def test_bag_with_a_compressed_and_a_raw_camera_replays(two_camera_policies, mixed_bag, tmp_path):
+    """A raw scene camera and a compressed wrist camera through a two-camera policy: the node is started with
+    camera.transports [raw, compressed] from the bag, and each chunk came from that frame set's two frames."""
+    bag, actions, wrong = mixed_bag
+    out = tmp_path / "report"
+    result = _replay([bag, "--weights", two_camera_policies["teacher"], "--rate", "max", "--out", out,
+                      "--device", "cpu"], tmp_path)
+    report = _report(result, out)
+    assert [(c["topic"], c["type"], c["frames"]) for c in report["bags"][0]["cameras"]] == [
+        (SCENE, "sensor_msgs/msg/Image", FRAMES), (WRIST, "sensor_msgs/msg/CompressedImage", FRAMES)]
+    section = report["policies"]["student"]
+    assert section["chunks_received"] == FRAMES
+    assert [c["frames_used"] for c in section["cameras"].values()] == [FRAMES, FRAMES]
+    assert section["action_error"]["overall"]["mse"] < 1e-3 * wrong
+    markdown = (out / REPORT_MD).read_text()
+    assert f"| mixed_transports | {SCENE} | Image | rgb8 |" in markdown
+    assert f"| {WRIST} | CompressedImage |" in markdown
+
+
+def test_listen_only_replay_of_a_bag_with_a_compressed_and_a_raw_camera(two_camera_policies, mixed_bag, tmp_path):
+    """The launch file's path: the node's transports from the bag, replay_eval listening to each camera with
+    its own message type."""
+    bag, _, _ = mixed_bag
+    result, chunks = _listen_only_replay(two_camera_policies["teacher"], bag, tmp_path, cameras=(SCENE, WRIST))
+    assert result.returncode == 0, result.stderr[-3000:]
+    section = _report(result, tmp_path / "report")["policies"]["student"]
+    assert section["chunks_received"] >= FRAMES // 2 and chunks
+    for camera in (SCENE, WRIST):
+        assert section["cameras"][camera]["frames_published"] >= FRAMES - 2, camera
 
 
 def test_camera_topics_launch_argument(two_camera_policies, policies):
@@ -626,3 +771,92 @@ def test_camera_topics_launch_argument(two_camera_policies, policies):
     assert camera_topics("/only") == ["/only"]
     with pytest.raises(ValueError, match="launch argument camera_topics: expected absolute topic names"):
         camera_topics("cam/scene,/cam/wrist")
+
+
+def test_replay_publishes_only_the_policy_inputs_never_the_actions(policies, tmp_path):
+    """replay_eval's own player, attached to a node on this test's domain, on a bag that also recorded the
+    robot's state and actions: during the whole replay its node publishes the camera and the command only
+    (the policy takes no state), and no message at all reaches the action topic."""
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image, JointState
+
+    images = _frames(16)
+    topics = TopicConfig()  # /camera/image_raw, /instruction, /joint_states, /action (JointState)
+    bag = write_episode_bag(tmp_path / "full_recording", images=images, instruction=INSTRUCTION,
+                            states=np.zeros((FRAMES, 4)), actions=np.zeros((FRAMES, 4)), topics=topics, fps=10.0,
+                            action_names=["a0", "a1", "a2", "a3"])
+    domain = reserve_domain()
+    node = start_policy_node(policies["student"], domain, tmp_path / "node", params={
+        "enable_output": False, "state.enabled": False, "topics.cameras": [topics.camera_topic],
+        "topics.action": "/node/action"})  # the node's own output elsewhere: /action is only the bag's
+    watcher = RosSide(domain, "watcher")
+    best_effort = QoSProfile(depth=50, reliability=ReliabilityPolicy.BEST_EFFORT)
+    actions = watcher.record(JointState, topics.action_topic, best_effort)
+    states = watcher.record(JointState, topics.state_topic, best_effort)
+    frames = watcher.record(Image, topics.camera_topic, best_effort)
+    out = tmp_path / "report"
+    replay = subprocess.Popen([sys.executable, "-m", "actdistill_ros.ros.replay.cli", str(bag), "--weights",
+                               str(policies["student"]), "--attach", "policy_node", "--rate", "1.0", "--out", str(out),
+                               "--startup-timeout", "60"], cwd=REPO_ROOT, env=node_environment(domain, tmp_path / "log"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    published: set[str] = set()
+    try:
+        while replay.poll() is None:  # every topic replay_eval's node publishes, for as long as it runs
+            for name, namespace in watcher.node.get_node_names_and_namespaces():
+                if name == f"replay_eval_{replay.pid}":
+                    published |= {t for t, _ in watcher.node.get_publisher_names_and_types_by_node(name, namespace)}
+            time.sleep(0.05)
+        stdout, stderr = replay.communicate(timeout=30)
+    finally:
+        if replay.poll() is None:
+            replay.kill()
+        node.stop()
+    try:
+        assert replay.returncode == 0, stderr[-3000:]
+        assert _report(subprocess.CompletedProcess(replay.args, 0, stdout, stderr), out)
+        assert published - {"/rosout", "/parameter_events"} == {topics.camera_topic, topics.command_topic}
+        assert len(frames.messages()) >= FRAMES // 2  # the watcher hears what is played ...
+        assert actions.messages() == [] and states.messages() == []  # ... and nothing on /action or /joint_states
+    finally:
+        watcher.close()
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.parametrize("signum", [2, 15], ids=["SIGINT", "SIGTERM"])
+def test_a_replay_stopped_by_a_signal_exits_cleanly_and_stops_its_node(policies, tmp_path, signum):
+    """Ctrl-C (SIGINT; `ros2 launch` escalates to SIGTERM): exit 0, one info line, no traceback, no report,
+    and the node it spawned is gone too."""
+    images = _frames(17)
+    bag = write_episode_bag(tmp_path / "long", images=np.concatenate([images] * 10), instruction=INSTRUCTION,
+                            states=None, actions=np.zeros((FRAMES * 10, 4)), topics=NO_STATE, fps=10.0)
+    out = tmp_path / "report"
+    replay = subprocess.Popen([sys.executable, "-m", "actdistill_ros.ros.replay.cli", str(bag), "--weights",
+                               str(policies["student"]), "--rate", "1.0", "--out", str(out), "--device", "cpu"],
+                              cwd=REPO_ROOT, env=node_environment(reserve_domain(), tmp_path / "log"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # Playing (the first chunk came back): the spawned node is a child of replay_eval.
+        stderr_lines = []
+        for line in replay.stderr:
+            stderr_lines.append(line)
+            if "first ActionChunk" in line:
+                break
+        children = _children(replay.pid)
+        assert children, "".join(stderr_lines)[-3000:]
+        time.sleep(0.5)
+        replay.send_signal(signum)
+        stdout, rest = replay.communicate(timeout=30)
+    finally:
+        if replay.poll() is None:
+            replay.kill()
+    stderr = "".join(stderr_lines) + rest
+    name = {2: "SIGINT", 15: "SIGTERM"}[signum]
+    assert replay.returncode == 0, stderr[-3000:]
+    assert f"INFO actdistill_ros.replay_eval: stopped by {name} before the end of the replay; no report written" in stderr
+    assert "Traceback" not in stderr and "ERROR" not in stderr and ": error:" not in stderr, stderr[-3000:]
+    assert not out.exists() and "report:" not in stdout
+    assert wait_until(lambda: not any(Path(f"/proc/{c}").exists() for c in children), 10.0), children

@@ -14,6 +14,7 @@ from rosbags.rosbag2 import Reader
 from actdistill_ros.data import BagDataError, TopicConfig, read_episode
 from actdistill_ros.data.config import ACTION_TYPES, CAMERA_TYPES, COMPRESSED_IMAGE_TYPE, JOINT_STATE_TYPE, STRING_TYPE
 from actdistill_ros.replay_report import RecordedActions
+from actdistill_ros.ros.launch_arguments import transport_of_type
 from actdistill_ros.ros.replay import log
 from actdistill_ros.weights import ModelCard
 
@@ -24,7 +25,7 @@ class BagPlan:
 
     path: Path
     camera_topics: list[str]  # in the order the model takes their images; the first keys the frames
-    camera_type: str  # one transport for every camera (the node takes one camera.transport)
+    camera_types: dict[str, str]  # per camera: sensor_msgs/msg/Image or CompressedImage (cameras may differ)
     command_topic: str
     state_topic: str | None
     action_topic: str
@@ -48,6 +49,10 @@ class BagPlan:
 
     def topics(self) -> list[str]:
         return [*self.camera_topics, *(t for t in (self.command_topic, self.state_topic) if t)]
+
+    def camera_transports(self) -> list[str]:
+        """The node's camera.transports for this bag: each camera's from its message type."""
+        return [transport_of_type(self.camera_types[camera]) for camera in self.camera_topics]
 
 
 def _bag_error(path: Path, topic: str | None, what: str) -> BagDataError:
@@ -99,10 +104,6 @@ def inspect_bag(path: Path, topics: TopicConfig, cards: list[ModelCard]) -> BagP
             raise _bag_error(path, topic, f"not in bag, expected {' or '.join(types)}; topics present: {present_text}")
         if present[topic] not in types:
             raise _bag_error(path, topic, f"has type {present[topic]}, expected {' or '.join(types)}")
-    camera_types = {present[camera] for camera in topics.cameras}
-    if len(camera_types) > 1:
-        raise _bag_error(path, None, f"cameras {topics.cameras} mix {' and '.join(sorted(camera_types))}, expected one "
-                                     "type for all (the node takes one camera.transport)")
     topics = dataclasses.replace(topics, state_topic=topics.state_topic if needs_state else None,
                                  action_type=present[topics.action_topic])
     # Recorded actions aligned to the frame sets; also proves every message decodes (corrupt storage,
@@ -140,7 +141,7 @@ def inspect_bag(path: Path, topics: TopicConfig, cards: list[ModelCard]) -> BagP
         if (h, w) != (card.image_size, card.image_size):
             log.warning("bag %s topic %s: frames are %dx%d, the policy was trained on %dx%d: the node resizes every "
                         "frame", path.name, camera, w, h, card.image_size, card.image_size)
-    return BagPlan(path=path, camera_topics=list(topics.cameras), camera_type=camera_types.pop(),
+    return BagPlan(path=path, camera_topics=list(topics.cameras), camera_types={c: present[c] for c in topics.cameras},
                    command_topic=topics.command_topic, state_topic=topics.state_topic, action_topic=topics.action_topic,
                    action_type=topics.action_type, camera_stamps=stamps, message_count=count, source_hw=source_hw,
                    encoding=encoding, storage=str(storage), recorded=RecordedActions(str(path), episode.stamps_ns, actions),

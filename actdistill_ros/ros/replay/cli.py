@@ -41,6 +41,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -49,7 +50,6 @@ from pathlib import Path
 import numpy as np
 
 from actdistill_ros.data import TopicConfig, list_bags
-from actdistill_ros.data.config import COMPRESSED_IMAGE_TYPE
 from actdistill_ros.replay_report import PolicyReplay, write_report
 from actdistill_ros.ros.env import built_messages_path, fastdds_profile_path, reserve_domain_id, ros_environment
 from actdistill_ros.ros.replay import log
@@ -142,6 +142,18 @@ def _parse_remaps(items: list[str]) -> dict[str, str]:
 
 
 # ================================================================ run
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived (Ctrl-C, or `ros2 launch` shutting down): the replay stops cleanly."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, _frame) -> None:
+    raise Stopped(signum)
+
+
 def _ros_messages_importable() -> bool:
     try:
         return importlib.util.find_spec("actdistill_ros.msg") is not None
@@ -159,10 +171,16 @@ def _reexec_command(args: argparse.Namespace) -> list[str] | None:
 
 
 def _reexec_with_ros_env(command: list[str]) -> int:
-    """Run the same command line again in a child with the built messages on the paths (ros_environment)."""
+    """Run the same command line again in a child with the built messages on the paths (ros_environment).
+    A stop signal for this process is passed on, and the child's own clean exit awaited."""
     env = ros_environment(domain_id=int(os.environ.get("ROS_DOMAIN_ID") or 0))
     env[REEXEC_MARK] = "1"
-    return subprocess.call(command, env=env)
+    child = subprocess.Popen(command, env=env)
+    while True:
+        try:
+            return child.wait()
+        except KeyboardInterrupt as stop:  # SIGINT or SIGTERM: the child stops its nodes and exits by itself
+            child.send_signal(stop.signum if isinstance(stop, Stopped) else signal.SIGINT)
 
 
 def resolve_topics(args: argparse.Namespace, cards: list[ModelCard]) -> TopicConfig:
@@ -223,9 +241,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.listen_only and len(bags) != 1:
         raise ValueError(f"--listen-only evaluates one bag (what ros2 bag play plays), got {len(bags)}")
     plans = [inspect_bag(path, topics, cards) for path in bags]
-    if len({p.camera_type for p in plans}) > 1:
-        raise ValueError("bags mix sensor_msgs/Image and CompressedImage cameras: one node takes one transport; "
-                         "replay them in separate runs")
+    if len({tuple(p.camera_transports()) for p in plans}) > 1:  # cameras may differ, bags may not: one node each
+        per_bag = "; ".join(f"{p.name}: {p.camera_transports()}" for p in plans)
+        raise ValueError(f"bags differ in camera transports ({per_bag}), expected the same per camera (one node "
+                         "serves every bag): replay them in separate runs")
 
     # ---- ROS environment of this process (before rclpy starts)
     if not args.attach:
@@ -269,19 +288,21 @@ def _replay_all(args: argparse.Namespace, roles: list, plans: list[BagPlan], rat
                     node_name = args.attach if args.attach.startswith("/") else f"/{args.attach}"
                     params = ros.node_parameters(node_name, ["topics.cameras", "topics.command", "topics.state",
                                                              "topics.action_chunk", "topics.router_stats",
-                                                             "camera.transport"], args.startup_timeout)
-                    if params["topics.action_chunk"] is None or params["topics.cameras"] is None:
-                        raise ReplayError(f"--attach {node_name}: the node has no topics.action_chunk or topics.cameras "
-                                          "parameter (not an actdistill policy_node of this version)")
+                                                             "camera.transports"], args.startup_timeout)
+                    if None in (params["topics.action_chunk"], params["topics.cameras"], params["camera.transports"]):
+                        raise ReplayError(f"--attach {node_name}: the node has no topics.action_chunk, topics.cameras "
+                                          "or camera.transports parameter (not an actdistill policy_node of this "
+                                          "version)")
                     node_cameras = list(params["topics.cameras"])
                     if len(node_cameras) != len(plans[0].camera_topics):
                         raise ReplayError(f"--attach {node_name}: the node reads {len(node_cameras)} camera(s) "
                                           f"{node_cameras}, the bags have {len(plans[0].camera_topics)} "
                                           f"{plans[0].camera_topics}")
-                    wanted = "compressed" if plans[0].camera_type == COMPRESSED_IMAGE_TYPE else "raw"
-                    if params["camera.transport"] != wanted:
-                        raise ReplayError(f"--attach {node_name}: camera.transport is {params['camera.transport']}, "
-                                          f"bag {plans[0].name!r} cameras {plans[0].camera_topics} need {wanted}")
+                    node_transports = list(params["camera.transports"])
+                    wanted = plans[0].camera_transports()
+                    if (node_transports * len(wanted) if len(node_transports) == 1 else node_transports) != wanted:
+                        raise ReplayError(f"--attach {node_name}: camera.transports is {node_transports}, bag "
+                                          f"{plans[0].name!r} cameras {plans[0].camera_topics} need {wanted}")
                     resolve = lambda t: t.replace("~", node_name, 1) if t.startswith("~") else t  # noqa: E731
                     for p in plans:  # publish onto the node's inputs unless remapped explicitly
                         inputs = [*zip(p.camera_topics, node_cameras), (p.command_topic, params["topics.command"]),
@@ -296,7 +317,7 @@ def _replay_all(args: argparse.Namespace, roles: list, plans: list[BagPlan], rat
                     chunk_topic, stats_topic = f"/{node.name}/action_chunk", f"/{node.name}/router_stats"
                     failure = node.failure
                 cameras = {c: publish_as[c] for c in plans[0].camera_topics} if args.listen_only else None
-                ros.record(pending, chunk_topic, stats_topic, cameras, plans[0].camera_type)
+                ros.record(pending, chunk_topic, stats_topic, cameras, plans[0].camera_types)
                 player = Player(ros, args, rate, publish_as)
                 if args.listen_only:
                     log.info("listening on %s for %s (start ros2 bag play now)", ", ".join(cameras.values()), chunk_topic)
@@ -320,8 +341,9 @@ def _replay_all(args: argparse.Namespace, roles: list, plans: list[BagPlan], rat
 def _write(args: argparse.Namespace, plans: list[BagPlan], cards: list[ModelCard], rate: float,
            replays: list[PolicyReplay], node_desc: str) -> int:
     run_info = {
-        "bags": [{"path": p.name, "storage": p.storage, "camera_type": p.camera_type,
-                  "cameras": [{"topic": c, "encoding": p.encoding[c], "resolution": f"{p.source_hw[c][1]}x{p.source_hw[c][0]}",
+        "bags": [{"path": p.name, "storage": p.storage,
+                  "cameras": [{"topic": c, "type": p.camera_types[c], "encoding": p.encoding[c],
+                               "resolution": f"{p.source_hw[c][1]}x{p.source_hw[c][0]}",
                                "frames": len(p.camera_stamps[c])} for c in p.camera_topics],
                   "frames_with_recorded_action": int(len(p.recorded.stamps_ns)),
                   "frames_dropped_in_alignment": p.alignment_drops,
@@ -364,14 +386,22 @@ def main(argv: list[str] | None = None) -> int:
     args.command_line = argv  # re-run as typed if the built messages must be put on the paths first
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    # A stop asked for is not a failure: launch sends SIGINT to every process on Ctrl-C (then SIGTERM
+    # after 5 s), and reports a non-zero exit as an error. The finally blocks stop the spawned nodes.
+    # rclpy's own handlers (installed at its first init) pass both signals on to these.
+    previous = {signum: signal.signal(signum, _raise_stopped) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         return run(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        name = stop.args[0] if isinstance(stop, Stopped) else "SIGINT"
+        log.info("stopped by %s before the end of the replay; no report written", name)
+        return 0
     except (ValueError, FileNotFoundError, FileExistsError) as err:  # bad input: one line, no traceback
         print(f"replay_eval: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ class Player:
         self.ros, self.args, self.rate, self.publish_as = ros, args, rate, publish_as
 
     def _publish(self, plan: BagPlan, topic: str, raw: bytes) -> None:
-        msgtype = plan.camera_type if topic in plan.camera_topics else (
+        msgtype = plan.camera_types[topic] if topic in plan.camera_topics else (
             STRING_TYPE if topic == plan.command_topic else JOINT_STATE_TYPE)
         self.ros.publisher(self.publish_as[topic], msgtype).publish(raw)
 

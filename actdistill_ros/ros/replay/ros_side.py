@@ -17,6 +17,7 @@ import numpy as np
 from actdistill_ros.data.config import COMPRESSED_IMAGE_TYPE, JOINT_STATE_TYPE, STRING_TYPE
 from actdistill_ros.replay_report import FrameRecord, PolicyReplay
 from actdistill_ros.ros.env import config_file, ros_environment
+from actdistill_ros.ros.launch_arguments import dry_run_action_scale
 from actdistill_ros.ros.replay import log
 from actdistill_ros.ros.replay.bag_inspection import BagPlan, header_stamp_ns
 from actdistill_ros.ros.ros_process import BackgroundRos, NodeProcess, node_command
@@ -49,13 +50,15 @@ class SpawnedNode:
         threshold = args.threshold if role == "student" and args.threshold is not None else card.default_threshold
         params = {
             "weights_path": str(weights), "device": args.device, "enable_output": False,
-            "camera.transport": "compressed" if plan.camera_type == COMPRESSED_IMAGE_TYPE else "raw",
+            "camera.transports": plan.camera_transports(),  # per camera, from the bag's message types
             "topics.cameras": [publish_as[camera] for camera in plan.camera_topics],
             "topics.command": publish_as[plan.command_topic],
             "state.enabled": card.state_dim > 0,
             "topics.action_chunk": f"/{self.name}/action_chunk", "topics.router_stats": f"/{self.name}/router_stats",
             "action.mode": _action_mode(card), "router.threshold": float(threshold),
         }
+        # A card in normalized units needs an action.scale to start; a dry run commands nothing, so 1.0 will do.
+        params.update(dry_run_action_scale(card.action_space.units, card.action_space.gripper_index))
         if role == "student" and args.threshold is not None:
             params["router.keep_fraction"] = 0.0  # --threshold means threshold routing (keep would override it)
         if plan.state_topic:
@@ -136,9 +139,9 @@ class RosReplay(BackgroundRos):
 
     # ---------------------------------------------------------------- recording
     def record(self, pending: Pending, chunk_topic: str, stats_topic: str,
-               cameras: dict[str, str] | None = None, camera_type: str = "") -> None:
+               cameras: dict[str, str] | None = None, camera_types: dict[str, str] | None = None) -> None:
         """Route ActionChunk / RouterStats (and, listen-only, the frames of ``cameras``: bag topic ->
-        topic to listen on, all of ``camera_type``) into ``pending``."""
+        topic to listen on, each of its ``camera_types[bag topic]``) into ``pending``."""
         from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
         from sensor_msgs.msg import CompressedImage, Image
 
@@ -149,10 +152,10 @@ class RosReplay(BackgroundRos):
         reliable = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE)
         self._subscriptions.append(self.node.create_subscription(self.ActionChunk, chunk_topic, self._on_chunk, reliable))
         self._subscriptions.append(self.node.create_subscription(self.RouterStats, stats_topic, self._on_stats, reliable))
-        cls = CompressedImage if camera_type == COMPRESSED_IMAGE_TYPE else Image
         best_effort = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.BEST_EFFORT)
         for index, (bag_topic, topic) in enumerate((cameras or {}).items()):
             callback = functools.partial(self._on_camera, bag_topic, index == 0)
+            cls = CompressedImage if camera_types[bag_topic] == COMPRESSED_IMAGE_TYPE else Image
             self._subscriptions.append(self.node.create_subscription(cls, topic, callback, best_effort, raw=True))
 
     @staticmethod
@@ -237,20 +240,28 @@ class RosReplay(BackgroundRos):
             return pending.changed.wait_for(done, timeout=timeout)
 
     def node_parameters(self, node_name: str, names: list[str], timeout: float) -> dict:
+        """{name: value} of the attached node's parameters; None for one it does not have."""
         from rcl_interfaces.srv import GetParameters
         from rclpy.parameter import parameter_value_to_python
 
         client = self.node.create_client(GetParameters, f"{node_name}/get_parameters")
-        try:
-            if not client.wait_for_service(timeout_sec=timeout):
-                raise ReplayError(f"--attach {node_name}: no such node answers on ROS_DOMAIN_ID "
-                                  f"{os.environ.get('ROS_DOMAIN_ID', '0')} within {timeout:g} s")
-            future = client.call_async(GetParameters.Request(names=names))
+
+        def ask(asked: list[str]) -> list:
+            future = client.call_async(GetParameters.Request(names=asked))
             deadline = time.monotonic() + timeout
             while not future.done() and time.monotonic() < deadline:
                 time.sleep(0.02)
             if not future.done():
                 raise ReplayError(f"--attach {node_name}: get_parameters did not answer within {timeout:g} s")
-            return {n: parameter_value_to_python(v) for n, v in zip(names, future.result().values)}
+            return list(future.result().values)
+
+        try:
+            if not client.wait_for_service(timeout_sec=timeout):
+                raise ReplayError(f"--attach {node_name}: no such node answers on ROS_DOMAIN_ID "
+                                  f"{os.environ.get('ROS_DOMAIN_ID', '0')} within {timeout:g} s")
+            values = ask(names)
+            if len(values) != len(names):  # one name it lacks (another version) empties the whole answer
+                values = [next(iter(ask([name])), None) for name in names]
+            return {n: None if v is None else parameter_value_to_python(v) for n, v in zip(names, values)}
         finally:
             self.node.destroy_client(client)
