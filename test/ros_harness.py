@@ -240,13 +240,15 @@ def image_msg(frame: np.ndarray, encoding: str = "rgb8", stamp=None, step: int |
     return msg
 
 
-def compressed_msg(data: bytes, fmt: str = "jpeg"):
+def compressed_msg(data: bytes, fmt: str = "jpeg", stamp=None):
     from sensor_msgs.msg import CompressedImage
 
     msg = CompressedImage()
     msg.format = fmt
     msg.data = bytes(data)
     msg.header.frame_id = "camera"
+    if stamp is not None:
+        msg.header.stamp = stamp
     return msg
 
 

@@ -2,9 +2,9 @@
 processes over Fast DDS (loopback). Stated behaviour for each: hold (an explicit stop, a zero
 twist), then resume only from fresh inputs.
 
-How a test knows what a command was computed from: the velocity limit is set far above any
-change the model can ask for, so each non-zero twist is exactly step k of one predicted chunk
-times twist_scale, and the node publishes every chunk (~/action_chunk) stamped with its source
+How a test knows what a command was computed from: the speed and acceleration limits are set far
+above any change the model can ask for, so each non-zero twist is exactly step k of one predicted
+chunk times action.scale, and the node publishes every chunk (~/action_chunk) stamped with its source
 camera frame. Matching twists to chunk steps gives, for every command, its source frame and step.
 Camera frames are random and never repeat, so no two chunks share a step.
 
@@ -50,8 +50,11 @@ from actdistill_ros.ros.ros_process import NodeProcess, node_command  # noqa: E4
 
 NODE = "policy_node"
 STAND_INS = Path(__file__).with_name("fault_publishers.py")
-TWIST_SCALE = 0.1  # config/policy.yaml
-NO_RATE_LIMIT = 100.0  # action.velocity_limit far above any change: a twist is exactly a chunk step
+TWIST_SCALE = 0.1  # action.scale of x, y, z: m/s per unit of the Meta-World-like (normalized) card
+# Limits far above any change: a twist is exactly a chunk step, and a stop is a zero twist at once.
+NO_RATE_LIMIT = {"action.scale": [TWIST_SCALE] * 3 + [1.0], "action.max_linear_velocity": 100.0,
+                 "action.max_linear_acceleration": 1000.0, "action.max_gripper_velocity": 1000.0,
+                 "enable_output": True}
 MAX_AGE_S = 0.3  # watchdog.max_image_age_s and max_state_age_s of the shared rig
 CONTROL_HZ = 10.0  # x 8 steps: a chunk outlasts the watchdog age, so only the watchdog can stop it
 SLACK_S = 0.15  # transport + executor delay on a loaded machine, between a publish and the node's receipt
@@ -188,7 +191,7 @@ def rig(tmp_path_factory):
     0.3 s; camera and command from stand-in processes."""
     work_dir = tmp_path_factory.mktemp("faults")
     weights = create_untrained_policy(work_dir / "weights", size="default", student=True, keep=0.5)
-    rig = Rig(work_dir, weights, {"control_rate_hz": CONTROL_HZ, "action.velocity_limit": NO_RATE_LIMIT,
+    rig = Rig(work_dir, weights, {"control_rate_hz": CONTROL_HZ, **NO_RATE_LIMIT,
                                   "watchdog.max_image_age_s": MAX_AGE_S, "watchdog.max_state_age_s": MAX_AGE_S})
     try:
         rig.command = rig.start_command(INSTRUCTION, "latched")
@@ -326,7 +329,7 @@ def test_inference_slower_than_the_control_period_commands_leave_on_the_timer_on
     arrives), each from a fresh enough frame, and the steps of a chunk go out in order."""
     rate, period, strict_age = 50.0, 1.0 / 50.0, 0.02
     weights = create_untrained_policy(tmp_path / "weights", size="bench", student=False)
-    rig = Rig(tmp_path, weights, {"control_rate_hz": rate, "device": "cpu", "action.velocity_limit": NO_RATE_LIMIT,
+    rig = Rig(tmp_path, weights, {"control_rate_hz": rate, "device": "cpu", **NO_RATE_LIMIT,
                                   "watchdog.max_image_age_s": strict_age, "watchdog.max_state_age_s": 1.0},
               camera=False, node_env={"OMP_NUM_THREADS": "1"})
     rng = np.random.default_rng(3)

@@ -74,7 +74,8 @@ def test_lifecycle_transitions_reload_weights_and_keep_the_emergency_stop(tmp_pa
     state = Streamer(node.create_publisher(JointState, "/joint_states", SENSOR), lambda: JointState(
         name=["hand_x", "hand_y", "hand_z", "gripper_opening"], position=[0.0, 0.6, 0.2, 1.0]), 12.0)
     process = start_policy_node(first, domain, tmp_path / "node", module=MODULE,
-                                params={"control_rate_hz": 20.0, "watchdog.max_image_age_s": 0.4})
+                                params={"control_rate_hz": 20.0, "watchdog.max_image_age_s": 0.4,
+                                        "action.scale": [0.1, 0.1, 0.1, 1.0], "enable_output": True})
     try:
         camera.resume()
         state.resume()

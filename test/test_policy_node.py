@@ -21,6 +21,7 @@ from ros_harness import (RosSide, require_rclpy, Streamer, diagnostic_values, im
 rclpy = require_rclpy()
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus  # noqa: E402
 from geometry_msgs.msg import TwistStamped  # noqa: E402
+from rclpy.duration import Duration  # noqa: E402
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import Image, JointState  # noqa: E402
 from std_msgs.msg import Bool, Float64, String  # noqa: E402
@@ -34,10 +35,12 @@ LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability
 SENSOR = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
 MAX_IMAGE_AGE_S = 0.4
 MAX_STATE_AGE_S = 0.4
-TWIST_SCALE = 0.1  # config/policy.yaml
+SCALE = [0.1, 0.1, 0.1, 1.0]  # action.scale: m/s per unit of the Meta-World-like (normalized) card
+MAX_LINEAR_VELOCITY = 0.25  # config/policy.yaml, m/s
+MAX_LINEAR_ACCELERATION = 0.5  # config/policy.yaml, m/s^2
 CARD_THRESHOLD = 0.7  # the rig's card default_threshold: config/policy.yaml must not override it
 CONTROL_RATE_HZ = 20.0
-CARD_LOW, CARD_HIGH = [-1.0] * 4, [1.0] * 4  # Meta-World action limits (the card's)
+CARD_LOW, CARD_HIGH = [-0.1] * 3 + [-1.0], [0.1] * 3 + [1.0]  # the card's [-1, 1] x action.scale
 
 
 def _frame(rng, height=48, width=64) -> np.ndarray:
@@ -92,7 +95,7 @@ class TwistRig:
             name=["hand_x", "hand_y", "hand_z", "gripper_opening"], position=[0.0, 0.6, 0.2, 1.0]), 12.0)
         self.process = start_policy_node(weights, self.domain, tmp_path_factory.mktemp("twist_node"), params={
             "control_rate_hz": CONTROL_RATE_HZ, "watchdog.max_image_age_s": MAX_IMAGE_AGE_S,
-            "watchdog.max_state_age_s": MAX_STATE_AGE_S})
+            "watchdog.max_state_age_s": MAX_STATE_AGE_S, "action.scale": SCALE, "enable_output": True})
         self.startup_threshold: float | None = None  # router.threshold before any test set it
         self.startup_stats = None  # the first RouterStats, before any test set the threshold
 
@@ -164,8 +167,8 @@ def test_ee_twist_and_gripper_commands_from_yaml_config(twist):
                                    count=3)
     assert moving, f"no twist commanded:\n{twist.process.output()[-3000:]}"
     for msg in moving:
-        linear = np.array([msg.twist.linear.x, msg.twist.linear.y, msg.twist.linear.z])
-        assert np.all(np.abs(linear) <= TWIST_SCALE + 1e-9)  # clamp [-1, 1] x twist_scale
+        assert np.all(np.abs(linear(msg)) <= 0.1 + 1e-9)  # the card's [-1, 1] x action.scale, in m/s
+        assert np.linalg.norm(linear(msg)) <= MAX_LINEAR_VELOCITY + 1e-9
         assert (msg.twist.angular.x, msg.twist.angular.y, msg.twist.angular.z) == (0.0, 0.0, 0.0)
         assert msg.header.frame_id == "base_link"
     grippers = twist.grippers.wait_for(timeout=5.0)
@@ -176,9 +179,10 @@ def test_ee_twist_and_gripper_commands_from_yaml_config(twist):
     assert last.num_layers == 4 and len(last.layer_mask) == 4
     assert last.inference_ms > 0 and last.camera_to_action_ms >= last.inference_ms
     assert last.backbone_gflops <= last.full_backbone_gflops
-    # Values that only the params file sets: the node really started from config/policy.yaml.
-    values = twist.ros.get_parameters(NODE, ["action.twist_scale", "action.velocity_limit", "control_rate_hz"])
-    assert values == {"action.twist_scale": TWIST_SCALE, "action.velocity_limit": 0.5, "control_rate_hz": 20.0}
+    values = twist.ros.get_parameters(NODE, ["action.max_linear_velocity", "action.max_linear_acceleration",
+                                             "control_rate_hz", "action.scale"])
+    assert values == {"action.max_linear_velocity": MAX_LINEAR_VELOCITY, "control_rate_hz": 20.0,
+                      "action.max_linear_acceleration": MAX_LINEAR_ACCELERATION, "action.scale": SCALE}
 
 
 def test_card_default_threshold_applies_when_the_yaml_does_not_set_it(twist_rig):
@@ -215,15 +219,19 @@ def test_invalid_parameter_sets_are_refused_with_a_reason(twist_rig):
     assert not wrong_type.successful and "type" in wrong_type.reason.lower()
     read_only, = ros.set_parameters(NODE, {"weights_path": "/elsewhere"})
     assert not read_only.successful and "read-only" in read_only.reason
+    startup_only, = ros.set_parameters(NODE, {"action.scale": [1.0, 1.0, 1.0, 1.0]})
+    assert not startup_only.successful and "action.scale is read-only" in startup_only.reason
     bad_limits, = ros.set_parameters(NODE, {"action.position_limits_low": [0.0, 0.0]})
     assert not bad_limits.successful and "action.position_limits_low" in bad_limits.reason
+    removed, = ros.set_parameters(NODE, {"action.velocity_limit": 0.5})
+    assert not removed.successful  # replaced by the per-second limits: not a parameter any more
     # A batch with one bad value changes nothing, not even the valid part.
-    before = ros.get_parameters(NODE, ["action.velocity_limit", "action.ensemble_decay"])
-    batch = ros.set_parameters(NODE, {"action.velocity_limit": 0.2, "action.ensemble_decay": 0.5,
+    before = ros.get_parameters(NODE, ["action.max_linear_acceleration", "action.ensemble_decay"])
+    batch = ros.set_parameters(NODE, {"action.max_linear_acceleration": 0.2, "action.ensemble_decay": 0.5,
                                       "action.position_limits_high": [0.5, 0.5, 0.5, -2.0]}, atomically=True)
     assert not batch.successful and "empty" in batch.reason
-    assert ros.get_parameters(NODE, ["action.velocity_limit", "action.ensemble_decay"]) == before
-    assert before["action.velocity_limit"] == 0.5
+    assert ros.get_parameters(NODE, ["action.max_linear_acceleration", "action.ensemble_decay"]) == before
+    assert before["action.max_linear_acceleration"] == MAX_LINEAR_ACCELERATION
 
 
 def _bad_image(kind: str) -> Image:
@@ -285,13 +293,66 @@ def test_stale_camera_commands_zero_twist(twist_rig):
     for msg in held:
         assert (msg.twist.linear.x, msg.twist.linear.y, msg.twist.linear.z) == (0.0, 0.0, 0.0)
     values = rig.diagnostics_after(time.monotonic())
-    assert "camera frame is" in rig.diagnostics.messages()[-1].status[0].message
-    assert values["latency_ms_p50"] != "nan"
+    assert "camera /camera/image_raw is" in rig.diagnostics.messages()[-1].status[0].message
+    assert values["latency_ms_p50"] != "nan" and float(values["age_s.camera /camera/image_raw"]) > MAX_IMAGE_AGE_S
     rig.camera.resume()
     rig.assert_alive_and_acting()
     rig.pause()
     output = rig.process.output()[log_start:]
-    assert output.count("holding position: camera frame is") == 1  # logged once per episode
+    assert output.count("holding position: camera /camera/image_raw is") == 1  # logged once per episode
+
+
+@pytest.mark.parametrize("stamps", ["2 s old", "frozen"])
+def test_frames_that_keep_arriving_with_old_or_frozen_stamps_stop_the_arm(twist_rig, stamps):
+    """A transport delivering frames 2 s late, or a hung driver re-publishing one frame: frames keep
+    arriving on time, so only their header stamps can tell; the arm must stop all the same."""
+    rig = twist_rig
+    clock = rig.ros.node.get_clock()
+    frozen = clock.now().to_msg()
+    rng = np.random.default_rng(5)
+
+    def late_frame():
+        if stamps == "frozen":
+            stamp = frozen
+        else:
+            stamp = (clock.now() - Duration(seconds=2.0)).to_msg()
+        return image_msg(_frame(rng), stamp=stamp)
+
+    bad_camera = Streamer(rig.camera_pub, late_frame, 12.0)
+    rig.resume()
+    try:
+        assert rig.twists.wait_for(moving, since=time.monotonic(), timeout=20.0), rig.process.output()[-3000:]
+        rig.camera.pause()
+        frozen = clock.now().to_msg()
+        bad_camera.resume()
+        switched = time.monotonic()
+        time.sleep(2.5)
+        # Moving commands only before the stamps can tell (frozen: within the max age), then stops.
+        settled = switched + (MAX_IMAGE_AGE_S if stamps == "frozen" else 0.0) + 0.3
+        late = rig.twists.messages(settled)
+        received = bad_camera.published
+    finally:
+        bad_camera.close()
+        rig.pause()
+    assert received >= 20 and len(late) >= 20, (received, len(late))  # frames kept coming, stops kept going out
+    assert not any(moving(m) for m in late), [linear(m) for m in late if moving(m)][:5]
+    reason = rig.diagnostics.messages()[-1].status[0].message
+    assert ("has not advanced" in reason) if stamps == "frozen" else ("old by its stamp" in reason), reason
+    rig.resume()
+    try:
+        rig.assert_alive_and_acting()  # good stamps again: motion again
+    finally:
+        rig.pause()
+
+
+def test_every_parameter_has_a_value_so_param_dump_lists_them_all(twist_rig):
+    """What `ros2 param dump` does: list every parameter, then get them all in one request."""
+    names = twist_rig.ros.list_parameters(NODE)
+    assert {"action.joint_names", "action.position_limits_low", "action.scale", "camera.transports",
+            "action.max_joint_velocity", "router.threshold"} <= set(names)
+    values = twist_rig.ros.get_parameters(NODE, names)
+    assert set(values) == set(names) and all(value is not None for value in values.values()), values
+    assert values["action.joint_names"] == [] and values["camera.transports"] == ["raw"]
 
 
 def test_stale_robot_state_commands_zero_twist(twist_rig):
@@ -347,29 +408,29 @@ def test_commands_leave_at_the_control_rate_whatever_the_camera_rate(twist_rig):
     assert len(grippers) <= rate_hz * (seconds + 1)
 
 
-def test_clamp_and_velocity_limit_hold_with_outputs_beyond_them(twist):
-    """Limits narrower than the model's outputs: every twist within them, and the change per
-    control period at most the velocity limit (both limits must actually bite)."""
-    bound, velocity = 0.01, 0.002  # the untrained model's outputs reach about 0.03
+def test_bounds_and_acceleration_limit_hold_with_outputs_beyond_them(twist):
+    """Limits narrower than the model's outputs: every twist within the bounds, and the change per
+    control period at most max_linear_acceleration x period (both limits must actually bite)."""
+    bound, acceleration = 0.001, 0.004  # m/s and m/s^2; the untrained model's outputs reach about 0.003 m/s
+    step = acceleration / CONTROL_RATE_HZ
     twist.set({"action.position_limits_low": [-bound] * 3 + [-1.0],
-               "action.position_limits_high": [bound] * 3 + [1.0], "action.velocity_limit": velocity})
+               "action.position_limits_high": [bound] * 3 + [1.0], "action.max_linear_acceleration": acceleration})
     try:
         since = time.monotonic() + 0.3  # messages from before the set may still be in flight
         found = twist.twists.wait_for(since=since, count=40, timeout=20.0)
         chunks = twist.chunks.messages(since)
     finally:
         twist.set({"action.position_limits_low": CARD_LOW, "action.position_limits_high": CARD_HIGH,
-                   "action.velocity_limit": 0.5})
+                   "action.max_linear_acceleration": MAX_LINEAR_ACCELERATION})
     assert found, twist.process.output()[-3000:]
-    commanded = np.array([linear(m) for m in found]) / TWIST_SCALE  # back to action units
+    commanded = np.array([linear(m) for m in found])
     assert np.abs(commanded).max() <= bound + 1e-9
-    # Every change is bounded, except a stop (a hold, e.g. a chunk ran out on a loaded machine),
-    # which is immediate by design; motion after it ramps from zero again.
-    steps = np.array([np.abs(b - a) for a, b in zip(commanded, commanded[1:]) if np.any(b != 0)])
-    assert steps.max() <= velocity + 1e-9
+    # Every change is bounded, stops included: a hold (a chunk ran out on a loaded machine) decelerates.
+    steps = np.linalg.norm(np.diff(commanded, axis=0), axis=1)
+    assert steps.max() <= step + 1e-9
     predicted = np.concatenate([np.asarray(m.actions).reshape(m.chunk_size, m.action_dim)[:, :3] for m in chunks])
-    assert np.isclose(np.abs(predicted).max(), bound), "the model's outputs must exceed the position limits"
-    assert np.isclose(steps.max(), velocity), "the model's outputs must change faster than the velocity limit"
+    assert np.isclose(np.abs(predicted).max() * 0.1, bound), "the model's outputs must exceed the bounds"
+    assert np.isclose(steps.max(), step), "the model's outputs must change faster than the acceleration limit"
 
 
 def test_temporal_ensembling_publishes_one_router_stats_per_inference(twist_rig):
@@ -402,33 +463,33 @@ def test_temporal_ensembling_publishes_one_router_stats_per_inference(twist_rig)
     assert any(moving(m) for m in twists)
 
 
-def test_enable_output_toggled_while_moving_sends_one_stop_then_ramps_from_zero(twist):
-    velocity = 0.005  # the untrained model's outputs reach about 0.03
-    twist.set({"action.velocity_limit": velocity})
+def test_enable_output_toggled_while_moving_decelerates_then_ramps_from_zero(twist):
+    acceleration = 0.01  # m/s^2: 0.0005 m/s per period, below the untrained model's 0.003 m/s
+    step = acceleration / CONTROL_RATE_HZ
+    twist.set({"action.max_linear_acceleration": acceleration})
     try:
         assert twist.twists.wait_for(moving, since=time.monotonic(), timeout=20.0)
         before_off = time.monotonic()
         twist.set({"enable_output": False})
-        applied = time.monotonic()  # the stop leaves at the first tick after the set, before the reply or just after
         time.sleep(1.5)
-        silent_from = time.monotonic() - 1.0
+        silent_from = time.monotonic() - 0.8
         after_off = twist.twists.messages(before_off)
         assert after_off and not moving(after_off[-1]), "no stop after enable_output false"
-        late = twist.twists.messages(applied)
-        assert len(late) <= 1 and not any(moving(m) for m in late)  # the stop is sent once ...
-        assert not twist.twists.messages(silent_from), "... then the dry run commands nothing"
+        speeds = [np.linalg.norm(linear(m)) for m in after_off]
+        assert np.all(np.abs(np.diff(speeds)) <= step + 1e-9), speeds  # a ramp down, not a jump to zero
+        assert not twist.twists.messages(silent_from), "then the dry run commands nothing"
         assert twist.chunks.messages(silent_from), "the dry run still infers"
         before_on = time.monotonic()
         twist.set({"enable_output": True})
         moved = twist.twists.wait_for(moving, since=before_on, timeout=20.0, count=3)
     finally:
-        twist.set({"enable_output": True, "action.velocity_limit": 0.5})
+        twist.set({"enable_output": True, "action.max_linear_acceleration": MAX_LINEAR_ACCELERATION})
     assert moved, twist.process.output()[-3000:]
     after_on = twist.twists.messages(before_on)
     start = next(i for i, m in enumerate(after_on) if moving(m))
-    ramp = [np.abs(linear(m) / TWIST_SCALE).max() for m in after_on[start:start + 3]]
-    assert all(value <= (k + 1) * velocity + 1e-9 for k, value in enumerate(ramp)), ramp  # from zero, not a jump
-    assert ramp[0] == pytest.approx(velocity), "the model's output must exceed the first ramp step"
+    ramp = [np.linalg.norm(linear(m)) for m in after_on[start:start + 3]]
+    assert all(value <= (k + 1) * step + 1e-9 for k, value in enumerate(ramp)), ramp  # from zero, not a jump
+    assert ramp[0] == pytest.approx(step), "the model's output must exceed the first ramp step"
 
 
 def test_emergency_stop_latches_until_released_by_topic_or_service(twist):
@@ -479,13 +540,25 @@ def test_router_keep_fraction_is_live_settable_and_reported(twist):
     assert twist.stats.wait_for(lambda m: m.keep_fraction == 0.0, since=since, timeout=15.0)
 
 
-@pytest.mark.parametrize("case", ["missing weights", "mode does not fit the card", "one topic per camera"])
+@pytest.mark.parametrize("case", ["missing weights", "mode does not fit the card", "one topic per camera",
+                                  "normalized units without a scale", "a replaced parameter", "transports"])
 def test_start_up_errors_exit_non_zero_with_one_line(tmp_path, case):
     if case == "missing weights":
         weights, params, expect = tmp_path / "nowhere", {}, "cannot load weights"
     elif case == "mode does not fit the card":
         weights = create_untrained_policy(tmp_path / "w", size="tiny")
         params, expect = {"action.mode": "joint_state"}, "action.mode joint_state needs a joint action space"
+    elif case == "normalized units without a scale":
+        weights, params = create_untrained_policy(tmp_path / "w", size="tiny"), {}
+        expect = "action dimension 'delta_x' has unit 'normalized', which ee_twist cannot command as m/s: set " \
+                 "action.scale"
+    elif case == "a replaced parameter":
+        weights, params = create_untrained_policy(tmp_path / "w", size="tiny"), {"action.velocity_limit": 0.5}
+        expect = "parameter action.velocity_limit was replaced: use action.max_joint_velocity"
+    elif case == "transports":
+        weights = create_untrained_policy(tmp_path / "w", size="tiny")
+        params = {"camera.transports": ["raw", "compressed"], "action.scale": SCALE}
+        expect = "camera.transports must be one of ['raw', 'compressed'] for all cameras, or one per topic"
     else:
         weights = create_untrained_policy(tmp_path / "w", size="tiny")
         params = {"topics.cameras": ["/cam/front", "/cam/wrist"]}
@@ -495,3 +568,31 @@ def test_start_up_errors_exit_non_zero_with_one_line(tmp_path, case):
     lines = [line for line in process.output().splitlines() if line.strip()]
     assert code != 0
     assert len(lines) == 1 and expect in lines[0] and "FATAL" in lines[0], lines
+
+
+def test_the_node_starts_with_output_disabled_and_says_how_to_enable_it(tmp_path):
+    """config/policy.yaml on a real arm: inference and stats run, no command leaves until enabled."""
+    weights = create_untrained_policy(tmp_path / "w", size="tiny", student=True, state_dim=0)
+    domain = reserve_domain()
+    ros = RosSide(domain)
+    ros.node.create_publisher(String, "/instruction", LATCHED).publish(String(data="push the puck"))
+    camera = Streamer(ros.node.create_publisher(Image, "/camera/image_raw", SENSOR),
+                      lambda: image_msg(_frame(np.random.default_rng(1)), stamp=ros.node.get_clock().now().to_msg()))
+    twists = ros.record(TwistStamped, "/action", RELIABLE)
+    chunks_type = load_router_stats_type()
+    stats = ros.record(chunks_type, f"/{NODE}/router_stats", RELIABLE)
+    process = start_policy_node(weights, domain, tmp_path / "node", params={"action.scale": SCALE})
+    try:
+        camera.resume()
+        assert stats.wait_for(count=5, timeout=60.0), process.output()[-3000:]
+        assert not twists.messages(), "a node that was not enabled commanded motion"
+        assert f"ros2 param set /{NODE} enable_output true" in process.output()
+        since = time.monotonic()
+        results = ros.set_parameters(NODE, {"enable_output": True})
+        assert results[0].successful, results[0].reason
+        assert twists.wait_for(moving, since=since, timeout=20.0), process.output()[-3000:]
+    finally:
+        camera.close()
+        code = process.stop()
+        ros.close()
+    assert code == 0

@@ -31,7 +31,8 @@ SENSOR = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
 JOINTS = [f"arm_joint_{i}" for i in range(1, 7)]
 MEASURED = {name: 0.1 * (i + 1) for i, name in enumerate(JOINTS)}  # a distinct value per joint
 AGE = 0.4  # watchdog ages
-VELOCITY = 0.01  # action.velocity_limit: below the untrained model's step-to-step changes
+VELOCITY = 0.01  # rad (m) per control period: below the untrained model's step-to-step changes
+TWIST_SCALE = [0.1, 0.1, 0.1, 1.0]  # action.scale of the Meta-World-like (normalized) card
 
 
 def joint_space(gripper: bool = True) -> ActionSpace:
@@ -107,9 +108,9 @@ def test_joint_state_reorders_names_ramps_from_the_measured_state_and_refuses_mi
     state = {"values": shuffled}
     harness.stream(JointState, "/joint_states", lambda: joint_state_msg(state["values"])).resume()
     process = harness.start(weights, **{"action.mode": "joint_state", "topics.action": "/arm/joint_command",
-                                        "action.joint_names": JOINTS, "action.velocity_limit": VELOCITY,
+                                        "action.joint_names": JOINTS, "action.max_joint_velocity": [VELOCITY * 20.0],
                                         "control_rate_hz": 20.0, "watchdog.max_image_age_s": AGE,
-                                        "watchdog.max_state_age_s": AGE})
+                                        "watchdog.max_state_age_s": AGE, "enable_output": True})
     measured = np.array([MEASURED[name] for name in JOINTS])
 
     def first_moves(since: float, count: int = 5) -> list[np.ndarray]:
@@ -131,8 +132,10 @@ def test_joint_state_reorders_names_ramps_from_the_measured_state_and_refuses_mi
     missing_at = time.monotonic()
     held = commands.wait_for(since=missing_at + AGE + 0.5, count=5, timeout=10.0)
     assert held, process.output()[-3000:]
-    # Held at the last measured position (reordered), every tick, not at the last command.
-    assert all(np.allclose(_positions(m), measured) for m in held), [_positions(m) for m in held]
+    # The measurement is stale, so the hold keeps the last commanded target, every tick: no jump back.
+    last_moving = [_positions(m) for m in commands.messages(until=missing_at + AGE - 0.1)][-1]
+    assert all(np.allclose(_positions(m), _positions(held[0])) for m in held), [_positions(m) for m in held]
+    assert np.abs(_positions(held[0]) - last_moving).max() <= 3 * VELOCITY + 1e-9
     time.sleep(1.0)
     log = process.output()[log_start:]
     assert "lacks joints ['arm_joint_4']" in log
@@ -141,17 +144,22 @@ def test_joint_state_reorders_names_ramps_from_the_measured_state_and_refuses_mi
     values = diagnostic_values(diagnostics.messages()[-1])
     assert int(values["bad_messages.state"]) >= 5  # every message counted, one line logged
 
-    # Names back: motion resumes, ramping from the measured state again.
+    # Names back: motion resumes, ramping from the (fresh) measured state again, not from the hold.
     state["values"] = shuffled
     resumed_at = time.monotonic()
-    moves = first_moves(resumed_at, count=2)
-    assert np.abs(moves[0] - measured).max() <= VELOCITY + 1e-9
+    hold = _positions(held[-1])
+    moves = commands.wait_for(lambda m: not np.allclose(_positions(m), hold), since=resumed_at, count=2,
+                              timeout=40.0)
+    assert moves, process.output()[-3000:]
+    assert np.abs(_positions(moves[0]) - measured).max() <= VELOCITY + 1e-9
 
 
-def test_joint_trajectory_with_compressed_camera_ramps_from_the_measured_state(harness, tmp_path):
+def test_joint_trajectory_from_a_compressed_and_a_raw_camera_ramps_from_the_measured_state(harness, tmp_path):
+    """A compressed wrist camera and a raw scene camera (camera.transports per topic) feed one policy."""
     RouterStats = load_router_stats_type()
+    cameras = ["/arm/wrist/compressed", "/arm/scene/image_raw"]
     weights = create_untrained_policy(tmp_path / "w", size="tiny", student=True, keep=0.5, action_space=joint_space(),
-                                      state_dim=0)
+                                      state_dim=0, camera_names=cameras)
     ok, jpeg = cv2.imencode(".jpg", random_frame())
     harness.command("/arm/instruction", "stack the blocks")
     trajectories = harness.ros.record(JointTrajectory, "/arm/trajectory", RELIABLE)
@@ -159,18 +167,24 @@ def test_joint_trajectory_with_compressed_camera_ramps_from_the_measured_state(h
     stats = harness.ros.record(RouterStats, "/arm/stats", RELIABLE)
     diagnostics = harness.ros.record(DiagnosticArray, "/diagnostics", RELIABLE)
     low, high = [-0.05] * 6 + [0.0], [0.05] * 6 + [1.0]
-    camera = harness.stream(CompressedImage, "/arm/camera/compressed", lambda: compressed_msg(jpeg.tobytes()), 10.0)
+    clock = harness.node.get_clock()
+    wrist = harness.stream(CompressedImage, cameras[0], lambda: compressed_msg(jpeg.tobytes(),
+                                                                              stamp=clock.now().to_msg()), 10.0)
+    scene = harness.stream(Image, cameras[1], lambda: image_msg(random_frame(2), stamp=clock.now().to_msg()), 10.0)
     harness.stream(JointState, "/joint_states", lambda: joint_state_msg({name: 0.0 for name in JOINTS})).resume()
     harness.process = start_policy_node(weights, harness.domain, tmp_path / "node", node_name="arm_policy", params={
-        "action.mode": "joint_trajectory", "camera.transport": "compressed", "state.enabled": False,
-        "topics.cameras": ["/arm/camera/compressed"], "topics.command": "/arm/instruction",
+        "action.mode": "joint_trajectory", "camera.transports": ["compressed", "raw"], "state.enabled": False,
+        "topics.cameras": cameras, "topics.command": "/arm/instruction",
         "topics.action": "/arm/trajectory", "topics.gripper": "/arm/gripper", "topics.router_stats": "/arm/stats",
         "action.joint_names": JOINTS, "action.position_limits_low": low, "action.position_limits_high": high,
-        "action.velocity_limit": VELOCITY, "control_rate_hz": 25.0, "watchdog.max_image_age_s": AGE})
+        "action.max_joint_velocity": [VELOCITY * 25.0], "control_rate_hz": 25.0, "watchdog.max_image_age_s": AGE,
+        "enable_output": True})
     process = harness.process
-    camera.resume()
+    wrist.resume()
+    scene.resume()
     found = trajectories.wait_for(lambda m: len(m.points) == 4, count=2, timeout=40.0)
     assert found, f"no JointTrajectory:\n{process.output()[-3000:]}"
+    assert "/arm/wrist/compressed (compressed), /arm/scene/image_raw (raw)" in process.output()
     first = found[0]
     assert list(first.joint_names) == JOINTS
     times = [p.time_from_start.sec + p.time_from_start.nanosec * 1e-9 for p in first.points]
@@ -184,21 +198,24 @@ def test_joint_trajectory_with_compressed_camera_ramps_from_the_measured_state(h
         assert np.abs(np.array([p.positions for p in trajectory.points])).max() <= 0.05 + 1e-9
     assert grippers.wait_for(timeout=5.0)
     assert stats.wait_for(timeout=5.0)[-1].num_layers == 4
+    assert len(stats.messages()[-1].source_stamps) == 2  # one inference from both cameras
     since = time.monotonic()
-    bad_pub = harness.node.create_publisher(CompressedImage, "/arm/camera/compressed", SENSOR)
+    bad_pub = harness.node.create_publisher(CompressedImage, cameras[0], SENSOR)
     for _ in range(3):
         bad_pub.publish(compressed_msg(b"\xff\xd8 this is not a jpeg"))
         time.sleep(0.05)
     assert diagnostics.wait_for(lambda m: int(diagnostic_values(m).get("bad_messages.image_decode", "0")) >= 1,
                                 since=since, timeout=10.0), process.output()[-3000:]
     assert trajectories.wait_for(since=time.monotonic(), timeout=10.0) and process.alive()
-    # A camera gap: one single-point trajectory to the measured position (0), not one per tick.
-    camera.pause()
+    # A camera gap: one stop trajectory to the (fresh) measured position 0, within the limits, once.
+    scene.pause()
     paused_at = time.monotonic()
     time.sleep(AGE + 1.5)
     after = trajectories.messages(paused_at)  # maybe one more trajectory from the last frame, then the hold
-    assert after and len(after[-1].points) == 1, [len(m.points) for m in after]
-    assert list(after[-1].points[0].positions) == [0.0] * 6
+    assert after, process.output()[-3000:]
+    stop = np.array([p.positions for p in after[-1].points])
+    assert stop[-1].tolist() == [0.0] * 6 and len(stop) <= 6
+    assert np.abs(np.diff(stop, axis=0)).max(initial=0.0) <= VELOCITY + 1e-9
     assert not trajectories.messages(time.monotonic() - 1.0), "the hold trajectory must not be re-sent every tick"
 
 
@@ -221,8 +238,9 @@ def test_ee_pose_needs_a_measured_pose_and_ramps_from_it(harness, tmp_path):
 
     measured = harness.stream(PoseStamped, "/measured_pose", measured_pose)
     process = harness.start(weights, **{"action.mode": "ee_pose", "state.enabled": False,
-                                        "action.velocity_limit": VELOCITY, "control_rate_hz": 20.0,
-                                        "watchdog.max_image_age_s": AGE, "watchdog.max_state_age_s": AGE})
+                                        "action.max_linear_velocity": VELOCITY * 20.0, "control_rate_hz": 20.0,
+                                        "watchdog.max_image_age_s": AGE, "watchdog.max_state_age_s": AGE,
+                                        "enable_output": True})
     assert diagnostics.wait_for(lambda m: "no measured robot position" in m.status[0].message, timeout=40.0), \
         process.output()[-3000:]
     time.sleep(1.0)
@@ -236,9 +254,10 @@ def test_ee_pose_needs_a_measured_pose_and_ramps_from_it(harness, tmp_path):
     moves = poses.wait_for(lambda m: not np.allclose(xyz(m), position), count=5, timeout=30.0)
     assert moves, process.output()[-3000:]
     first = poses.messages()[0]  # a hold at the measured pose, or the first step from it
-    assert np.abs(xyz(first) - position).max() <= VELOCITY + 1e-9 and first.header.frame_id == "base_link"
-    assert np.abs(xyz(moves[0]) - position).max() == pytest.approx(VELOCITY)  # one step from the measured pose
-    steps = np.abs(np.diff(np.stack([xyz(m) for m in moves]), axis=0))
+    assert np.linalg.norm(xyz(first) - position) <= VELOCITY + 1e-9 and first.header.frame_id == "base_link"
+    # One step (m/s x period, along the norm) from the measured pose, and no faster after it.
+    assert np.linalg.norm(xyz(moves[0]) - position) == pytest.approx(VELOCITY)
+    steps = np.linalg.norm(np.diff(np.stack([xyz(m) for m in moves]), axis=0), axis=1)
     assert steps.max() <= VELOCITY + 1e-9
     for msg in moves:
         q = msg.pose.orientation
@@ -271,7 +290,8 @@ def test_two_cameras_feed_one_inference_and_either_one_going_stale_holds(harness
     wrist = harness.stream(Image, cameras[1], frame(cameras[1], 2), 9.0)
     harness.command("/instruction", "push the puck to the goal")
     process = harness.start(weights, **{"topics.cameras": cameras, "state.enabled": False,
-                                        "watchdog.max_image_age_s": AGE})
+                                        "watchdog.max_image_age_s": AGE, "action.scale": TWIST_SCALE,
+                                        "enable_output": True})
     front.resume()
     wrist.resume()
     found = stats.wait_for(count=5, timeout=40.0)
@@ -285,7 +305,8 @@ def test_two_cameras_feed_one_inference_and_either_one_going_stale_holds(harness
     paused_at = time.monotonic()
     held = twists.wait_for(since=paused_at + AGE + 0.3, count=5, timeout=10.0)
     assert held and all((m.twist.linear.x, m.twist.linear.y, m.twist.linear.z) == (0, 0, 0) for m in held)
-    assert diagnostics.wait_for(lambda m: "on /cam/wrist" in m.status[0].message, since=paused_at, timeout=8.0)
+    assert diagnostics.wait_for(lambda m: "camera /cam/wrist is" in m.status[0].message, since=paused_at,
+                                timeout=8.0)
     wrist.resume()
     assert twists.wait_for(lambda m: m.twist.linear.x != 0 or m.twist.linear.z != 0, since=time.monotonic(),
                            timeout=20.0), process.output()[-3000:]

@@ -229,7 +229,7 @@ def test_lockstep_reset_with_a_seed_replays_the_first_frame(tmp_path):
                              DescribeParameters.Request(names=names)).descriptors
         assert len(names) >= 18 and all(d.description for d in described)
         ranged = {d.name for d in described if d.integer_range or d.floating_point_range}
-        assert {"seed", "horizon", "image_size", "control_rate_hz", "action.twist_scale"} <= ranged
+        assert {"seed", "horizon", "image_size", "control_rate_hz", "action.linear_scale"} <= ranged
         # config/sim_arm.yaml sets exactly the declared parameters; the launch file only declared ones.
         assert sorted(yaml_parameter_names(SIM_YAML)) == sorted(names)
         assert _launch_parameter_names("sim_arm_node") <= set(names)

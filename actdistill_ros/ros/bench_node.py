@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from actdistill_ros.ros.env import REPO_ROOT, config_file, ros_environment
+from actdistill_ros.ros.launch_arguments import card_dry_run_action_scale
 from actdistill_ros.ros.ros_process import NodeProcess, node_command, rss_bytes
 
 POLICY_YAML = config_file("policy.yaml")
@@ -115,7 +116,7 @@ def run_rig(args: argparse.Namespace, work_dir: Path, *, label: str, progress_pe
                   "--progress-period", str(progress_period_s), "--start-timeout", str(START_TIMEOUT_S)]
     node = NodeProcess(node_command("actdistill_ros.ros.policy_node", {
         "weights_path": str(weights), "device": args.device, "control_rate_hz": control_rate,
-        "router.threshold": threshold,
+        "router.threshold": threshold, "enable_output": True, **card_dry_run_action_scale(weights),
         # A threshold given on the command line means threshold routing (a keep fraction overrides it).
         **({"router.keep_fraction": 0.0} if args.threshold is not None else {})}, POLICY_YAML), work_dir / "node.log", env=env, cwd=REPO_ROOT, name=NODE_NAME)
     rss: list[tuple[float, float]] = []

@@ -42,12 +42,19 @@ STARTUP_TIMEOUT_S = 180.0  # model load + first mujoco/EGL start on a busy 2-cor
 SERVICE_TIMEOUT_S = 30.0
 
 
-def policy_twist_scale(params_file: Path | None = None) -> float:
-    """The policy node's action.twist_scale from its parameter file (default: the shipped policy.yaml):
-    the sim must invert the same value."""
-    document = yaml.safe_load((params_file or config_file("policy.yaml")).read_text())
+def sim_linear_scale() -> float:
+    """m/s per Meta-World action unit, as the simulated arm inverts it (config/sim_arm.yaml); the
+    policy node's action.scale for x, y, z must be the same (config/sim_arm_policy.yaml)."""
+    document = yaml.safe_load(config_file("sim_arm.yaml").read_text())
     (section,) = document.values()
-    return float(section["ros__parameters"]["action"]["twist_scale"])
+    return float(section["ros__parameters"]["action"]["linear_scale"])
+
+
+# Benchmark runs: the sim clips to [-1, 1] itself, and no speed or acceleration limit may bite, so a
+# step's action is a function of its frame alone (as in the in-process loop).
+UNLIMITED = {"action.max_linear_velocity": 100.0, "action.max_angular_velocity": 100.0,
+             "action.max_linear_acceleration": 1000.0, "action.max_angular_acceleration": 1000.0,
+             "action.max_gripper_velocity": 1000.0}
 
 
 @dataclass
@@ -112,17 +119,14 @@ class RosClosedLoop:
         env["PYTHONUNBUFFERED"] = "1"
         env.setdefault("MUJOCO_GL", "egl")
         self.domain_id = int(env["ROS_DOMAIN_ID"])
-        twist_scale = policy_twist_scale()
+        linear_scale = sim_linear_scale()
         threshold = self.card.default_threshold if cfg.threshold is None else float(cfg.threshold)
         policy_params = {
             "weights_path": str(Path(cfg.weights).resolve()), "device": cfg.device,
             "router.threshold": float(threshold), "action.mode": "ee_twist",
             # An explicit threshold means threshold routing (a card's keep fraction would override it).
             **({"router.keep_fraction": 0.0} if cfg.threshold is not None else {}),
-            "action.twist_scale": twist_scale,
-            # The sim clips to [-1, 1] itself; no extra rate limit, so a step's action is a function of
-            # its frame alone (as in the in-process loop).
-            "action.velocity_limit": 0.0,
+            "action.scale": [linear_scale] * 3 + [1.0], **UNLIMITED,
             "state.enabled": self.card.state_dim > 0,
             "topics.cameras": camera_topics(cfg.camera),  # what sim_arm_node publishes, one topic per camera
             # Commands leave only on the node's control timer; lockstep pairs each frame with its own
@@ -132,7 +136,7 @@ class RosClosedLoop:
         sim_params = {
             "task": cfg.first_task, "horizon": int(cfg.horizon), "image_size": int(cfg.image_size),
             "camera": cfg.camera, "sync_mode": bool(cfg.sync), "control_rate_hz": float(cfg.control_rate_hz),
-            "action.twist_scale": twist_scale, "episode.start_on_launch": False, "episode.auto_reset": False,
+            "action.linear_scale": linear_scale, "episode.start_on_launch": False, "episode.auto_reset": False,
             "topics.router_stats": f"/{POLICY_NODE}/router_stats",
         }
         self.threshold = float(threshold)
@@ -140,9 +144,9 @@ class RosClosedLoop:
         os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
         os.environ.setdefault("ROS_LOG_DIR", env["ROS_LOG_DIR"])
         self._start_ros_side()
-        self._processes.append(self._launch("policy_node", "actdistill_ros.ros.policy_node", "policy.yaml",
-                                            policy_params, env, log_dir))
-        self._processes.append(self._launch("sim_arm_node", "actdistill_ros.ros.sim_arm_node", "sim_arm.yaml",
+        self._processes.append(self._launch("policy_node", "actdistill_ros.ros.policy_node",
+                                            ["policy.yaml", "sim_arm_policy.yaml"], policy_params, env, log_dir))
+        self._processes.append(self._launch("sim_arm_node", "actdistill_ros.ros.sim_arm_node", ["sim_arm.yaml"],
                                             sim_params, env, log_dir))
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         self._wait_service(self._reset_client, "reset", deadline)
@@ -152,9 +156,9 @@ class RosClosedLoop:
             if time.monotonic() > deadline:
                 raise NodeProcessError(f"policy_node not up after {STARTUP_TIMEOUT_S:g} s")
 
-    def _launch(self, name, module, params_file, params, env, log_dir) -> NodeProcess:
-        return NodeProcess(node_command(module, params, config_file(params_file)), log_dir / f"{name}.log", env=env,
-                           name=name, cwd=REPO_ROOT)
+    def _launch(self, name, module, params_files, params, env, log_dir) -> NodeProcess:
+        return NodeProcess(node_command(module, params, [config_file(f) for f in params_files]),
+                           log_dir / f"{name}.log", env=env, name=name, cwd=REPO_ROOT)
 
     def _start_ros_side(self) -> None:
         from diagnostic_msgs.msg import DiagnosticArray

@@ -54,10 +54,13 @@ class StartupError(RuntimeError):
 
 def declare(node: Node, name: str, default: Any, description: str, *, read_only: bool = False,
             float_range: tuple[float, float] | None = None, int_range: tuple[int, int] | None = None,
-            constraints: str = "", array_type: Parameter.Type | None = None) -> None:
-    """Declare one parameter with its descriptor; a bad override raises StartupError (one line).
+            constraints: str = "", array_type: Parameter.Type | None = None) -> bool:
+    """Declare one parameter with its descriptor and a value; a bad override raises StartupError (one line).
 
-    ``array_type`` declares an array parameter without a value (the type of [] cannot be inferred).
+    ``array_type`` gives an array parameter its type (that of [] cannot be inferred). An array left
+    empty is still given its typed [] value, since one parameter without a value empties a whole
+    `ros2 param dump`; as that takes a set, such a read-only parameter is declared writable and True
+    is returned: the caller's on-set callback must refuse changes to it after start-up.
     """
     descriptor = ParameterDescriptor(description=description, read_only=read_only,
                                      additional_constraints=constraints)
@@ -66,13 +69,19 @@ def declare(node: Node, name: str, default: Any, description: str, *, read_only:
                                                               to_value=float(float_range[1]), step=0.0)]
     if int_range is not None:
         descriptor.integer_range = [IntegerRange(from_value=int(int_range[0]), to_value=int(int_range[1]), step=1)]
+    typed_empty = array_type is not None and not default
+    if typed_empty:
+        descriptor.read_only = False
     try:
-        node.declare_parameter(name, array_type if array_type is not None else default, descriptor)
+        declared = node.declare_parameter(name, array_type if typed_empty else default, descriptor)
     except ParameterException as err:  # e.g. `-p router.threshold:=1` (an integer) or out of range
         expected = type(default).__name__ if array_type is None else array_type.name.lower()
         bounds = float_range or int_range
         raise StartupError(f"parameter {name}: {err} (expected {expected}"
                            f"{'' if bounds is None else f' in [{bounds[0]:g}, {bounds[1]:g}]'})") from None
+    if typed_empty and declared.type_ == Parameter.Type.NOT_SET:
+        node.set_parameters([Parameter(name, array_type, [])])
+    return typed_empty and read_only
 
 
 class BadInputLog:

@@ -22,7 +22,7 @@ import sys
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
 from actdistill_ros.ros.node_common import StartupError, run_node
-from actdistill_ros.ros.policy_node import NODE_NAME, PolicyCore
+from actdistill_ros.ros.policy.core import NODE_NAME, PolicyCore
 
 
 class PolicyLifecycleNode(LifecycleNode):

@@ -134,14 +134,16 @@ def param_arg(value: Any) -> str:
     return str(value)
 
 
-def node_command(module: str, params: Mapping[str, Any] | None = None, params_file: str | Path | None = None,
-                 node_name: str | None = None) -> list[str]:
-    """``python -m MODULE --ros-args [-r __node:=NAME] [--params-file FILE] -p name:=value ...``"""
+def node_command(module: str, params: Mapping[str, Any] | None = None,
+                 params_file: str | Path | Sequence[str | Path] | None = None, node_name: str | None = None) -> list[str]:
+    """``python -m MODULE --ros-args [-r __node:=NAME] [--params-file FILE ...] -p name:=value ...``
+    (several files: each later one overrides the ones before it)."""
     argv = [sys.executable, "-m", module, "--ros-args"]
     if node_name:
         argv += ["-r", f"__node:={node_name}"]
-    if params_file is not None:
-        argv += ["--params-file", str(params_file)]
+    files = [] if params_file is None else [params_file] if isinstance(params_file, (str, Path)) else params_file
+    for path in files:
+        argv += ["--params-file", str(path)]
     for name, value in (params or {}).items():
         argv += ["-p", f"{name}:={param_arg(value)}"]
     return argv

@@ -4,7 +4,7 @@ Publishes the camera (sensor_msgs/Image rgb8, frame_id "camera") and the robot s
 (sensor_msgs/JointState hand_x, hand_y, hand_z, gripper_opening) once per sim step, the task
 instruction (std_msgs/String, latched) and the episode status (std_msgs/String JSON, latched).
 Applies what the policy node publishes in its ee_twist mode: TwistStamped linear xyz =
-delta xyz * action.twist_scale, plus a std_msgs/Float64 gripper command. ``~/reset``
+delta xyz * action.linear_scale (m/s), plus a std_msgs/Float64 gripper command. ``~/reset``
 (std_srvs/Trigger) starts an episode with the current ``seed`` (and ``task``, ``horizon``).
 
 Two ways to step:
@@ -170,7 +170,7 @@ class SimArmNode(Node):
         except ValueError as err:
             raise StartupError(f"parameter camera: {err}") from None
         self._sync = bool(value("sync_mode"))
-        self._twist_scale = float(value("action.twist_scale"))
+        self._linear_scale = float(value("action.linear_scale"))
         self._period_s = 1.0 / float(value("control_rate_hz"))
         stats_topic = value("topics.router_stats")
         if self._sync and stats_topic and RouterStats is None:
@@ -206,7 +206,7 @@ class SimArmNode(Node):
           "Evaluation seeds are 10000 and up; demonstrations use 0 and up.", int_range=(0, MAX_SEED))
         d("horizon", 200, "Steps per episode before it ends as a failure; applied at the next reset.",
           int_range=(1, 100_000))
-        d("image_size", 96, "Camera image width and height in pixels.", read_only=True, int_range=(16, 1024))
+        d("image_size", 128, "Camera image width and height in pixels (the shipped weights take 128).", read_only=True, int_range=(16, 1024))
         d("camera", "corner4", "Meta-World camera name, or several separated by commas (corner* views are turned "
           "upright). The first publishes on topics.camera, each further one on /camera_<name>/image_raw.",
           read_only=True, constraints="corner, corner2, corner3, corner4, topview, behindGripper, gripperPOV")
@@ -219,8 +219,9 @@ class SimArmNode(Node):
           "within this time (the policy may have missed it).", float_range=(0.01, 600.0))
         d("action_timeout_s", 0.5, "Real time: zero motion when the newest twist is older than this.",
           float_range=(0.001, 60.0))
-        d("action.twist_scale", 0.1, "m/s per action unit used by the policy node (its action.twist_scale): "
-          "delta xyz = twist linear xyz / twist_scale.", read_only=True, float_range=(1e-6, 100.0))
+        d("action.linear_scale", 0.1, "m/s per Meta-World action unit: delta xyz = twist linear xyz / "
+          "linear_scale (the xyz entries of the policy node's action.scale).", read_only=True,
+          float_range=(1e-6, 100.0))
         d("episode.start_on_launch", True, "Start an episode with seed at start-up; false: wait for ~/reset.",
           read_only=True)
         d("episode.auto_reset", False, "When an episode ends, start the next one with seed + 1 of the last.")
@@ -262,7 +263,7 @@ class SimArmNode(Node):
             self._report_bad("twist", "linear velocity contains NaN or inf")
             return
         with self._cv:
-            self._action.delta_xyz = linear / self._twist_scale  # exact inverse of the policy node's mapping
+            self._action.delta_xyz = linear / self._linear_scale  # exact inverse of the policy node's action.scale
             self._action.twist_mono = time.monotonic()
             self._action.twist_count += 1
             self._cv.notify_all()
