@@ -24,6 +24,7 @@ CAMERAS = {"observation.images.top": (48, 64), "observation.images.wrist": (32, 
 ACTION_NAMES = ["x", "y", "z", "gripper"]
 STATE_NAMES = ["joint_0", "joint_1", "joint_2"]
 TASKS = ["pick up the red cube", "open the drawer"]
+CODEC_NAMES = {"libsvtav1": "av1", "libx264": "h264"}  # encoder -> info.json video.codec
 BLUE_BASE, BLUE_STEP = 16, 6  # frame n of a file has blue level 16 + 6 n: 40 frames fit in 8 bits
 
 
@@ -49,13 +50,13 @@ def frame_number(image: np.ndarray) -> int:
     return int(round((float(image[..., 2].mean()) - BLUE_BASE) / BLUE_STEP))
 
 
-def encode_video(path: Path, frames: np.ndarray, fps: int, codec: str | None = None) -> None:
-    """frames uint8 (T, H, W, 3) RGB -> mp4, keyframe every 2 frames like LeRobot (g=2)."""
+def encode_video(path: Path, frames: np.ndarray, fps: int, codec: str | None = None, gop: int = 2) -> None:
+    """frames uint8 (T, H, W, 3) RGB -> mp4, a keyframe every `gop` frames (LeRobot's g=2 by default)."""
     codec = codec or video_codec()
     os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its whole configuration otherwise
-    options = {"g": "2"}
+    options = {"g": str(gop)}
     options.update({"libsvtav1": {"crf": "20", "preset": "12"}, "libx264": {"crf": "10"},
-                    "mpeg4": {"qscale": "2"}}.get(codec, {}))
+                    "mpeg4": {"b": "4M"}}.get(codec, {}))
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=fps, options=options)
@@ -79,7 +80,7 @@ def _stats(values: np.ndarray) -> dict[str, list]:
 
 def write_lerobot_dataset(root: Path, lengths: tuple[int, ...] = (10, 12, 14), fps: int = 10,
                           cameras: dict[str, tuple[int, int]] | None = None, codec: str | None = None,
-                          seed: int = 0) -> dict[str, Any]:
+                          seed: int = 0, gop: int = 2) -> dict[str, Any]:
     """Write the dataset; returns what was written: per-episode actions, states, frames per camera,
     task strings, and the codec used."""
     cameras = dict(cameras or CAMERAS)
@@ -100,7 +101,7 @@ def write_lerobot_dataset(root: Path, lengths: tuple[int, ...] = (10, 12, 14), f
     for key, (h, w) in cameras.items():
         features[key] = {"dtype": "video", "shape": [h, w, 3], "names": ["height", "width", "channels"],
                          "info": {"video.height": h, "video.width": w,
-                                  "video.codec": "av1" if codec == "libsvtav1" else "h264" if codec == "libx264" else codec,
+                                  "video.codec": CODEC_NAMES.get(codec, codec),
                                   "video.pix_fmt": "yuv420p", "video.is_depth_map": False, "video.fps": fps,
                                   "video.channels": 3, "has_audio": False}}
     for name, dtype in (("timestamp", "float32"), ("frame_index", "int64"), ("episode_index", "int64"),
@@ -145,7 +146,7 @@ def write_lerobot_dataset(root: Path, lengths: tuple[int, ...] = (10, 12, 14), f
     pq.write_table(data, data_path)
 
     for key, video in frames.items():
-        encode_video(root / "videos" / key / "chunk-000" / "file-000.mp4", video, fps, codec)
+        encode_video(root / "videos" / key / "chunk-000" / "file-000.mp4", video, fps, codec, gop)
 
     columns: dict[str, list] = {"episode_index": list(range(len(lengths))), "tasks": [[t] for t in episode_tasks],
                                 "length": list(lengths), "data/chunk_index": [0] * len(lengths),

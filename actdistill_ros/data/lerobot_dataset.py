@@ -368,6 +368,8 @@ class LeRobotDatasetReader:
                     from_index=int(ints["dataset_from_index"][row]) if "dataset_from_index" in ints else None,
                     to_index=int(ints["dataset_to_index"][row]) if "dataset_to_index" in ints else None,
                     videos=videos, source=path)
+        if not entries:
+            raise DatasetError(f"{files[0]}: no episodes (0 rows in {len(files)} episode file(s)), expected at least one")
         return [entries[i] for i in sorted(entries)]
 
     @staticmethod
