@@ -31,6 +31,17 @@ NODE = "policy_node"
 NOT_IN_YAML = {"router.threshold": "default_threshold", "router.keep_fraction": "default_keep_fraction"}
 
 
+def _physical_policy(path):
+    """A tiny untrained student whose card is in physical units (end-effector m/s, a gripper fraction), so
+    the node starts on its own defaults: a card in normalized units needs an action.scale."""
+    from actdistill_ros.policy import create_untrained_policy
+    from actdistill_ros.weights import ActionSpace
+
+    space = ActionSpace(kind="end_effector", names=["linear_x", "linear_y", "linear_z", "gripper"],
+                        units=["m/s", "m/s", "m/s", "normalized"], low=[-1.0] * 4, high=[1.0] * 4, gripper_index=3)
+    return create_untrained_policy(path, size="tiny", action_space=space)
+
+
 def _calls(tree: ast.AST, name: str) -> list[ast.Call]:
     return [n for n in ast.walk(tree) if isinstance(n, ast.Call)
             and getattr(n.func, "id", getattr(n.func, "attr", None)) == name]
@@ -108,10 +119,8 @@ def node_answers(tmp_path_factory) -> dict[str, dict[str, object]]:
     """What a node started without a params file answers: "one_by_one", {name: default} of every
     parameter it declares, one GetParameters request per name; "all_at_once", one request for all
     of them (what `ros2 param dump` sends)."""
-    from actdistill_ros.policy import create_untrained_policy
-
     tmp = tmp_path_factory.mktemp("launch")
-    weights = create_untrained_policy(tmp / "w", size="tiny")
+    weights = _physical_policy(tmp / "w")
     domain = reserve_domain()
     ros = RosSide(domain)
     process = start_policy_node(weights, domain, tmp / "node", params_file=None)
@@ -283,9 +292,7 @@ def test_lifecycle_node_declares_the_same_parameters(tmp_path, declared_paramete
     from lifecycle_msgs.srv import ChangeState
     from rcl_interfaces.srv import DescribeParameters
 
-    from actdistill_ros.policy import create_untrained_policy
-
-    weights = create_untrained_policy(tmp_path / "w", size="tiny")
+    weights = _physical_policy(tmp_path / "w")
     domain = reserve_domain()
     ros = RosSide(domain)
     process = start_policy_node(weights, domain, tmp_path / "node", params_file=None,
@@ -341,9 +348,7 @@ def test_lifecycle_transition_labels_are_what_autostart_matches(tmp_path):
     from lifecycle_msgs.srv import ChangeState
     from rclpy.qos import QoSProfile, ReliabilityPolicy
 
-    from actdistill_ros.policy import create_untrained_policy
-
-    weights = create_untrained_policy(tmp_path / "w", size="tiny")
+    weights = _physical_policy(tmp_path / "w")
     domain = reserve_domain()
     ros = RosSide(domain)
     events = ros.record(TransitionEvent, f"/{NODE}/transition_event", QoSProfile(
@@ -374,6 +379,11 @@ def test_sim_launch_enables_output_and_renders_at_the_cards_image_size(sim_tree,
     assert ast.literal_eval(_entry(overrides, "camera.transports")) == ["raw"]
     passed = {ast.literal_eval(k) for k in overrides.keys}
     assert passed <= declared_parameters, passed - declared_parameters
+    # policy.yaml, then the simulated arm's own policy parameters (its action.scale), then the overrides.
+    (policy_node,) = [c for c in _calls(sim_tree, "Node") if ast.literal_eval(_keyword(c, "name")) == "policy_node"]
+    assert [ast.unparse(e) for e in _keyword(policy_node, "parameters").elts] == [
+        "LaunchConfiguration('policy_params_file')", "LaunchConfiguration('sim_policy_params_file')", "overrides"]
+    assert defaults["sim_policy_params_file"].endswith("'sim_arm_policy.yaml')")
     image_size = [v for d in ast.walk(sim_tree) if isinstance(d, ast.Dict) for k, v in zip(d.keys, d.values)
                   if k is not None and ast.literal_eval(k) == "image_size"]
     assert len(image_size) == 1 and _is_call(image_size[0], "image_size_argument", "image_size")
@@ -425,3 +435,34 @@ def test_card_json_errors_name_the_weights(tmp_path):
         read_card_json(tmp_path)
     # The .safetensors file of a weights directory names the same card.
     assert read_card_json(SHIPPED_STUDENT / "model.safetensors") == read_card_json(SHIPPED_STUDENT)
+
+
+def test_replay_node_parameters_are_declared_by_the_node(declared_parameters, tmp_path):
+    """rclpy ignores a parameter override the node does not declare, so a misspelt or retired name would
+    silently do nothing: what replay_eval.launch.py and replay_eval's spawned nodes pass must be declared."""
+    import numpy as np
+
+    from actdistill_ros.data import TopicConfig, write_episode_bag
+    from actdistill_ros.policy import create_untrained_policy
+    from actdistill_ros.ros.launch_arguments import replay_node_parameters
+    from actdistill_ros.ros.replay import cli as replay_cli
+    from actdistill_ros.ros.replay.bag_inspection import inspect_bag
+    from actdistill_ros.ros.replay.ros_side import SpawnedNode
+    from actdistill_ros.weights import load_card
+
+    launched = replay_node_parameters(str(SHIPPED_STUDENT), "cpu", ["/camera/image_raw"], ["raw"], "/instruction",
+                                      "/joint_states")
+    assert "action.scale" in launched  # the shipped card is in normalized units
+    assert set(launched) <= declared_parameters, set(launched) - declared_parameters
+    weights = create_untrained_policy(tmp_path / "w", size="tiny", student=True, state_dim=4)
+    card = load_card(weights)
+    rng = np.random.default_rng(0)
+    bag = write_episode_bag(tmp_path / "bag", images=rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
+                            instruction="reach", states=rng.normal(size=(4, 4)), actions=rng.normal(size=(4, 4)),
+                            topics=TopicConfig(), action_names=card.action_space.names)
+    plan = inspect_bag(bag, TopicConfig(), [card])
+    args = replay_cli.build_parser().parse_args([str(bag), "--weights", str(weights), "--threshold", "0.5"])
+    spawned = SpawnedNode.parameters("student", weights, card, plan, {t: t for t in plan.topics()}, args)
+    assert {"camera.transports", "topics.state", "router.keep_fraction", "enable_output"} <= set(spawned)
+    assert spawned["enable_output"] is False and spawned["camera.transports"] == ["raw"]
+    assert set(spawned) <= declared_parameters, set(spawned) - declared_parameters

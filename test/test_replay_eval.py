@@ -410,13 +410,12 @@ def _listen_only_replay(weights: Path, bag: Path, tmp_path: Path, after_frame=No
     from sensor_msgs.msg import CompressedImage, Image
     from std_msgs.msg import String
 
-    from actdistill_ros.ros.launch_arguments import bag_camera_transports, bag_topic_types
+    from actdistill_ros.ros.launch_arguments import bag_camera_transports, bag_topic_types, replay_node_parameters
 
     domain = reserve_domain()
-    # The node as replay_eval.launch.py starts it: each camera's transport from the bag.
-    node = start_policy_node(weights, domain, tmp_path / "node", params={
-        "enable_output": False, "state.enabled": False, "topics.cameras": list(cameras),
-        "camera.transports": bag_camera_transports(bag, list(cameras))})
+    # The node as replay_eval.launch.py starts it: a dry run, each camera's transport from the bag.
+    node = start_policy_node(weights, domain, tmp_path / "node", params=replay_node_parameters(
+        str(weights), "cpu", list(cameras), bag_camera_transports(bag, list(cameras)), "/instruction", "/joint_states"))
     camera_class = {topic: CompressedImage if msgtype.endswith("CompressedImage") else Image
                     for topic, msgtype in bag_topic_types(bag).items()}
     out = tmp_path / "report"
@@ -785,10 +784,13 @@ def test_replay_publishes_only_the_policy_inputs_never_the_actions(policies, tmp
     bag = write_episode_bag(tmp_path / "full_recording", images=images, instruction=INSTRUCTION,
                             states=np.zeros((FRAMES, 4)), actions=np.zeros((FRAMES, 4)), topics=topics, fps=10.0,
                             action_names=["a0", "a1", "a2", "a3"])
+    from actdistill_ros.ros.launch_arguments import replay_node_parameters
+
     domain = reserve_domain()
+    params = replay_node_parameters(str(policies["student"]), "cpu", [topics.camera_topic], ["raw"],
+                                    topics.command_topic, topics.state_topic)
     node = start_policy_node(policies["student"], domain, tmp_path / "node", params={
-        "enable_output": False, "state.enabled": False, "topics.cameras": [topics.camera_topic],
-        "topics.action": "/node/action"})  # the node's own output elsewhere: /action is only the bag's
+        **params, "topics.action": "/node/action"})  # the node's own output elsewhere: /action is only the bag's
     watcher = RosSide(domain, "watcher")
     best_effort = QoSProfile(depth=50, reliability=ReliabilityPolicy.BEST_EFFORT)
     actions = watcher.record(JointState, topics.action_topic, best_effort)

@@ -46,6 +46,18 @@ class SpawnedNode:
     def __init__(self, role: str, weights: Path, card: ModelCard, plan: BagPlan, publish_as: dict[str, str],
                  args: argparse.Namespace, domain_id: int, work_dir: Path):
         self.name = SPAWNED_NODE_NAMES[role]
+        params = self.parameters(role, weights, card, plan, publish_as, args)
+        params_file = args.params_file or config_file("policy.yaml")
+        env = ros_environment(domain_id=domain_id)
+        env["ROS_LOG_DIR"] = str(work_dir / f"{self.name}_ros_log")
+        self.process = NodeProcess(node_command("actdistill_ros.ros.policy_node", params, params_file, self.name),
+                                   work_dir / f"{self.name}.log", env=env, name=f"policy node {self.name}")
+
+    @staticmethod
+    def parameters(role: str, weights: Path, card: ModelCard, plan: BagPlan, publish_as: dict[str, str],
+                   args: argparse.Namespace) -> dict:
+        """The node's parameters over the params file: a dry run reading the bag's topics (as published)."""
+        name = SPAWNED_NODE_NAMES[role]
         # Always explicit: the params file need not carry one, and the card's default is what --threshold overrides.
         threshold = args.threshold if role == "student" and args.threshold is not None else card.default_threshold
         params = {
@@ -54,7 +66,7 @@ class SpawnedNode:
             "topics.cameras": [publish_as[camera] for camera in plan.camera_topics],
             "topics.command": publish_as[plan.command_topic],
             "state.enabled": card.state_dim > 0,
-            "topics.action_chunk": f"/{self.name}/action_chunk", "topics.router_stats": f"/{self.name}/router_stats",
+            "topics.action_chunk": f"/{name}/action_chunk", "topics.router_stats": f"/{name}/router_stats",
             "action.mode": _action_mode(card), "router.threshold": float(threshold),
         }
         # A card in normalized units needs an action.scale to start; a dry run commands nothing, so 1.0 will do.
@@ -63,11 +75,7 @@ class SpawnedNode:
             params["router.keep_fraction"] = 0.0  # --threshold means threshold routing (keep would override it)
         if plan.state_topic:
             params["topics.state"] = publish_as[plan.state_topic]
-        params_file = args.params_file or config_file("policy.yaml")
-        env = ros_environment(domain_id=domain_id)
-        env["ROS_LOG_DIR"] = str(work_dir / f"{self.name}_ros_log")
-        self.process = NodeProcess(node_command("actdistill_ros.ros.policy_node", params, params_file, self.name),
-                                   work_dir / f"{self.name}.log", env=env, name=f"policy node {self.name}")
+        return params
 
     def failure(self) -> str | None:
         """One line on why the node exited, or None while it runs."""
