@@ -45,7 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from .bags import DROP_REASONS, Episode
+from .bags import DROP_REASONS, Episode, _nearest
 from .images import resize_rgb
 
 log = logging.getLogger(__name__)
@@ -558,8 +558,10 @@ class LeRobotDatasetReader:
             raise DatasetError(f"{path}: no frame between {start:.3f} s and {end:.3f} s, episode {entry.index} "
                                f"needs {len(query)} frames from {query[0]:.3f} s ({entry.source.name} "
                                f"from_timestamp); the video is shorter than its episode")
-        nearest = np.abs(decoded[None, :] - query[:, None]).argmin(axis=1)
-        distance = np.abs(decoded[nearest] - query)
+        # Nearest decoded frame of each query, by binary search (an episode may hold many thousand frames).
+        order = np.argsort(decoded, kind="stable")
+        pick, distance = _nearest(decoded[order], query)
+        nearest = order[pick]
         late = np.flatnonzero(distance > tolerance)
         if late.size:
             first = int(late[0])
