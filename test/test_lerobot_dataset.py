@@ -110,7 +110,7 @@ def test_frames_are_exact_in_time_for_each_codec_and_a_long_keyframe_interval(co
     # A keyframe every 8 frames (and B-frames, for H.264): episodes 1 and 2 start between keyframes.
     expected = write_lerobot_dataset(tmp_path / "ds", LENGTHS, codec=codec, gop=8)
     for episode, start in zip(read_lerobot_episodes(tmp_path / "ds", progress=False), expected["starts"]):
-        for camera, key in enumerate(CAMERAS):
+        for camera in range(len(CAMERAS)):
             assert [frame_number(f) for f in episode.images[:, camera]] == list(range(start, start + len(episode)))
     reader = LeRobotDatasetReader(tmp_path / "ds")
     entry = reader.episodes[1]
@@ -213,12 +213,13 @@ def teacher_run(written, tmp_path_factory):
     return out
 
 
-def test_train_teacher_runs_on_a_dataset_root(teacher_run):
+def test_train_teacher_runs_on_a_dataset_root(teacher_run, written):
     out = teacher_run
     policy = Policy.load(out / "teacher", device="cpu")
     assert policy.card.camera_names == [TOP, WRIST] and policy.vla.config.num_cameras == 2
     assert policy.card.state_names == STATE_NAMES and policy.card.action_space.names == ACTION_NAMES
     assert policy.card.provenance["bags"] == ["episode_000000", "episode_000001", "episode_000002"]
+    assert policy.card.provenance["data"] == [str(written[0])]
 
 
 def test_distill_runs_on_a_dataset_root(written, teacher_run, tmp_path):

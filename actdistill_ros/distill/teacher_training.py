@@ -207,6 +207,7 @@ def train_teacher(args: argparse.Namespace) -> Path:
         card = make_card(model, action_space, norm_stats=demos.stats.to_dict(), state_names=demos.state_names,
                          camera_names=demos.camera_names,
                          provenance={"trained_by": "actdistill train-teacher", "bags": demos.bags,
+                                     "data": [str(d) for d in args.data],
                                      **({"init_from": str(args.init_from)} if args.init_from else {}),
                                      "topics": topics.to_dict(), "train": vars(train_config),
                                      **({"backbone": str(args.backbone),
