@@ -39,6 +39,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--vlm-processor", type=Path, default=None,
                         help="SmolVLA: a directory with the VLM's config.json and tokenizer (default: the Hugging "
                              "Face cache of the config's vlm_model_name, offline)")
+    parser.add_argument("--float32", action="store_true",
+                        help="SmolVLA: run every part in float32 (default: the dtypes LeRobot runs them in, e.g. "
+                             "a bfloat16 VLM for a policy saved with load_vlm_weights)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.set_defaults(func=run)
 
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from actdistill_ros.policies.smolvla import SmolVLAPolicy, is_smolvla_dir
 
     if is_smolvla_dir(args.policy):
-        actions = predict_smolvla(SmolVLAPolicy.load(args.policy, args.vlm_processor, args.device), batch,
+        actions = predict_smolvla(SmolVLAPolicy.load(args.policy, args.vlm_processor, args.device, args.float32), batch,
                                   args.task, noise, args.seed)
     else:
         if noise is not None:

@@ -4,7 +4,8 @@ Run by scripts/make_lerobot_fixtures.sh inside a throwaway environment that has 
 a dependency of this package), with HF_HOME pointing at an empty private cache and HF_HUB_OFFLINE=1.
 
 It writes, under --out:
-  processor/             the tiny VLM's config.json and tokenizer/processor files (`--vlm-processor DIR`)
+  processor/, processor_text_bf16/   each tiny VLM's config.json and tokenizer/processor files
+                         (`--vlm-processor DIR`; case.json names the one of each case)
   <name>/policy/         LeRobot's save_pretrained output: config.json, model.safetensors,
                          policy_preprocessor.json, policy_postprocessor.json and their state files
   <name>/batch.safetensors   raw inputs: observation.images.<camera> float32 [B,3,H,W] in [0,1],
@@ -27,7 +28,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-VLM_NAME = "actdistill-tests/tiny-smolvlm"  # the config's vlm_model_name, resolved from the private cache
+# The tiny VLMs (config's vlm_model_name -> committed directory), resolved by LeRobot from the private
+# cache. The second writes a bfloat16 dtype into its text config: transformers 4.x then builds the
+# text model and LeRobot's expert in bfloat16 even though the VLM weights are not loaded.
+VLMS = {"processor": ("actdistill-tests/tiny-smolvlm", None),
+        "processor_text_bf16": ("actdistill-tests/tiny-smolvlm-text-bf16", "bfloat16")}
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<fake_token_around_image>", "<image>",
                   "<global-img>", "<end_of_utterance>", "<video>"]
@@ -43,21 +48,32 @@ CASES = {
         doc="SmolVLA defaults: cross-attention expert with self-attention every 2 layers, mean/std state "
             "and action, language padded to the longest prompt, 10 steps",
         config={}, action_norm="MEAN_STD", state_norm="MEAN_STD",
-        task="pick up the red cube and place it in the bowl", batch=2),
+        task="pick up the red cube and place it in the bowl", batch=2, vlm="processor"),
     "variants": dict(
         doc="min/max action and state, image special tokens, language padded to max_length, "
             "self-attention every 3 layers, 6 steps, n_action_steps < chunk_size",
         config=dict(add_image_special_tokens=True, pad_language_to="max_length", tokenizer_max_length=20,
                     num_vlm_layers=3, self_attn_every_n_layers=3, num_steps=6, chunk_size=6, n_action_steps=4),
-        action_norm="MIN_MAX", state_norm="MIN_MAX", task="open the top drawer", batch=2),
+        action_norm="MIN_MAX", state_norm="MIN_MAX", task="open the top drawer", batch=2, vlm="processor"),
     "self_attn": dict(
         doc="joint self-attention in every layer, an empty (missing) camera, a prefix padded to "
             "prefix_length, expert width 0.5",
         config=dict(attention_mode="self_attn", num_vlm_layers=3, empty_cameras=1, prefix_length=40, expert_width_multiplier=0.5,
                     num_steps=4),
-        action_norm="MEAN_STD", state_norm="MEAN_STD", task="Pick Up The Cube!", batch=2),
+        action_norm="MEAN_STD", state_norm="MEAN_STD", task="Pick Up The Cube!", batch=2, vlm="processor"),
+    "bf16_vlm": dict(
+        doc="load_vlm_weights=true, as in a policy fine-tuned from smolvla_base: LeRobot then runs the VLM "
+            "and the expert in bfloat16 (its pretrained-VLM load), the projections in float32",
+        config=dict(load_vlm_weights=True, num_vlm_layers=2), action_norm="MEAN_STD", state_norm="MEAN_STD",
+        task="push the green button", batch=2, vlm="processor"),
+    "text_bf16": dict(
+        doc="a VLM config whose text entry says torch_dtype bfloat16: LeRobot's text layers and expert "
+            "run in bfloat16, its vision tower and projections in float32",
+        config=dict(num_vlm_layers=2), action_norm="MEAN_STD", state_norm="MEAN_STD",
+        task="stack the blue block on the yellow block", batch=2, vlm="processor_text_bf16"),
 }
-CAMERAS = {"observation.images.top": (40, 64), "observation.images.wrist": (60, 44)}  # (H, W): both aspects
+# (H, W): one camera smaller and one larger than the model's input, of different aspect ratios.
+CAMERAS = {"observation.images.top": (24, 40), "observation.images.wrist": (72, 50)}
 STATE_DIM, ACTION_DIM = 5, 6
 IMAGE_SIZE = 64
 
@@ -82,7 +98,7 @@ def build_tokenizer(directory: Path):
     return fast
 
 
-def build_vlm_files(directory: Path) -> None:
+def build_vlm_files(directory: Path, text_dtype: str | None) -> None:
     """The tiny VLM's config.json and processor files, as the hub repository of vlm_model_name has them."""
     from transformers import (LlamaConfig, SmolVLMConfig, SmolVLMImageProcessor, SmolVLMProcessor,
                               SmolVLMVideoProcessor)
@@ -90,15 +106,20 @@ def build_vlm_files(directory: Path) -> None:
 
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(directory)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=8,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
-                       rope_theta=100000.0, max_position_embeddings=512, tie_word_embeddings=False,
+    # Tied embeddings: safetensors then keeps only lm_head's name, as for tied real checkpoints.
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=8,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=12, rms_norm_eps=1e-5,
+                       rope_theta=100000.0, max_position_embeddings=512, tie_word_embeddings=True,
                        pad_token_id=tokenizer.pad_token_id)
     vision = SmolVLMVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                  image_size=IMAGE_SIZE, patch_size=16)
     config = SmolVLMConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), scale_factor=2,
-                           image_token_id=tokenizer.convert_tokens_to_ids("<image>"), tie_word_embeddings=False)
+                           image_token_id=tokenizer.convert_tokens_to_ids("<image>"), tie_word_embeddings=True)
     config.save_pretrained(directory)
+    if text_dtype:
+        written = json.loads((directory / "config.json").read_text())
+        written["text_config"]["torch_dtype"] = text_dtype
+        (directory / "config.json").write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
     image_processor = SmolVLMImageProcessor(do_image_splitting=False, size={"longest_edge": IMAGE_SIZE},
                                             max_image_size={"longest_edge": IMAGE_SIZE})
     processor = SmolVLMProcessor(image_processor=image_processor, tokenizer=tokenizer,
@@ -106,12 +127,20 @@ def build_vlm_files(directory: Path) -> None:
     processor.save_pretrained(directory)
 
 
-def install_in_cache(source: Path) -> None:
-    """Copy the VLM files into the private HF cache layout, where LeRobot looks vlm_model_name up."""
-    repo = Path(os.environ["HF_HOME"]) / "hub" / f"models--{VLM_NAME.replace('/', '--')}"
+def install_in_cache(source: Path, name: str) -> None:
+    """Copy the VLM files into the private HF cache layout, where LeRobot looks vlm_model_name up,
+    with random VLM weights beside them (load_vlm_weights=true reads them; the policy's own
+    model.safetensors then replaces every one, so they are not committed)."""
+    from transformers import AutoConfig, SmolVLMForConditionalGeneration
+
+    repo = Path(os.environ["HF_HOME"]) / "hub" / f"models--{name.replace('/', '--')}"
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(SNAPSHOT)
-    shutil.copytree(source, repo / "snapshots" / SNAPSHOT, dirs_exist_ok=True)
+    snapshot = repo / "snapshots" / SNAPSHOT
+    shutil.copytree(source, snapshot, dirs_exist_ok=True)
+    torch.manual_seed(1234)
+    SmolVLMForConditionalGeneration(AutoConfig.from_pretrained(source)).save_pretrained(snapshot)
+    shutil.copy(source / "config.json", snapshot / "config.json")  # the committed config, byte for byte
 
 
 def randomize(module: torch.nn.Module, generator: torch.Generator) -> None:
@@ -151,9 +180,9 @@ def make_case(name: str, spec: dict, out: Path, seed: int) -> None:
         input_features=inputs, output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(ACTION_DIM,))},
         normalization_mapping={"VISUAL": NormalizationMode.IDENTITY, "STATE": NormalizationMode(spec["state_norm"]),
                                "ACTION": NormalizationMode(spec["action_norm"])},
-        vlm_model_name=VLM_NAME, load_vlm_weights=False,
+        vlm_model_name=VLMS[spec["vlm"]][0],
         resize_imgs_with_padding=(IMAGE_SIZE, IMAGE_SIZE), device="cpu", push_to_hub=False,
-        **({"chunk_size": 8, "n_action_steps": 8, "num_vlm_layers": 4} | spec["config"]))
+        **({"chunk_size": 8, "n_action_steps": 8, "num_vlm_layers": 4, "load_vlm_weights": False} | spec["config"]))
     policy = SmolVLAPolicy(config)
     randomize(policy, generator)
     stats = {"observation.state": stats_for(spec["state_norm"], STATE_DIM, generator),
@@ -172,6 +201,10 @@ def make_case(name: str, spec: dict, out: Path, seed: int) -> None:
 
     # The oracle run uses what was saved.
     policy = SmolVLAPolicy.from_pretrained(policy_dir).eval()
+    vlm = policy.model.vlm_with_expert.get_vlm_model()
+    dtypes = {name: str(next(part.parameters()).dtype).removeprefix("torch.") for name, part in
+              (("vision", vlm.vision_model), ("connector", vlm.connector), ("text", vlm.text_model),
+               ("expert", policy.model.vlm_with_expert.lm_expert), ("projections", policy.model.state_proj))}
     preprocessor = PolicyProcessorPipeline.from_pretrained(policy_dir, config_filename="policy_preprocessor.json")
     postprocessor = PolicyProcessorPipeline.from_pretrained(
         policy_dir, config_filename="policy_postprocessor.json", to_transition=policy_action_to_transition,
@@ -190,9 +223,10 @@ def make_case(name: str, spec: dict, out: Path, seed: int) -> None:
                "lang_tokens": processed["observation.language.tokens"].contiguous(),
                "lang_mask": processed["observation.language.attention_mask"].contiguous()},
               case_dir / "expected.safetensors")
-    (case_dir / "case.json").write_text(json.dumps({"task": spec["task"], "doc": spec["doc"], "seed": seed},
+    (case_dir / "case.json").write_text(json.dumps({"task": spec["task"], "doc": spec["doc"], "seed": seed, "vlm_processor": spec["vlm"],
+                                                    "lerobot_dtypes": dtypes},
                                                    indent=2) + "\n")
-    print(f"{name}: actions {tuple(actions.shape)}, |a| max {actions.abs().max():.3f}, "
+    print(f"{name}: {dtypes}, actions {tuple(actions.shape)}, |a| max {actions.abs().max():.3f}, "
           f"tokens {processed['observation.language.tokens'].tolist()[0]}")
 
 
@@ -204,9 +238,9 @@ def main() -> None:
         raise SystemExit("run through scripts/make_lerobot_fixtures.sh (a private HF_HOME, HF_HUB_OFFLINE=1)")
     if args.out.exists():
         shutil.rmtree(args.out)
-    processor_dir = args.out / "processor"
-    build_vlm_files(processor_dir)
-    install_in_cache(processor_dir)
+    for directory, (name, text_dtype) in VLMS.items():
+        build_vlm_files(args.out / directory, text_dtype)
+        install_in_cache(args.out / directory, name)
     for seed, (name, spec) in enumerate(CASES.items()):
         make_case(name, spec, args.out, seed)
 

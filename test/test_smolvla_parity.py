@@ -3,9 +3,11 @@
 scripts/make_lerobot_fixtures.sh), and bad inputs fail with one line naming them.
 
 Each fixture case holds LeRobot's saved policy directory, a raw batch (two cameras of different
-sizes), the start noise and LeRobot's ``postprocessor(policy.predict_action_chunk(preprocessor(batch),
-noise=noise))``. lerobot is not installed here; the tokenizer and VLM config come from the fixtures'
-processor/ directory or from a Hugging Face cache layout, offline.
+sizes and aspect ratios), the start noise and LeRobot's ``postprocessor(policy.predict_action_chunk(
+preprocessor(batch), noise=noise))``; its case.json says what it exercises and which tiny VLM
+directory (config.json + tokenizer) it uses. Two cases run partly in bfloat16 in LeRobot
+(load_vlm_weights, a bfloat16 text config): those dtypes are reproduced, and match bit for bit
+too. lerobot is not installed here; everything is read offline.
 """
 
 import json
@@ -26,9 +28,9 @@ from actdistill_ros.policies.smolvla.modeling_smolvla import PrefixContext
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lerobot"
 PROCESSOR = FIXTURES / "processor"
-CASES = ("cross_attn", "variants", "self_attn")
+CASES = ("cross_attn", "variants", "self_attn", "bf16_vlm", "text_bf16")
 TOLERANCE = 1e-4
-VLM_NAME = "actdistill-tests/tiny-smolvlm"
+VLM_NAME = "actdistill-tests/tiny-smolvlm"  # the vlm_model_name of the cases that use processor/
 
 
 @pytest.fixture(autouse=True)
@@ -37,8 +39,22 @@ def offline(monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
 
+def case_info(case: str) -> dict:
+    return json.loads((FIXTURES / case / "case.json").read_text())
+
+
 def case_task(case: str) -> str:
-    return json.loads((FIXTURES / case / "case.json").read_text())["task"]
+    return case_info(case)["task"]
+
+
+def case_processor(case: str) -> Path:
+    return FIXTURES / case_info(case)["vlm_processor"]
+
+
+def test_fixtures_cover_the_cases():
+    """Every committed case is tested, and the fixtures stay small."""
+    assert sorted(p.parent.name for p in FIXTURES.glob("*/case.json")) == sorted(CASES)
+    assert sum(f.stat().st_size for f in FIXTURES.rglob("*") if f.is_file()) < 5e6
 
 
 def predict_cli(case: str, out: Path, *extra: str) -> int:
@@ -50,7 +66,7 @@ def predict_cli(case: str, out: Path, *extra: str) -> int:
 def test_predict_matches_lerobot(case, tmp_path, capsys):
     out = tmp_path / "action.safetensors"
     code = predict_cli(case, out, "--noise", str(FIXTURES / case / "noise.safetensors"),
-                       "--vlm-processor", str(PROCESSOR))
+                       "--vlm-processor", str(case_processor(case)))
     assert code == 0, capsys.readouterr().err
     expected = load_file(str(FIXTURES / case / "expected.safetensors"))["action"]
     actions = load_file(str(out))["action"]
@@ -66,10 +82,29 @@ def test_predict_matches_lerobot(case, tmp_path, capsys):
 @pytest.mark.parametrize("case", CASES)
 def test_tokens_match_lerobot(case):
     """The project's transformers tokenizes the task exactly as LeRobot's (newline, padding, mask)."""
-    policy = SmolVLAPolicy.load(FIXTURES / case / "policy", vlm_processor=PROCESSOR)
+    policy = SmolVLAPolicy.load(FIXTURES / case / "policy", vlm_processor=case_processor(case))
     expected = load_file(str(FIXTURES / case / "expected.safetensors"))
     tokens, mask = policy.tokenize([case_task(case)] * expected["lang_tokens"].shape[0])
     assert torch.equal(tokens, expected["lang_tokens"]) and torch.equal(mask, expected["lang_mask"])
+
+
+def test_lerobot_dtypes_are_reproduced():
+    """Each part runs in the dtype LeRobot ran it in (recorded by the fixture script), and
+    --float32 runs everything in float32, close to but not equal to LeRobot's bfloat16 result."""
+    for case in CASES:
+        policy = SmolVLAPolicy.load(FIXTURES / case / "policy", vlm_processor=case_processor(case))
+        model = policy.model
+        ours = {"vision": model.vlm.vision_model, "connector": model.vlm.connector, "text": model.vlm.text_model,
+                "expert": model.expert.norm, "projections": model.state_proj}
+        got = {name: str(next(part.parameters()).dtype).removeprefix("torch.") for name, part in ours.items()}
+        assert got == case_info(case)["lerobot_dtypes"], case
+    case = "bf16_vlm"
+    policy = SmolVLAPolicy.load(FIXTURES / case / "policy", vlm_processor=case_processor(case), float32=True)
+    assert {p.dtype for p in policy.model.parameters()} == {torch.float32}
+    actions = policy.predict_action_chunk(load_file(str(FIXTURES / case / "batch.safetensors")), case_task(case),
+                                          load_file(str(FIXTURES / case / "noise.safetensors"))["noise"])
+    error = (actions - load_file(str(FIXTURES / case / "expected.safetensors"))["action"]).abs().max().item()
+    assert 1e-4 < error < 0.5
 
 
 def test_noise_changes_actions_and_default_noise_is_seeded(tmp_path):

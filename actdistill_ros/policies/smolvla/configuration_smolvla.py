@@ -27,7 +27,7 @@ TRAINING_ONLY = frozenset({
     "device", "use_amp", "use_peft", "push_to_hub", "repo_id", "private", "tags", "license", "pretrained_path",
     "freeze_vision_encoder", "train_expert_only", "train_state_proj", "optimizer_lr", "optimizer_betas",
     "optimizer_eps", "optimizer_weight_decay", "optimizer_grad_clip_norm", "scheduler_warmup_steps",
-    "scheduler_decay_steps", "scheduler_decay_lr", "load_vlm_weights", "compile_model", "compile_mode",
+    "scheduler_decay_steps", "scheduler_decay_lr", "compile_model", "compile_mode",
 })
 
 
@@ -60,6 +60,8 @@ class SmolVLAConfig:
     num_steps: int = 10
     use_cache: bool = True
     vlm_model_name: str = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
+    # True in policies fine-tuned from smolvla_base: LeRobot then loads (and runs) the VLM in bfloat16.
+    load_vlm_weights: bool = False
     add_image_special_tokens: bool = False
     attention_mode: str = "cross_attn"
     prefix_length: int = -1

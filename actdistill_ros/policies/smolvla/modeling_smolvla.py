@@ -180,18 +180,31 @@ def _split_heads(projection: nn.Linear, x: Tensor, head_dim: int) -> Tensor:
     return projection(x).view(*x.shape[:-1], -1, head_dim)
 
 
+def _input_norm(layer: nn.Module, hidden: Tensor) -> Tensor:
+    """The layer's input RMSNorm, cast to its projections' dtype (where LeRobot casts)."""
+    return layer.input_layernorm(hidden).to(layer.self_attn.q_proj.weight.dtype)
+
+
 def _finish_layer(layer: nn.Module, attention: Tensor, residual: Tensor) -> Tensor:
-    """Output projection + residual, then the gated MLP + residual (a Llama decoder layer's tail)."""
-    hidden = layer.self_attn.o_proj(attention) + residual
+    """Output projection + residual, then the gated MLP + residual (a Llama decoder layer's tail).
+    The residual sum keeps the layer's dtype (LeRobot adds in place)."""
+    projection = layer.self_attn.o_proj
+    hidden = projection(attention.to(projection.weight.dtype))
+    hidden = (hidden + residual).to(hidden.dtype)
     return layer.mlp(layer.post_attention_layernorm(hidden)) + hidden
 
 
 class SmolVLAModel(nn.Module):
     """The SmolVLA network. ``vlm_config`` is the transformers config of ``vlm_model_name`` (SmolVLM or
     Idefics3); only its first ``num_vlm_layers`` text layers are built. ``special_token_ids`` are the
-    tokenizer's (<fake_token_around_image>, <global-img>), needed when add_image_special_tokens."""
+    tokenizer's (<fake_token_around_image>, <global-img>), needed when add_image_special_tokens.
 
-    def __init__(self, config: SmolVLAConfig, vlm_config, special_token_ids: tuple[int, int] | None = None):
+    ``dtypes`` maps "vision", "connector", "text" and "expert" to the dtype each part runs in
+    (``lerobot_dtypes`` gives LeRobot's); the projections around them, and the cross-attention k/v
+    maps, are float32 as there. By default everything is float32."""
+
+    def __init__(self, config: SmolVLAConfig, vlm_config, special_token_ids: tuple[int, int] | None = None,
+                 dtypes: dict[str, torch.dtype] | None = None):
         super().__init__()
         from transformers import AutoModel
 
@@ -256,6 +269,16 @@ class SmolVLAModel(nn.Module):
         if config.add_image_special_tokens and special_token_ids is None:
             raise SmolVLAConfigError(f"{config.source}: add_image_special_tokens needs the tokenizer's "
                                      f"<fake_token_around_image> and <global-img> ids")
+        dtypes = dtypes or {}
+        for part, module in (("vision", self.vlm.vision_model), ("connector", self.vlm.connector),
+                             ("text", self.vlm.text_model), ("expert", self.expert)):
+            module.to(dtypes.get(part, torch.float32))
+        # LeRobot swaps in the cross-attention k/v maps after building the expert: plain nn.Linear
+        # layers, so float32 whatever the expert's dtype.
+        for index, layer in enumerate(self.expert.layers):
+            if not config.is_self_attention_layer(index):
+                layer.self_attn.k_proj.float()
+                layer.self_attn.v_proj.float()
         ids = special_token_ids or (0, 0)
         self.register_buffer("image_start_ids", torch.tensor([ids[0], ids[1]]), persistent=False)
         self.register_buffer("image_end_ids", torch.tensor([ids[0]]), persistent=False)
@@ -331,7 +354,7 @@ class SmolVLAModel(nn.Module):
         """VLM text layer ``index`` on the prefix: (its output or None, its keys/values for the cache).
         ``need_output=False`` computes only the keys/values (the last layer, or a skipped one)."""
         layer = self.text_layers[index]
-        normed = layer.input_layernorm(hidden)
+        normed = _input_norm(layer, hidden)
         key = context.rotary.apply(_split_heads(layer.self_attn.k_proj, normed, self.head_dim))
         kv = LayerKV(key, _split_heads(layer.self_attn.v_proj, normed, self.head_dim))
         if not need_output:
@@ -348,8 +371,9 @@ class SmolVLAModel(nn.Module):
             return None
         attn = self.expert.layers[expert_index].self_attn
         batch, length = kv.key.shape[:2]
-        key = attn.k_proj(kv.key.reshape(batch, length, -1)).view(batch, length, -1, self.head_dim)
-        value = attn.v_proj(kv.value.reshape(batch, length, -1)).view(batch, length, -1, self.head_dim)
+        dtype = attn.k_proj.weight.dtype
+        key = attn.k_proj(kv.key.to(dtype).reshape(batch, length, -1)).view(batch, length, -1, self.head_dim)
+        value = attn.v_proj(kv.value.to(dtype).reshape(batch, length, -1)).view(batch, length, -1, self.head_dim)
         return LayerKV(key, value)
 
     def run_prefix(self, prefix: Prefix) -> PrefixCache:
@@ -387,7 +411,7 @@ class SmolVLAModel(nn.Module):
             return hidden
         layer = self.expert.layers[expert_index]
         attn = layer.self_attn
-        normed = layer.input_layernorm(hidden)
+        normed = _input_norm(layer, hidden)
         query = _split_heads(attn.q_proj, normed, self.head_dim)
         if self.config.is_self_attention_layer(index):
             rotary = context.joint_rotary
@@ -449,6 +473,29 @@ class SmolVLAModel(nn.Module):
                 raise WeightsMismatch(f"{source}: tensor {name!r} has shape {list(tensor.shape)}, the config gives "
                                       f"{list(own[name].shape)} (is the VLM config the policy's vlm_model_name?)")
         self.load_state_dict(renamed, strict=True)
+
+
+def lerobot_dtypes(config: SmolVLAConfig, vlm_config_json: dict) -> dict[str, torch.dtype]:
+    """The dtype of each part as LeRobot 0.4.x (transformers 4.x) builds the policy: {"vision",
+    "connector", "text", "expert"}.
+
+    With ``load_vlm_weights`` the whole VLM is loaded in bfloat16, and the expert, built from a copy
+    of its text config, follows it. Otherwise the VLM is constructed from its config: the vision
+    tower and text model take the ``torch_dtype`` / ``dtype`` of their own entries in config.json
+    (transformers 4.x builds sub-models in their sub-config's dtype), the connector is float32, and
+    the expert takes the text entry's dtype. float32 where nothing is written."""
+    if config.load_vlm_weights:
+        return {"vision": torch.bfloat16, "connector": torch.bfloat16, "text": torch.bfloat16,
+                "expert": torch.bfloat16}
+
+    def written(entry: str) -> torch.dtype:
+        sub = vlm_config_json.get(entry) or {}
+        value = sub.get("dtype") or sub.get("torch_dtype")
+        dtype = getattr(torch, value, None) if isinstance(value, str) else None
+        return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+    text = written("text_config")
+    return {"vision": written("vision_config"), "connector": torch.float32, "text": text, "expert": text}
 
 
 @dataclass

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from actdistill_ros.policies.smolvla.configuration_smolvla import (IMAGE_PREFIX, STATE_KEY, SmolVLAConfig,
                                                                    SmolVLAConfigError)
-from actdistill_ros.policies.smolvla.modeling_smolvla import Prefix, SmolVLAModel, resize_with_pad
+from actdistill_ros.policies.smolvla.modeling_smolvla import Prefix, SmolVLAModel, lerobot_dtypes, resize_with_pad
 from actdistill_ros.policies.smolvla.processor_smolvla import (Postprocessor, Preprocessor, ProcessorError,
                                                                load_vlm_config_and_tokenizer, read_postprocessor,
                                                                read_preprocessor, resolve_vlm_dir,
@@ -62,7 +62,9 @@ class SmolVLAPolicy:
     # ---- loading ---------------------------------------------------------------------------------
     @classmethod
     def load(cls, directory: str | Path, vlm_processor: str | Path | None = None,
-             device: str | torch.device = "cpu") -> "SmolVLAPolicy":
+             device: str | torch.device = "cpu", float32: bool = False) -> "SmolVLAPolicy":
+        """``float32`` runs every part in float32; by default each part runs in the dtype LeRobot
+        runs it in (e.g. a bfloat16 VLM and expert for a policy with load_vlm_weights; see lerobot_dtypes)."""
         directory = Path(directory)
         if not directory.is_dir():
             raise ProcessorError(f"{directory}: not a directory (a LeRobot SmolVLA policy directory is expected)")
@@ -80,7 +82,8 @@ class SmolVLAPolicy:
             special = tuple(_token_id(tokenizer, getattr(tokenizer, attribute, default), vlm_dir)
                             for attribute, default in (("fake_image_token", "<fake_token_around_image>"),
                                                        ("global_image_token", "<global-img>")))
-        model = SmolVLAModel(config, vlm_config, special)
+        dtypes = None if float32 else lerobot_dtypes(config, json.loads((vlm_dir / "config.json").read_text()))
+        model = SmolVLAModel(config, vlm_config, special, dtypes)
         try:
             tensors = load_file(str(weights))
         except (SafetensorError, OSError) as err:
