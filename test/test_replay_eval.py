@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -862,3 +863,45 @@ def test_a_replay_stopped_by_a_signal_exits_cleanly_and_stops_its_node(policies,
     assert "Traceback" not in stderr and "ERROR" not in stderr and ": error:" not in stderr, stderr[-3000:]
     assert not out.exists() and "report:" not in stdout
     assert wait_until(lambda: not any(Path(f"/proc/{c}").exists() for c in children), 10.0), children
+
+
+def _signal_handled(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler installed for ``signum`` (SigCgt in /proc/PID/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(caught >> (signum - 1) & 1)
+
+
+def test_a_re_executed_replay_passes_the_stop_on_to_its_child(policies, tmp_path):
+    """Without the built messages on the paths replay_eval runs itself again as a child with them; a stop
+    for the parent (what launch signals) reaches the child, which exits cleanly, and so does the parent."""
+    from actdistill_ros.ros.env import built_messages_path
+
+    images = _frames(18)
+    bag = write_episode_bag(tmp_path / "bag", images=images, instruction=INSTRUCTION, states=None,
+                            actions=np.zeros((FRAMES, 4)), topics=NO_STATE)
+    env = node_environment(reserve_domain(), tmp_path / "log")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                                        if p and p != str(built_messages_path()))
+    # Attached to a node that never comes: the child waits for it (--startup-timeout) until stopped.
+    replay = subprocess.Popen([sys.executable, "-m", "actdistill_ros.ros.replay.cli", str(bag), "--weights",
+                               str(policies["student"]), "--attach", "absent_node", "--startup-timeout", "120",
+                               "--out", str(tmp_path / "report"), "-v"], cwd=REPO_ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        child = wait_until(lambda: next(iter(_children(replay.pid)), None), 30.0)
+        assert child, replay.stderr.read() if replay.poll() is not None else "no child started"
+        assert wait_until(lambda: _signal_handled(child, signal.SIGTERM), 60.0)  # the child's main() is running
+        replay.send_signal(signal.SIGTERM)
+        _, stderr = replay.communicate(timeout=30)
+    finally:
+        if replay.poll() is None:
+            replay.kill()
+    assert replay.returncode == 0, stderr[-3000:]
+    # The parent passes the stop on and returns the child's exit code; the one "stopped" line is the child's.
+    assert f"passing SIGTERM on to the replay child {child}" in stderr
+    assert stderr.count("stopped by SIGTERM before the end of the replay; no report written") == 1
+    assert not Path(f"/proc/{child}").exists() and not (tmp_path / "report").exists()

@@ -21,6 +21,11 @@ fixed order: with ``--rate max`` the player also waits for each set's RouterStat
 chunk at the node's next control tick) and sends a set whose inference took an older frame of
 another camera again (``frame_sets_resent``).
 
+Transports: each camera's comes from its message type in the bag (sensor_msgs/Image: raw,
+CompressedImage: compressed), so a bag with a compressed wrist camera and a raw scene camera
+replays; the spawned node gets them in ``camera.transports``, an attached node must have them. The
+bags of one run must agree camera by camera (one node serves them all).
+
 Nodes: by default a policy_node subprocess per policy on a private ROS domain with
 ``enable_output: false`` (a replay never commands a robot); ``--attach NODE`` uses a running
 node on the current ROS_DOMAIN_ID instead; ``--listen-only`` (with ``--attach``) publishes
@@ -32,6 +37,9 @@ receive timestamp) minus the time this process published that frame, both read f
 machine's clock, so no clock offset between processes or with the recording enters it. It
 includes frame transport, the node's queueing and inference, and the chunk's transport back.
 In --listen-only mode the frame's time is when this process received the camera message.
+
+Stopping: SIGINT (Ctrl-C) or SIGTERM stops the replay and the nodes it started; it exits 0 with one
+info line and writes no report (`ros2 launch` stops its processes with exactly these signals).
 """
 
 from __future__ import annotations
@@ -180,7 +188,9 @@ def _reexec_with_ros_env(command: list[str]) -> int:
         try:
             return child.wait()
         except KeyboardInterrupt as stop:  # SIGINT or SIGTERM: the child stops its nodes and exits by itself
-            child.send_signal(stop.signum if isinstance(stop, Stopped) else signal.SIGINT)
+            signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
+            log.debug("passing %s on to the replay child %d", signal.Signals(signum).name, child.pid)
+            child.send_signal(signum)
 
 
 def resolve_topics(args: argparse.Namespace, cards: list[ModelCard]) -> TopicConfig:
