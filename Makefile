@@ -17,10 +17,11 @@ demo: setup
 test: setup
 	source scripts/ros_env.sh && ACTDISTILL_REQUIRE_ROS=1 ACTDISTILL_REQUIRE_SIM=1 $(PY) -m pytest -q $(TESTS)
 
-# The suite without the tests that start ROS 2 node processes or drive the simulator (markers set
-# in test/conftest.py): a few minutes on two cores, for the edit-test loop; `make test` runs everything.
+# The suite without the tests that start ROS 2 node processes, drive the simulator or train in
+# several processes (markers set in test/conftest.py), for the edit-test loop; `make test` runs everything.
 test-fast: setup
-	source scripts/ros_env.sh && ACTDISTILL_REQUIRE_ROS=1 $(PY) -m pytest -q -m "not slow_ros and not sim" $(TESTS)
+	source scripts/ros_env.sh && ACTDISTILL_REQUIRE_ROS=1 \
+	    $(PY) -m pytest -q -m "not slow_ros and not sim and not multiprocess" $(TESTS)
 
 bench: setup
 	$(VENV)/bin/actdistill bench --json

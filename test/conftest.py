@@ -1,9 +1,10 @@
 """Test-session defaults: ROS traffic stays on loopback, logs go to a temp dir, CPU threads capped.
 
-Markers by module (pytest_collection_modifyitems), so `make test-fast` (-m "not slow_ros and not
-sim") can leave out the tests that start ROS 2 node processes or drive the simulator:
+Markers by module or test name (pytest_collection_modifyitems), so that `make test-fast` can leave
+out the slowest tests without their files naming a marker:
 - slow_ros: the module starts policy/sim nodes, launch checks or rigs as processes over DDS;
-- sim: the module (or a test marked so itself) runs the Meta-World simulator.
+- sim: the module (or a test marked so itself) runs the Meta-World simulator;
+- multiprocess: a training run in several processes (DDP/FSDP) or killed with SIGKILL and resumed.
 A module that needs the simulator and cannot import it skips, or fails with
 ACTDISTILL_REQUIRE_SIM=1 (sim_harness.py), as `make test` sets it.
 """
@@ -26,6 +27,11 @@ SLOW_ROS_MODULES = frozenset({
     "test_policy_node", "test_policy_node_modes", "test_replay_eval", "test_sim_arm_node", "test_soak",
 })
 SIM_MODULES = frozenset({"test_demo", "test_sim_arm_node", "test_sim_metaworld"})
+MULTIPROCESS_TESTS = frozenset({
+    ("test_distill", "test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result"),
+    ("test_distill", "test_two_processes_agree_with_one_process"),
+    ("test_hf_vla", "test_a_teacher_run_killed_with_sigkill_resumes_to_the_uninterrupted_result"),
+})
 
 
 def pytest_configure(config):
@@ -33,6 +39,8 @@ def pytest_configure(config):
                             "cuda: needs a CUDA device (skipped without one); scripts/gpu_check.sh runs them")
     config.addinivalue_line("markers", "slow_ros: starts ROS 2 nodes or rigs as processes (left out by make test-fast)")
     config.addinivalue_line("markers", "sim: runs the Meta-World simulator (left out by make test-fast)")
+    config.addinivalue_line("markers", "multiprocess: trains in several processes or kills and resumes one "
+                                       "(left out by make test-fast)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -42,6 +50,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow_ros)
         if module in SIM_MODULES:
             item.add_marker(pytest.mark.sim)
+        if (module, getattr(item, "originalname", item.name)) in MULTIPROCESS_TESTS:
+            item.add_marker(pytest.mark.multiprocess)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -147,7 +147,7 @@ def test_layer_by_layer_equals_the_parent_language_model(backbones, family, offl
                          position_ids=vla.position_ids).last_hidden_state
     torch.testing.assert_close(decoder.norm(hidden), parent, atol=1e-5, rtol=1e-5)
     c = vla.config
-    assert encoded.num_tokens == c.num_tokens == 2 * c.image_tokens_per_camera + 8 + 1 + 4
+    assert encoded.tokens.shape[1] == c.num_tokens == 2 * c.image_tokens_per_camera + 8 + 1 + 4
     # Padding is masked (the empty instruction keeps only its BOS), nothing else is.
     language = encoded.segment == 1
     assert encoded.valid[2, language].sum() == 1 and encoded.valid[0, ~language].all()
@@ -210,7 +210,7 @@ def test_layer_flops_equal_torch_flop_counter(backbones, family, offline):
         with counter, sdpa_kernel(SDPBackend.MATH):
             for index in (0, 3, 5):
                 vla.run_layer(index, encoded.tokens, encoded.attention_mask())
-    assert counter.get_total_flops() == pytest.approx(3 * vla.layer_flops(encoded.num_tokens), rel=1e-9)
+    assert counter.get_total_flops() == pytest.approx(3 * vla.layer_flops(encoded.tokens.shape[1]), rel=1e-9)
 
 
 def test_images_must_match_the_camera_layout(backbones):

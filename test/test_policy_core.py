@@ -280,7 +280,7 @@ def test_token_count_comes_from_the_encoders():
     config = VLAConfig.tiny(image_size=48, patch_size=8, max_text_tokens=5, state_dim=0)
     vla = ReferenceVLA(config)
     encoded = vla.encode(torch.zeros(2, 48, 48, 3, dtype=torch.uint8), ["a b", ""], None)
-    assert encoded.num_tokens == config.num_tokens == 36 + 5 + 1
+    assert encoded.tokens.shape[1] == config.num_tokens == 36 + 5 + 1
     assert encoded.valid[0].sum() == 36 + 2 + 1 and encoded.valid[1].sum() == 36 + 0 + 1
 
 
@@ -362,7 +362,7 @@ def test_two_camera_token_layout():
     config = VLAConfig.tiny(image_size=16, patch_size=8, max_text_tokens=5, state_dim=3, num_cameras=2)
     vla = ReferenceVLA(config)
     encoded = vla.encode(torch.zeros(2, 2, 16, 16, 3, dtype=torch.uint8), ["a b", ""], torch.zeros(2, 3))
-    assert encoded.num_tokens == config.num_tokens == 2 * 4 + 5 + 1 + 1
+    assert encoded.tokens.shape[1] == config.num_tokens == 2 * 4 + 5 + 1 + 1
     visual_tokens, visual_valid = encoded.modality_tokens(0)
     assert visual_tokens.shape[1] == 8 and visual_valid is None  # VISUAL: both cameras' patches, no padding
     assert encoded.segment.tolist() == [0] * 8 + [1] * 5 + [2, 3] and encoded.readout_span == slice(14, 15)
@@ -392,7 +392,7 @@ def test_shipped_single_camera_weights_keep_the_single_camera_layout():
         encoded = vla.encode(pixels, instructions, torch.from_numpy(states))
         unit = pixels.permute(0, 3, 1, 2).float() / 255.0 * 2.0 - 1.0
         visual = vla.patch_embed(unit).flatten(2).transpose(1, 2) + vla.visual_pos
-    assert encoded.num_tokens == config.num_patches + config.max_text_tokens + 2
+    assert encoded.tokens.shape[1] == config.num_patches + config.max_text_tokens + 2
     # encode computes the patch embedding as one matmul over patch rows: the conv's function, up to
     # float summation order.
     torch.testing.assert_close(encoded.tokens[:, : config.num_patches], visual, atol=2e-5, rtol=1e-5)

@@ -22,14 +22,6 @@ class EncodedObservation:
     spans: dict[int, slice]  # the positions of each modality (see segment_spans), known on the host
     padded: frozenset[int]  # the modalities that may hold padding tokens; every other token is valid
 
-    @property
-    def batch_size(self) -> int:
-        return self.tokens.shape[0]
-
-    @property
-    def num_tokens(self) -> int:
-        return self.tokens.shape[1]
-
     def attention_mask(self) -> Tensor:
         """(B, 1, 1, N) bool: True where a key may be attended to."""
         return self.valid[:, None, None, :]
