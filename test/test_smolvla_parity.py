@@ -264,6 +264,17 @@ def test_noise_of_the_wrong_shape_is_one_line(tmp_path, capsys):
     assert "noise" in err and "[2, 8, 32]" in err
 
 
+def test_uint8_pixels_are_one_line(tmp_path, capsys):
+    batch = load_file(str(FIXTURES / "cross_attn" / "batch.safetensors"))
+    batch["observation.images.top"] = (batch["observation.images.top"] * 255).to(torch.uint8)
+    path = tmp_path / "batch.safetensors"
+    save_file(batch, str(path))
+    code = cli(["predict", "--policy", str(FIXTURES / "cross_attn" / "policy"), "--batch", str(path), "--task", "x",
+                "--out", str(tmp_path / "o.safetensors"), "--vlm-processor", str(PROCESSOR)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "observation.images.top" in err and "uint8" in err
+
+
 def test_missing_camera_is_one_line(tmp_path, capsys):
     batch = load_file(str(FIXTURES / "cross_attn" / "batch.safetensors"))
     del batch["observation.images.wrist"]

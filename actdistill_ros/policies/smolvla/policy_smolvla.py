@@ -134,6 +134,9 @@ class SmolVLAPolicy:
             if key not in batch:
                 missing.append(key)
                 continue
+            if not batch[key].is_floating_point():
+                raise ProcessorError(f"{key}: expected float pixels in [0, 1] (LeRobot's convention), got "
+                                     f"{str(batch[key].dtype).removeprefix('torch.')}")
             image = batch[key].to(torch.float32)
             image = image[:, -1] if image.ndim == 5 else image
             if image.ndim != 4 or image.shape[:2] != (size, 3):
