@@ -57,10 +57,10 @@ CASES = {
         action_norm="MIN_MAX", state_norm="MIN_MAX", task="open the top drawer", batch=2, vlm="processor"),
     "self_attn": dict(
         doc="joint self-attention in every layer, an empty (missing) camera, a prefix padded to "
-            "prefix_length, expert width 0.5",
-        config=dict(attention_mode="self_attn", num_vlm_layers=3, empty_cameras=1, prefix_length=40, expert_width_multiplier=0.5,
-                    num_steps=4),
-        action_norm="MEAN_STD", state_norm="MEAN_STD", task="Pick Up The Cube!", batch=2, vlm="processor"),
+            "prefix_length, expert width 0.5, quantile (q01/q99) state",
+        config=dict(attention_mode="self_attn", num_vlm_layers=3, empty_cameras=1, prefix_length=40,
+                    expert_width_multiplier=0.5, num_steps=4),
+        action_norm="MEAN_STD", state_norm="QUANTILES", task="Pick Up The Cube!", batch=2, vlm="processor"),
     "bf16_vlm": dict(
         doc="load_vlm_weights=true, as in a policy fine-tuned from smolvla_base: LeRobot then runs the VLM "
             "and the expert in bfloat16 (its pretrained-VLM load), the projections in float32",
@@ -68,8 +68,8 @@ CASES = {
         task="push the green button", batch=2, vlm="processor"),
     "text_bf16": dict(
         doc="a VLM config whose text entry says torch_dtype bfloat16: LeRobot's text layers and expert "
-            "run in bfloat16, its vision tower and projections in float32",
-        config=dict(num_vlm_layers=2), action_norm="MEAN_STD", state_norm="MEAN_STD",
+            "run in bfloat16, its vision tower and projections in float32; q10/q90 quantile action",
+        config=dict(num_vlm_layers=2), action_norm="QUANTILE10", state_norm="MEAN_STD",
         task="stack the blue block on the yellow block", batch=2, vlm="processor_text_bf16"),
 }
 # (H, W): one camera smaller and one larger than the model's input, of different aspect ratios.
@@ -157,11 +157,14 @@ def randomize(module: torch.nn.Module, generator: torch.Generator) -> None:
                 parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
 
 
-def stats_for(mode: str, dim: int, generator: torch.Generator) -> dict:
-    if mode == "MEAN_STD":
-        return {"mean": torch.randn(dim, generator=generator), "std": 0.3 + 2 * torch.rand(dim, generator=generator)}
+def stats_for(dim: int, generator: torch.Generator) -> dict:
+    """Every statistic a LeRobot dataset records, all different, so the mode picks its own."""
     low = -2 + torch.rand(dim, generator=generator)
-    return {"min": low, "max": low + 0.5 + 3 * torch.rand(dim, generator=generator)}
+    width = 0.5 + 3 * torch.rand(dim, generator=generator)
+    quantiles = {f"q{q:02d}": low + width * (q / 100 + 0.02 * torch.rand(dim, generator=generator))
+                 for q in (1, 10, 90, 99)}
+    return {"mean": torch.randn(dim, generator=generator), "std": 0.3 + 2 * torch.rand(dim, generator=generator),
+            "min": low, "max": low + width, **quantiles}
 
 
 def make_case(name: str, spec: dict, out: Path, seed: int) -> None:
@@ -185,8 +188,7 @@ def make_case(name: str, spec: dict, out: Path, seed: int) -> None:
         **({"chunk_size": 8, "n_action_steps": 8, "num_vlm_layers": 4, "load_vlm_weights": False} | spec["config"]))
     policy = SmolVLAPolicy(config)
     randomize(policy, generator)
-    stats = {"observation.state": stats_for(spec["state_norm"], STATE_DIM, generator),
-             "action": stats_for(spec["action_norm"], ACTION_DIM, generator)}
+    stats = {"observation.state": stats_for(STATE_DIM, generator), "action": stats_for(ACTION_DIM, generator)}
     # Image stats are present as in a real dataset; the VISUAL identity mapping leaves images alone.
     for key in CAMERAS:
         stats[key] = {"mean": torch.full((3, 1, 1), 0.5), "std": torch.full((3, 1, 1), 0.25),
