@@ -6,10 +6,11 @@
 
 Safe start: the node starts with output disabled (enable_output false): it infers and publishes
 RouterStats, ActionChunk and diagnostics, and commands nothing, until `ros2 param set /policy_node
-enable_output true` or a launch with enable_output:=true. camera_topics lists the cameras in the
-order the policy takes them (default: the card's camera_names, else /camera/image_raw);
-camera_transports gives each its transport (raw: sensor_msgs/Image, compressed: CompressedImage),
-one per camera or one for all (default raw). lifecycle:=true starts the managed node
+enable_output true` or a launch with enable_output:=true (the launch argument wins over an
+enable_output in params_file). camera_topics lists the cameras in the order the policy takes them
+(default: the card's camera_names, else /camera/image_raw); camera_transports gives each its
+transport (raw: sensor_msgs/Image, compressed: CompressedImage), one per camera or one for all
+(default raw). lifecycle:=true starts the managed node
 (policy_lifecycle_node, same name and parameters): it waits unconfigured until `ros2 lifecycle set
 /policy_node configure`, then `... activate`; autostart:=true has the launch do both (it does not
 enable output). Every other parameter comes from params_file (default: the package's

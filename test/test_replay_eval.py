@@ -780,11 +780,11 @@ def test_replay_publishes_only_the_policy_inputs_never_the_actions(policies, tmp
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import Image, JointState
 
-    images = _frames(16)
+    images = np.concatenate([_frames(16)] * 3)  # 3.6 s at the recorded timing: time to watch the graph
     topics = TopicConfig()  # /camera/image_raw, /instruction, /joint_states, /action (JointState)
     bag = write_episode_bag(tmp_path / "full_recording", images=images, instruction=INSTRUCTION,
-                            states=np.zeros((FRAMES, 4)), actions=np.zeros((FRAMES, 4)), topics=topics, fps=10.0,
-                            action_names=["a0", "a1", "a2", "a3"])
+                            states=np.zeros((len(images), 4)), actions=np.zeros((len(images), 4)), topics=topics,
+                            fps=10.0, action_names=["a0", "a1", "a2", "a3"])
     from actdistill_ros.ros.launch_arguments import replay_node_parameters
 
     domain = reserve_domain()
@@ -802,12 +802,19 @@ def test_replay_publishes_only_the_policy_inputs_never_the_actions(policies, tmp
                                str(policies["student"]), "--attach", "policy_node", "--rate", "1.0", "--out", str(out),
                                "--startup-timeout", "60"], cwd=REPO_ROOT, env=node_environment(domain, tmp_path / "log"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    from rclpy.node import NodeNameNonExistentError
+
     published: set[str] = set()
+    seen_node = False
     try:
         while replay.poll() is None:  # every topic replay_eval's node publishes, for as long as it runs
             for name, namespace in watcher.node.get_node_names_and_namespaces():
                 if name == f"replay_eval_{replay.pid}":
-                    published |= {t for t, _ in watcher.node.get_publisher_names_and_types_by_node(name, namespace)}
+                    seen_node = True
+                    try:
+                        published |= {t for t, _ in watcher.node.get_publisher_names_and_types_by_node(name, namespace)}
+                    except NodeNameNonExistentError:  # it left the graph between the two calls
+                        pass
             time.sleep(0.05)
         stdout, stderr = replay.communicate(timeout=30)
     finally:
@@ -817,6 +824,7 @@ def test_replay_publishes_only_the_policy_inputs_never_the_actions(policies, tmp
     try:
         assert replay.returncode == 0, stderr[-3000:]
         assert _report(subprocess.CompletedProcess(replay.args, 0, stdout, stderr), out)
+        assert seen_node, "replay_eval's node never appeared in the ROS graph"
         assert published - {"/rosout", "/parameter_events"} == {topics.camera_topic, topics.command_topic}
         assert len(frames.messages()) >= FRAMES // 2  # the watcher hears what is played ...
         assert actions.messages() == [] and states.messages() == []  # ... and nothing on /action or /joint_states
