@@ -913,3 +913,14 @@ def test_a_re_executed_replay_passes_the_stop_on_to_its_child(policies, tmp_path
     assert f"passing SIGTERM on to the replay child {child}" in stderr
     assert stderr.count("stopped by SIGTERM before the end of the replay; no report written") == 1
     assert not Path(f"/proc/{child}").exists() and not (tmp_path / "report").exists()
+
+
+def test_bags_that_differ_in_a_cameras_transport_fail_with_one_line(two_camera_policies, mixed_bag, tmp_path, capfd):
+    """Cameras of one bag may differ; bags of one run may not (one node, one camera.transports, serves them)."""
+    bag, _, _ = mixed_bag
+    raw_bag = tmp_path / "raw_two"  # the same recording with both cameras raw (written by mixed_bag)
+    out = tmp_path / "report"
+    line = _one_line_failure(capfd, [raw_bag, bag, "--weights", two_camera_policies["student"], "--out", out])
+    assert line.startswith("replay_eval: error: bags differ in camera transports")
+    assert f"{raw_bag}: ['raw', 'raw']; {bag}: ['raw', 'compressed']" in line and "separate runs" in line
+    assert not out.exists()
