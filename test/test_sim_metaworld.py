@@ -121,6 +121,47 @@ def test_task_list_parsing():
         parse_task_list(" , ")
 
 
+def test_the_simulator_clips_actions_the_policy_does_not(tmp_path):
+    """The policy returns its chunk as predicted (no clamp); an evaluation episode on Meta-World
+    must still move the arm within the action space: the same episode with the chunk clipped to
+    [-1, 1] beforehand is step for step the same."""
+    import torch
+
+    from actdistill_ros.policies.vla import ReferenceVLA, VLAConfig
+    from actdistill_ros.policy import Policy, make_card, save_model
+    from actdistill_ros.weights import ActionSpace
+
+    torch.manual_seed(0)
+    vla = ReferenceVLA(VLAConfig.tiny(image_size=SIZE, state_dim=4, action_dim=4))
+    stats = {"action_mean": [0.0] * 4, "action_std": [1e3] * 4, "state_mean": [0.0] * 4, "state_std": [1.0] * 4}
+    save_model(tmp_path / "loud", vla, make_card(vla, ActionSpace.metaworld(), norm_stats=stats))
+    policy = Policy.load(tmp_path / "loud", device="cpu")
+
+    class Clipped:
+        card, threshold = policy.card, policy.threshold
+
+        def predict(self, images, instruction, state=None):
+            out = policy.predict(images, instruction, state)
+            out.actions = np.clip(out.actions, -1.0, 1.0)
+            return out
+
+    chunks, states = {}, {}
+    for name, predictor in (("as predicted", policy), ("clipped", Clipped())):
+        task = MetaWorldTask("reach", image_size=SIZE, horizon=12)
+        try:
+            task.reset(EVAL_SEED_BASE)
+            start = task.observe()[1].copy()
+            outcome, _ = evaluate_mod.run_episode(predictor, task, seed=EVAL_SEED_BASE, execute_steps=4)
+            chunks[name] = predictor.predict(*task.observe()[:1], "reach the goal", task.observe()[1]).actions
+            states[name] = task.observe()[1]
+        finally:
+            task.close()
+        assert outcome.steps == 12
+    assert np.abs(chunks["as predicted"]).max() > 1.0, "the chunk must leave [-1, 1] for this test"
+    assert np.abs(states["clipped"][:3] - start[:3]).max() > 0.01, "the actions must move the hand"
+    np.testing.assert_array_equal(states["as predicted"], states["clipped"])
+
+
 def test_expert_succeeds_on_reach_within_horizon(reach):
     for seed in (0, 1):
         reach.reset(seed)
