@@ -111,6 +111,14 @@ def test_bounds_are_the_card_times_scale_narrowed_by_the_parameters():
     np.testing.assert_allclose(limits.to_physical(np.array([[5.0, -5.0, 0.5, 3.0]])), [[0.05, -0.1, 0.05, 1.0]])
 
 
+def test_chunks_keep_their_shape_within_the_box_and_speed_limits_bite_per_command():
+    """to_physical (what ActionChunk reports) clips to the bounds only; each command is speed-limited."""
+    limits = ActionLimits.build("ee_twist", twist_space(3), LimitSettings(max_linear_velocity=0.25), 10.0)
+    chunk = limits.to_physical(np.array([[0.9, 0.9, 0.9, 0.5], [3.0, 0.0, 0.0, 0.5]]))
+    np.testing.assert_allclose(chunk, [[0.9, 0.9, 0.9, 0.5], [1.0, 0.0, 0.0, 0.5]])
+    assert np.linalg.norm(limits.step(chunk[0], None)[:3]) == pytest.approx(0.25)
+
+
 def test_a_unit_the_mode_cannot_command_needs_a_scale():
     space = twist_space(3, units=["normalized"] * 3)
     with pytest.raises(ValueError, match=r"'v0' has unit 'normalized'.*set action.scale"):

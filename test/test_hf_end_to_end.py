@@ -215,7 +215,7 @@ def test_policy_node_acts_on_both_cameras_and_holds_when_one_stops(paligemma_stu
         streamers = [scene, wrist, joints]
         node = start_policy_node(paligemma_student, domain, tmp_path, params={
             "topics.cameras": CAMERAS, "watchdog.max_image_age_s": AGE, "watchdog.max_state_age_s": AGE,
-            "device": "cpu"})
+            "device": "cpu", "action.scale": [0.1, 0.1, 0.1, 1.0], "enable_output": True})
         for streamer in streamers:
             streamer.resume()
 

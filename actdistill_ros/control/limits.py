@@ -200,23 +200,29 @@ class ActionLimits:
         return np.array([i for i in range(self.low.size) if i != self.gripper_index], dtype=int)
 
     def to_physical(self, actions: np.ndarray) -> np.ndarray:
-        """Model outputs (H, D) in card units -> physical commands within the bounds."""
-        actions = np.asarray(actions, dtype=np.float64)
-        return np.stack([self.bound(a) for a in actions * self.scale]) if actions.ndim == 2 \
-            else self.bound(actions * self.scale)
+        """Model outputs (H, D) in card units -> physical values within the bounds (the box; speed
+        limits bite per command, in ``step``)."""
+        return self._box(np.asarray(actions, dtype=np.float64) * self.scale)
 
     def bound(self, command: np.ndarray) -> np.ndarray:
         """One physical command (D,) inside the bounds: ee_twist also within the speed limits, ee_pose
         with a unit quaternion (unchanged when it has none: the caller refuses it)."""
-        out = np.clip(command, self.low, self.high)
-        arm = self.arm
+        out = self._box(np.asarray(command, dtype=np.float64))
         if self.mode == "ee_twist":
+            arm = self.arm
             out[arm[:3]] = _clip_norm(out[arm[:3]], self.max_linear_velocity)
             if arm.size == 6:
                 out[arm[3:]] = _clip_norm(out[arm[3:]], self.max_angular_velocity)
-        elif self.mode == "ee_pose":
-            quaternion = unit_quaternion(np.asarray(command, np.float64)[arm[3:7]])
-            out[arm[3:7]] = command[arm[3:7]] if quaternion is None else quaternion
+        return out
+
+    def _box(self, physical: np.ndarray) -> np.ndarray:
+        """Within low/high per dimension; ee_pose quaternions of any length made unit ones."""
+        out = np.clip(physical, self.low, self.high)
+        if self.mode == "ee_pose":
+            quaternion = self.arm[3:7]
+            norms = np.linalg.norm(physical[..., quaternion], axis=-1, keepdims=True)
+            out[..., quaternion] = np.where(norms > 1e-6, physical[..., quaternion] / np.maximum(norms, 1e-6),
+                                            physical[..., quaternion])
         return out
 
     # ---------------------------------------------------------------- one control period
