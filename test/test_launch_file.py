@@ -332,13 +332,25 @@ def test_yaml_values_equal_the_declared_defaults(node_defaults):
         assert value == default and type(value) is type(default), f"{name}: yaml {value!r}, node default {default!r}"
 
 
+def _pair(a: str, b: str) -> bool:
+    """Parameter names that differ in one word only (max_linear_velocity, max_angular_velocity)."""
+    words_a, words_b = a.split("_"), b.split("_")
+    return len(words_a) == len(words_b) and sum(x != y for x, y in zip(words_a, words_b)) == 1
+
+
 def test_every_yaml_parameter_has_a_comment():
+    """A comment directly above each parameter; a pair such as max_linear_/max_angular_velocity may share one."""
     lines = POLICY_YAML.read_text().splitlines()
-    leaf = re.compile(r"^\s+[\w.]+:\s*\S")  # `key: value` (sections end with a bare colon)
+    leaf = re.compile(r"^\s+([\w.]+):\s*\S")  # `key: value` (sections end with a bare colon)
     for index, line in enumerate(lines):
         if leaf.match(line) and not line.strip().startswith("#"):
-            previous = next(lines[i] for i in range(index - 1, -1, -1) if lines[i].strip())
-            assert previous.strip().startswith("#"), f"config/policy.yaml line {index + 1} has no comment: {line}"
+            above = [i for i in range(index - 1, -1, -1) if lines[i].strip()][:2]
+            documented = lines[above[0]].strip().startswith("#")
+            shared = (not documented and leaf.match(lines[above[0]]) and len(above) == 2
+                      and lines[above[1]].strip().startswith("#")
+                      and _pair(leaf.match(lines[above[0]]).group(1), leaf.match(line).group(1)))
+            assert documented or shared, f"config/policy.yaml line {index + 1} has no comment: {line}"
+    assert _pair("max_linear_velocity", "max_angular_velocity") and not _pair("max_linear_velocity", "frame_id")
 
 
 def test_lifecycle_transition_labels_are_what_autostart_matches(tmp_path):
