@@ -233,6 +233,8 @@ def replay_node_parameters(weights: str, device: str, cameras: list[str], transp
         "weights_path": weights,
         "device": device,
         "enable_output": False,
+        # Recorded stamps lie in the past: a dry run judges input ages by receipt (refused with output on).
+        "watchdog.age_from": "receipt",
         "topics.cameras": list(cameras),
         "camera.transports": list(transports),
         "topics.command": command_topic,

@@ -62,6 +62,8 @@ class SpawnedNode:
         threshold = args.threshold if role == "student" and args.threshold is not None else card.default_threshold
         params = {
             "weights_path": str(weights), "device": args.device, "enable_output": False,
+            # Recorded stamps lie in the past: a dry run judges input ages by receipt (refused with output on).
+            "watchdog.age_from": "receipt",
             "camera.transports": plan.camera_transports(),  # per camera, from the bag's message types
             "topics.cameras": [publish_as[camera] for camera in plan.camera_topics],
             "topics.command": publish_as[plan.command_topic],
