@@ -278,8 +278,14 @@ def distill_student(teacher: ReferenceVLA, teacher_heads: LayerHeads, demos: Dem
 # ---- entry point -----------------------------------------------------------------------------
 def run_distillation(teacher_path: Path, data: list[Path], out_dir: Path, config: DistillConfig,
                      topics: TopicConfig | None = None, stage: str = "all", resume: bool = False,
-                     device: str = "auto") -> Path | None:
-    """Run stage 1 and/or 2; returns the student weights directory when stage 2 ran."""
+                     device: str = "auto", vlm_processor: Path | None = None) -> Path | None:
+    """Run stage 1 and/or 2; returns the student weights directory when stage 2 ran. A LeRobot
+    SmolVLA teacher directory (config.json "type": "smolvla") goes to policies/smolvla/distill_smolvla.py."""
+    from actdistill_ros.policies.smolvla import is_smolvla_dir
+    if is_smolvla_dir(teacher_path):
+        from actdistill_ros.policies.smolvla.distill_smolvla import run_smolvla_distillation
+        return run_smolvla_distillation(teacher_path, data, out_dir, config, topics, stage, resume, device,
+                                        vlm_processor)
     ctx = init_distributed(device)
     out_dir = Path(out_dir)
     teacher_policy = Policy.load(teacher_path, device="cpu")
@@ -390,6 +396,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--stage", choices=["all", "probe", "distill"], default="all")
     p.add_argument("--resume", action="store_true", help="continue a killed run in --out")
     p.add_argument("--device", default="auto")
+    p.add_argument("--vlm-processor", type=Path, default=None,
+                   help="SmolVLA teacher: a directory with the VLM's config.json and tokenizer (default: the "
+                        "Hugging Face cache of the config's vlm_model_name, offline)")
     p.add_argument("--probe-steps", type=int)
     p.add_argument("--distill-steps", type=int)
     p.add_argument("--batch-size", type=int, help="global batch for both stages")
@@ -416,5 +425,5 @@ def run(args: argparse.Namespace) -> int:
                  "seed": args.seed, "fsdp": args.fsdp}
     config = DistillConfig.from_yaml(args.config, overrides)
     run_distillation(args.teacher, args.data, args.out, config, topics_from_args(args), args.stage, args.resume,
-                     args.device)
+                     args.device, args.vlm_processor)
     return 0

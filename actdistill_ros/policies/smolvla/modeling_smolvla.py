@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+from actdistill_ros.policies.observation import LANGUAGE, STATE, VISUAL
 from actdistill_ros.policies.smolvla.configuration_smolvla import SmolVLAConfig, SmolVLAConfigError
 
 ROPE_WAVELENGTH = 10_000  # LeRobot's apply_rope constant (not the text config's rope_theta)
@@ -44,6 +45,7 @@ LEROBOT_PREFIXES = (("model.vlm_with_expert.vlm.model.", "vlm."), ("model.vlm_wi
                     ("model.", ""))
 LM_HEAD = "model.vlm_with_expert.vlm.lm_head.weight"  # saved by LeRobot, never used to predict actions
 EMBED_TOKENS = "vlm.text_model.embed_tokens.weight"
+PADDING = 4  # Prefix.segments of a fixed-length prefix's filler (after the observation.py modalities)
 
 
 class WeightsMismatch(ValueError):
@@ -128,6 +130,9 @@ class Prefix:
     embeddings: Tensor  # (B, P, W)
     pad_masks: Tensor  # (B, P) bool: real tokens
     att_masks: Tensor  # (B, P) bool: True where a new attention block starts (the state token)
+    # Host-side modality of each position (observation.py's VISUAL / LANGUAGE / STATE, PADDING for a
+    # fixed-length prefix's filler), so that a router pools each modality without reading the device.
+    segments: tuple[int, ...] = ()
 
     def context(self, head_dim: int) -> "PrefixContext":
         positions = torch.cumsum(self.pad_masks, dim=1) - 1
@@ -312,7 +317,7 @@ class SmolVLAModel(nn.Module):
     # ---- prefix ----------------------------------------------------------------------------------
     def embed_prefix(self, images: list[Tensor], image_masks: list[Tensor], lang_tokens: Tensor,
                      lang_masks: Tensor, state: Tensor) -> Prefix:
-        embeddings, pad_masks, att_masks = [], [], []
+        embeddings, pad_masks, att_masks, segments = [], [], [], []
         batch = state.shape[0]
 
         def special(ids: Tensor) -> None:
@@ -320,6 +325,7 @@ class SmolVLAModel(nn.Module):
             embeddings.append(tokens)
             pad_masks.append(torch.ones(batch, len(ids), dtype=torch.bool, device=tokens.device))
             att_masks.extend([0] * len(ids))
+            segments.extend([VISUAL] * len(ids))
 
         for pixels, valid in zip(images, image_masks):
             if self.config.add_image_special_tokens:
@@ -329,15 +335,18 @@ class SmolVLAModel(nn.Module):
             embeddings.append(tokens)
             pad_masks.append(valid[:, None].expand(batch, tokens.shape[1]))
             att_masks.extend([0] * tokens.shape[1])
+            segments.extend([VISUAL] * tokens.shape[1])
             if self.config.add_image_special_tokens:
                 special(self.image_end_ids)
         language = self.embed_tokens(lang_tokens)
         embeddings.append(language * math.sqrt(language.shape[-1]))
         pad_masks.append(lang_masks)
         att_masks.extend([0] * language.shape[1])
+        segments.extend([LANGUAGE] * language.shape[1])
         embeddings.append(self.state_proj(state)[:, None, :])
         pad_masks.append(torch.ones(batch, 1, dtype=torch.bool, device=state.device))
         att_masks.append(1)  # image and language tokens do not see the state
+        segments.append(STATE)
 
         embeddings, pad_masks = torch.cat(embeddings, dim=1), torch.cat(pad_masks, dim=1)
         att = torch.tensor(att_masks, dtype=torch.bool, device=pad_masks.device)[None]
@@ -347,7 +356,8 @@ class SmolVLAModel(nn.Module):
             embeddings = F.pad(embeddings, (0, 0, 0, extra))
             pad_masks = F.pad(pad_masks, (0, extra), value=False)
             att = F.pad(att, (0, extra), value=False)
-        return Prefix(embeddings, pad_masks, att.expand(batch, -1))
+            segments.extend([PADDING] * extra)
+        return Prefix(embeddings, pad_masks, att.expand(batch, -1), tuple(segments))
 
     def vlm_layer(self, index: int, hidden: Tensor, context: PrefixContext,
                   need_output: bool = True) -> tuple[Tensor | None, LayerKV]:

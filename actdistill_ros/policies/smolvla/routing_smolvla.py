@@ -1,0 +1,304 @@
+"""ActDistill on a LeRobot SmolVLA: the project's router over the VLM's text layers.
+
+The student is the SmolVLA itself (a copy of the teacher's weights) plus a
+:class:`~actdistill_ros.policies.actdistill.LayerRouter` that reads the embedded prefix (image and
+task tokens) once per chunk and gates the VLM text layers; the vision tower, the projections and
+the action expert always run (METHOD.md, "Flow-matching teachers").
+
+What is routed. The last kept VLM layer never computes its output: the expert reads only its
+keys/values (``SmolVLAModel.run_prefix``). So the router gates the first L - 1 layers (their
+outputs feed the later layers), and keep routing runs ``max(1, round(keep * (L - 1)))`` of them.
+
+A skipped layer still owes its expert layer keys/values. Three ways (``kv_mode``):
+
+- ``project`` (the choice, measured in METHOD.md): project them from the hidden state the skipped
+  layer would have received, which passes through unchanged: one RMSNorm and two projections, about
+  the K/V share of the layer. An executed layer computes its keys/values from that same input, so
+  in this mode a layer's keys/values never depend on whether it runs, and gating is purely the
+  residual ``h <- h + m (F(h) - h)`` on the hidden state.
+- ``reuse``: the previous layer's keys/values (projected when layer 0 is skipped). Free.
+- ``skip_expert``: the paired expert layer is skipped as well (identity on the suffix) in every
+  denoising step; the skipped VLM layer needs no keys/values at all.
+
+Training runs every layer (for gradients) with the gates applied residually; inference runs a
+layer only for the rows whose route includes it, so skipped layers cost what their ``kv_mode``
+says and nothing else.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor, nn
+
+from actdistill_ros.policies.actdistill import RouterConfig, RoutedStudent
+from actdistill_ros.policies.observation import LANGUAGE, VISUAL, EncodedObservation, segment_spans
+from actdistill_ros.policies.smolvla.configuration_smolvla import SmolVLAConfigError
+from actdistill_ros.policies.smolvla.modeling_smolvla import (LayerKV, Prefix, PrefixCache, PrefixContext, Rotary,
+                                                              SmolVLAModel, SuffixContext)
+
+KV_PROJECT, KV_REUSE, KV_SKIP_EXPERT = "project", "reuse", "skip_expert"
+KV_MODES = (KV_PROJECT, KV_REUSE, KV_SKIP_EXPERT)
+
+
+def prefix_observation(prefix: Prefix) -> EncodedObservation:
+    """The embedded prefix as the router reads it: image tokens (with their special tokens) are
+    VISUAL, task tokens LANGUAGE; both may hold padding (an empty camera, padded task tokens)."""
+    if len(prefix.segments) != prefix.embeddings.shape[1]:
+        raise ValueError("the prefix carries no per-position segments (made by an older embed_prefix?)")
+    segment = torch.tensor(prefix.segments, dtype=torch.long)
+    return EncodedObservation(prefix.embeddings, prefix.pad_masks, segment, segment_spans(list(prefix.segments)),
+                              frozenset({VISUAL, LANGUAGE}))
+
+
+def _rows(value, rows: Tensor):
+    """The batch rows ``rows`` of a prefix context, a cache entry or a suffix context."""
+    if isinstance(value, Tensor):
+        return value.index_select(0, rows)
+    if isinstance(value, Rotary):
+        return Rotary(_rows(value.cos, rows), _rows(value.sin, rows))
+    if isinstance(value, PrefixContext):
+        return PrefixContext(_rows(value.mask, rows), _rows(value.rotary, rows))
+    if isinstance(value, LayerKV):
+        return LayerKV(_rows(value.key, rows), _rows(value.value, rows))
+    raise TypeError(type(value))
+
+
+def _merge(full: Tensor | None, part: Tensor, rows: Tensor | None, batch: int) -> Tensor:
+    """``part`` written into rows ``rows`` of ``full`` (created as zeros when None)."""
+    if rows is None:
+        return part
+    if full is None:
+        full = part.new_zeros((batch, *part.shape[1:]))
+    return full.index_copy(0, rows, part)
+
+
+class SmolVLABackbone(nn.Module):
+    """A SmolVLAModel as the router sees a backbone: its width and the number of routed layers."""
+
+    def __init__(self, model: SmolVLAModel):
+        super().__init__()
+        if model.num_vlm_layers < 2:
+            raise SmolVLAConfigError(f"{model.config.source}: routing needs at least 2 VLM layers "
+                                     f"(the last one only gives keys/values), got {model.num_vlm_layers}")
+        self.model = model
+        self.config = SimpleNamespace(width=model.width)
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.num_vlm_layers - 1
+
+
+class RoutedSmolVLA(RoutedStudent):
+    """A SmolVLAModel plus a router over its first L - 1 VLM text layers.
+
+    ``keep_fraction`` > 0 selects keep routing (the top-k layers by gate per observation), 0
+    threshold routing at ``threshold``; ``execute_mask`` and ``train_routes`` are the project's.
+    """
+
+    def __init__(self, model: SmolVLAModel, router_config: RouterConfig, kv_mode: str = KV_PROJECT):
+        super().__init__(SmolVLABackbone(model), router_config)
+        if kv_mode not in KV_MODES:
+            raise ValueError(f"kv_mode must be one of {list(KV_MODES)}, got {kv_mode!r}")
+        self.kv_mode = kv_mode
+
+    @property
+    def model(self) -> SmolVLAModel:
+        return self.vla.model
+
+    @property
+    def num_routed_layers(self) -> int:
+        return self.vla.num_layers
+
+    @classmethod
+    def derive_from(cls, teacher: SmolVLAModel, router_config: RouterConfig, kv_mode: str = KV_PROJECT
+                    ) -> "RoutedSmolVLA":
+        import copy
+        model = copy.deepcopy(teacher)
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return cls(model, router_config, kv_mode).to(teacher.state_proj.weight.device)
+
+    def forward(self, *args, **kwargs):  # RoutedStudent.forward takes reference-VLA inputs
+        raise TypeError("RoutedSmolVLA: use sample_actions(prefix, noise) or gated_prefix(prefix, masks)")
+
+    # ---- training: every layer computed, gated residually -------------------------------------
+    def gated_prefix(self, prefix: Prefix, masks: Tensor | None) -> tuple[PrefixCache, list[Tensor]]:
+        """The prefix cache and the hidden state after each routed layer, with h <- h + m (F(h) - h)
+        (``masks`` (B, L - 1); None runs every layer, the teacher's function). Keys/values of every
+        layer come from its input, as in ``project`` mode (the mode trained here)."""
+        if self.kv_mode != KV_PROJECT and masks is not None:
+            raise ValueError(f"kv_mode {self.kv_mode!r} is an inference-time comparison; students are trained "
+                             f"with kv_mode 'project'")
+        return gated_prefix(self.model, prefix, masks)
+
+    # ---- inference: skipped layers not run -----------------------------------------------------
+    def route(self, prefix: Prefix, threshold: float | None = None, keep_fraction: float | None = None
+              ) -> tuple[Tensor, list[list[bool]]]:
+        """Gates (B, L - 1) and the route as host booleans (the one device read of routing)."""
+        gates, execute = self.execute_mask(prefix_observation(prefix), threshold, keep_fraction)
+        return gates, execute.to("cpu").tolist()
+
+    def run_prefix(self, prefix: Prefix, plan: list[list[bool]] | None) -> tuple[PrefixCache, list[list[bool]] | None]:
+        """The prefix cache with routed layer i run only for the rows whose ``plan[row][i]`` is
+        True (None: all layers, as the teacher). Returns the cache and, for ``skip_expert``, which
+        rows skip which expert layer (per VLM layer index, None otherwise)."""
+        return routed_prefix(self.model, prefix, plan, self.kv_mode)
+
+    def denoise_step(self, noisy_actions: Tensor, time: Tensor, cache: PrefixCache, context: SuffixContext,
+                     expert_skip: list[list[bool]] | None) -> Tensor:
+        return routed_denoise_step(self.model, noisy_actions, time, cache, context, expert_skip)
+
+    def sample_actions(self, prefix: Prefix, noise: Tensor, plan: list[list[bool]] | None = None,
+                       routed: bool = True) -> Tensor:
+        """Normalised chunk (B, chunk, max_action_dim): the router's route (or ``plan``), then the
+        expert's Euler steps. ``routed=False`` runs every layer (the teacher's computation)."""
+        if plan is None and routed:
+            _, plan = self.route(prefix)
+        return sample_routed(self.model, prefix, noise, plan, self.kv_mode)
+
+
+# ---- the functions, usable on a teacher's SmolVLAModel too -------------------------------------
+def gated_prefix(model: SmolVLAModel, prefix: Prefix, masks: Tensor | None) -> tuple[PrefixCache, list[Tensor]]:
+    context = prefix.context(model.head_dim)
+    hidden, layers, hiddens = prefix.embeddings, [], []
+    last = model.num_vlm_layers - 1
+    for index in range(model.num_vlm_layers):
+        output, kv = model.vlm_layer(index, hidden, context, need_output=index < last)
+        layers.append(kv)
+        if index < last:
+            if masks is None:
+                hidden = output
+            else:
+                hidden = hidden + masks[:, index, None, None].to(hidden.dtype) * (output - hidden)
+            hiddens.append(hidden)
+    cross = [model.project_cross_kv(i, kv) for i, kv in enumerate(layers)]
+    return PrefixCache(layers, cross, prefix.pad_masks), hiddens
+
+
+def routed_prefix(model: SmolVLAModel, prefix: Prefix, plan: list[list[bool]] | None, kv_mode: str = KV_PROJECT
+                  ) -> tuple[PrefixCache, list[list[bool]] | None]:
+    if plan is None:
+        return model.run_prefix(prefix), None
+    context = prefix.context(model.head_dim)
+    hidden = prefix.embeddings
+    batch, last = hidden.shape[0], model.num_vlm_layers - 1
+    if len(plan) != batch or any(len(row) != last for row in plan):
+        raise ValueError(f"route: expected {batch} rows of {last} layer decisions")
+    device = hidden.device
+    layers: list[LayerKV | None] = []
+    expert_skip = [[False] * model.num_vlm_layers for _ in range(batch)] if kv_mode == KV_SKIP_EXPERT else None
+    for index in range(last):
+        run = [b for b in range(batch) if plan[b][index]]
+        skip = [b for b in range(batch) if not plan[b][index]]
+        kv_key = kv_value = None
+        run_rows = None if len(run) == batch else torch.tensor(run, dtype=torch.long).to(device, non_blocking=True)
+        skip_rows = None if len(skip) == batch else torch.tensor(skip, dtype=torch.long).to(device, non_blocking=True)
+        new_hidden = hidden
+        if run:
+            part_hidden = hidden if run_rows is None else _rows(hidden, run_rows)
+            part_context = context if run_rows is None else _rows(context, run_rows)
+            output, kv = model.vlm_layer(index, part_hidden, part_context)
+            new_hidden = output if run_rows is None else hidden.index_copy(0, run_rows, output)
+            kv_key, kv_value = _merge(None, kv.key, run_rows, batch), _merge(None, kv.value, run_rows, batch)
+        if skip:
+            mode = KV_PROJECT if kv_mode == KV_REUSE and index == 0 else kv_mode
+            if mode == KV_PROJECT:  # from the input the skipped layer would have received
+                part_hidden = hidden if skip_rows is None else _rows(hidden, skip_rows)
+                part_context = context if skip_rows is None else _rows(context, skip_rows)
+                _, kv = model.vlm_layer(index, part_hidden, part_context, need_output=False)
+            elif mode == KV_REUSE:  # the previous layer's (itself run, projected or reused)
+                previous = layers[index - 1]
+                kv = previous if skip_rows is None else _rows(previous, skip_rows)
+            else:  # skip_expert: nothing to compute; these rows skip the paired expert layer
+                for b in skip:
+                    expert_skip[b][index] = True
+                kv = None
+            if kv is not None:
+                kv_key, kv_value = _merge(kv_key, kv.key, skip_rows, batch), _merge(kv_value, kv.value, skip_rows, batch)
+        layers.append(None if kv_key is None else LayerKV(kv_key, kv_value))
+        hidden = new_hidden
+    _, kv = model.vlm_layer(last, hidden, context, need_output=False)
+    layers.append(kv)
+    cross = []
+    for index, kv in enumerate(layers):
+        if kv is None:  # every row skips this expert layer: neither keys/values nor their projection
+            cross.append(None)
+            continue
+        cross.append(model.project_cross_kv(index, kv))
+    return PrefixCache(layers, cross, prefix.pad_masks), expert_skip
+
+
+def routed_denoise_step(model: SmolVLAModel, noisy_actions: Tensor, time: Tensor, cache: PrefixCache,
+                        context: SuffixContext, expert_skip: list[list[bool]] | None) -> Tensor:
+    """``SmolVLAModel.denoise_step`` with expert layer i the identity for the rows in
+    ``expert_skip[row][i]`` (``skip_expert`` mode); None is exactly the teacher's step."""
+    if expert_skip is None:
+        return model.denoise_step(noisy_actions, time, cache, context)
+    hidden = model.embed_suffix(noisy_actions, time)
+    batch = hidden.shape[0]
+    for index in range(model.num_vlm_layers):
+        skipping = [b for b in range(batch) if expert_skip[b][index]]
+        if len(skipping) == batch:
+            continue
+        output = model.expert_layer(index, hidden, cache, context)
+        if skipping:  # rows whose cache entry is zeros: computed, then discarded
+            keep = torch.tensor([not expert_skip[b][index] for b in range(batch)], device=hidden.device)
+            output = torch.where(keep[:, None, None], output, hidden)
+        hidden = output
+    hidden = model.expert.norm(hidden)[:, -model.config.chunk_size:]
+    return model.action_out_proj(hidden.to(torch.float32))
+
+
+def sample_routed(model: SmolVLAModel, prefix: Prefix, noise: Tensor, plan: list[list[bool]] | None,
+                  kv_mode: str = KV_PROJECT) -> Tensor:
+    cache, expert_skip = routed_prefix(model, prefix, plan, kv_mode)
+    batch, steps = noise.shape[0], model.config.num_steps
+    dt = -1.0 / steps
+    context = model.suffix_context(cache, model.config.chunk_size)
+    x_t = noise
+    for step in range(steps):
+        time = torch.tensor(1.0 + step * dt, dtype=torch.float32, device=noise.device).expand(batch)
+        x_t = x_t + dt * routed_denoise_step(model, x_t, time, cache, context, expert_skip)
+    return x_t
+
+
+def evenly_spaced_plan(num_layers: int, kept: int) -> list[bool]:
+    """``kept`` of ``num_layers`` routed layers spread over depth, always including the last."""
+    if not 1 <= kept <= num_layers:
+        raise ValueError(f"kept layers must be in 1..{num_layers}, got {kept}")
+    chosen = set(torch.linspace(num_layers - 1, 0, kept).round().long().tolist()) if kept > 1 else {num_layers - 1}
+    return [layer in chosen for layer in range(num_layers)]
+
+
+# ---- compute, counted as executed --------------------------------------------------------------
+def chunk_flops(model: SmolVLAModel, prefix: Prefix, images: list[Tensor], plan: list[bool] | None,
+                kv_mode: str = KV_PROJECT) -> dict[str, float]:
+    """FLOPs of one chunk for ONE observation (``prefix`` and ``images`` of batch 1), counted by
+    torch's FlopCounterMode on what actually runs (matrix products and convolutions; norms,
+    softmax and element-wise ops are not counted): the vision tower + connector per camera, the
+    VLM prefix once (with the route ``plan``, None for every layer), and every denoising step of
+    the expert over the cached prefix."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if prefix.embeddings.shape[0] != 1:
+        raise ValueError("chunk_flops counts one observation: pass a prefix of batch 1")
+
+    def counted(fn) -> tuple[float, object]:
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            result = fn()
+        return float(counter.get_total_flops()), result
+
+    vision = [counted(lambda image=image: model.embed_image(image))[0] for image in images]
+    prefix_flops, (cache, expert_skip) = counted(
+        lambda: routed_prefix(model, prefix, None if plan is None else [plan], kv_mode))
+    context = model.suffix_context(cache, model.config.chunk_size)
+    noise = torch.zeros(1, model.config.chunk_size, model.config.max_action_dim, device=prefix.embeddings.device)
+    time = torch.ones(1, device=noise.device)
+    step_flops, _ = counted(lambda: routed_denoise_step(model, noise, time, cache, context, expert_skip))
+    steps = model.config.num_steps
+    return {"vision_per_camera": vision, "vision": sum(vision), "prefix": prefix_flops,
+            "expert_per_step": step_flops, "steps": steps, "expert": step_flops * steps,
+            "total": sum(vision) + prefix_flops + step_flops * steps}
