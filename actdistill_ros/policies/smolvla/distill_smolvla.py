@@ -39,7 +39,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from actdistill_ros.distill.config import DistillConfig
-from actdistill_ros.distill.demos import Demonstrations, check_policy_takes_demos, load_demonstrations
+from actdistill_ros.distill.demos import (Demonstrations, check_policy_takes_demos, demo_cameras,
+                                          load_demonstrations)
 from actdistill_ros.distill.graph_heads import LayerHeads
 from actdistill_ros.distill.losses import (balance_loss, budget_loss, depth_weights, masked_mse, semantic_loss,
                                            triple_action_loss)
@@ -336,6 +337,7 @@ def run_smolvla_distillation(teacher_path: Path, data: list[Path], out_dir: Path
     cameras = [k for k in c.image_features if not k.startswith(IMAGE_PREFIX + "empty_camera_")]
     check_policy_takes_demos(data, topics, str(teacher_path), len(cameras), c.action_dim, c.state_dim,
                              [k[len(IMAGE_PREFIX):] for k in cameras])
+    DemoBatches(teacher, demo_cameras(data, topics))  # the cameras checked before any frame is read
     demos = load_demonstrations(data, topics, None, c.chunk_size, config.val_fraction, config.seed,
                                 progress=ctx.is_main)
     if len(demos.action_names) != c.action_dim:
