@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from actdistill_ros.policies.actdistill import RouterConfig, RoutedStudent
-from actdistill_ros.policy import Policy, create_untrained_policy, make_card
+from actdistill_ros.policy import Policy, create_untrained_policy, make_card, resolve_device
 
 
 def add_parser(subparsers) -> None:
@@ -38,6 +38,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--json", action="store_true", help="print one JSON object only")
+    p.add_argument("--smolvla", choices=["published", "tiny"],
+                   help="instead: one SmolVLA chunk (random weights) at its published size (SmolVLM2-500M, 16 text "
+                        "layers, expert width 0.75, 10 steps, chunk 50, two 512x512 cameras) or a tiny one: FLOPs and "
+                        "time of vision, prefix and expert per --keep-fractions (--iters default 2, --warmup 1)")
+    p.add_argument("--keep-fractions", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25],
+                   help="with --smolvla: VLM layer keep fractions to measure (first 1.0: the speed-up baseline)")
     p.set_defaults(func=run)
 
 
@@ -87,7 +93,25 @@ def derived_student(teacher: Policy, keep: float) -> Policy:
     return Policy(model, student_card, teacher.device, teacher.dtype)
 
 
+def run_smolvla(args: argparse.Namespace) -> dict:
+    from actdistill_ros.policies.smolvla.compute_smolvla import bench_keep_fractions, published_smolvla_model
+
+    if args.smolvla == "published":
+        model = published_smolvla_model()
+    else:
+        from actdistill_ros.policies.smolvla.compute_smolvla import tiny_smolvla_model
+        model = tiny_smolvla_model()
+    iters = 2 if args.iters == 50 else args.iters  # the reference VLA's default would take an hour here
+    warmup = 1 if args.warmup == 10 else args.warmup
+    return bench_keep_fractions(model, args.keep_fractions, iters=iters, warmup=warmup,
+                                device=resolve_device(args.device))
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.smolvla:
+        result = run_smolvla(args)
+        print(json.dumps(result) if args.json else json.dumps(result, indent=1))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         teacher_dir = args.teacher or create_untrained_policy(Path(tmp, "teacher"), args.size, student=False,
                                                               backbone=args.backbone)

@@ -28,8 +28,9 @@ CARD_FILE = "card.json"
 CARD_FORMAT = 1
 PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin"}
 # Teacher families a card can describe (policy.build_model rebuilds each): our reference VLA, and a
-# Hugging Face image-text-to-text backbone whose config and tokenizer live in the weights directory.
-FAMILIES = ("reference_vla", "hf_vla")
+# Hugging Face image-text-to-text backbone whose config and tokenizer live in the weights directory;
+# a LeRobot SmolVLA directory (its card made from its files: actdistill_ros.lerobot_card).
+FAMILIES = ("reference_vla", "hf_vla", "smolvla")
 
 
 class WeightsError(ValueError):

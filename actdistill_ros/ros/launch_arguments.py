@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from actdistill_ros.lerobot_card import LeRobotCardError, camera_topics_of, smolvla_card_json
+
 CARD_FILE = "card.json"  # actdistill_ros.weights.CARD_FILE (that module imports torch)
 TRANSPORTS = ("raw", "compressed")  # the policy node's camera.transports values
 # Units whose values a node can command as they are (a dry run commands nothing, but the node still
@@ -47,6 +49,12 @@ def threshold_override(text: str) -> dict[str, float]:
 def read_card_json(weights: str | Path) -> dict:
     """The card.json of a weights directory (or of the .safetensors file in one), as a dict."""
     path = Path(weights).expanduser()
+    try:  # a LeRobot SmolVLA directory: its card is made from its own files (json + numpy only)
+        synthesized = smolvla_card_json(path)
+    except LeRobotCardError as err:
+        raise ValueError(f"launch argument weights {str(weights)!r}: {err}") from None
+    if synthesized is not None:
+        return synthesized
     card = path / CARD_FILE if path.is_dir() else path.parent / CARD_FILE
     try:
         data = json.loads(card.read_text())
@@ -113,7 +121,8 @@ def card_dry_run_action_scale(weights: str | Path) -> dict[str, list[float]]:
 def camera_topics(text: str, weights: str | None = None) -> list[str]:
     """The camera topics of a ``camera_topics`` launch argument, in the policy's order: topics separated
     by commas or spaces ("/scene,/wrist" or "[/scene, /wrist]"). Empty: the camera_names of the card
-    of ``weights``, else the one default camera."""
+    of ``weights`` (a LeRobot key observation.images.<name> as /<name>/image_raw: lerobot_card.camera_topic),
+    else the one default camera."""
     topics = text.strip().strip("[]").replace(",", " ").split()
     bad = [t for t in topics if not t.startswith("/")]
     if bad:
@@ -123,7 +132,8 @@ def camera_topics(text: str, weights: str | None = None) -> list[str]:
         return topics
     from actdistill_ros.data.config import DEFAULT_CAMERA_TOPIC
 
-    return (list(read_card_json(weights).get("camera_names") or []) if weights else []) or [DEFAULT_CAMERA_TOPIC]
+    names = list(read_card_json(weights).get("camera_names") or []) if weights else []
+    return camera_topics_of(names) or [DEFAULT_CAMERA_TOPIC]
 
 
 def camera_transports(text: str, cameras: list[str]) -> list[str]:
