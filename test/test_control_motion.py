@@ -612,3 +612,23 @@ def test_state_names_are_reordered_and_missing_ones_named():
         select_named([], [1.0, 2.0, 3.0], ["a", "b", "c"])  # the right count is not enough
     with pytest.raises(ValueError, match="2 names for 3 positions"):
         select_named(["a", "b"], [1.0, 2.0, 3.0], ["a"])
+
+
+def test_enabling_output_after_a_dry_run_start_holds_at_the_measured_state_not_the_dry_run_plan():
+    """The node starts with output off; the dry run's plan moves on paper. Enabled, the first tick
+    holds (no chunk from fresh inputs yet): its command is the arm's measured position, not the
+    plan's (which was 0.6 rad away here)."""
+    rig = Rig("joint_state", dim=3, gripper=None, speed=1.0, enable_output=False)
+    for _ in range(6):
+        rig.inputs(measured=[0.0, 0.0, 0.0])
+        rig.chunk(constant(1.0, dim=3))
+        assert rig.tick().arm is None
+    rig.settings(speed=1.0, enable_output=True)
+    rig.clock.advance(0.01)
+    rig.inputs(measured=[0.0, 0.0, 0.0])
+    held = rig.tick()
+    assert held.stop
+    np.testing.assert_allclose(held.arm, [0.0, 0.0, 0.0])
+    rig.inputs(measured=[0.0, 0.0, 0.0])
+    rig.chunk(constant(1.0, dim=3))
+    np.testing.assert_allclose(rig.tick().arm, [0.1, 0.1, 0.1])  # then one step from the arm

@@ -376,6 +376,8 @@ class MotionController:
         self._scheduler.clear()
         self._moving = False
         self._hold_target, self._hold_sent = None, False
+        if self._sent is None:  # a dry run's plan was never commanded: the stop must not start from it
+            self._planned = None
 
     def _reference(self) -> np.ndarray:
         """Where motion ramps from after a hold: the last commanded twist, or the measured position."""
