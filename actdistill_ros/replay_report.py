@@ -1,8 +1,10 @@
-"""Metrics, plots and the on-disk report of a rosbag replay evaluation (no ROS needed).
+"""Metrics, plots and the on-disk report of a replay evaluation (rosbags or LeRobotDataset episodes;
+no ROS needed).
 
 The ROS side (``actdistill_ros.ros.replay``) fills one ``PolicyReplay`` per evaluated policy
 with one ``FrameRecord`` per frame set it sent (one frame per camera, keyed by the first camera's
-stamp) and the stamps of every camera's frames; this module turns them into report.json,
+stamp; ``bag`` names the bag or the dataset episode) and the stamps of every camera's frames; this
+module turns them into report.json,
 report.md and PNG plots, written into a temp directory next to the output and renamed at the end.
 """
 
@@ -296,15 +298,23 @@ def _fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
+def _input_name(entry: dict) -> str:
+    """A report ``bags`` entry's short name: the bag's directory, or the dataset's with its episode."""
+    name = Path(entry["path"]).name
+    return f"{name} episode {entry['episode']}" if "episode" in entry else name
+
+
 def render_markdown(report: dict) -> str:
-    lines = ["# Rosbag replay evaluation", ""]
-    lines += [f"- bags: {', '.join(b['path'] for b in report['bags'])}",
+    datasets = any("episode" in b for b in report["bags"])
+    lines = ["# Replay evaluation" + (" (LeRobotDataset episodes)" if datasets else " (rosbags)"), ""]
+    replayed = [b["path"] + (f" episode {b['episode']}" if "episode" in b else "") for b in report["bags"]]
+    lines += [f"- {'episodes' if datasets else 'bags'}: {', '.join(replayed)}",
               f"- mode: {report['mode']}, rate: {report['rate']}, node: {report.get('node', '-')}", ""]
-    lines += ["## Cameras", "", "In the bags (first camera: its frames are the frame sets):", "",
-              "| bag | camera | type | encoding | resolution | frames |", "|---|---|---|---|---|---|"]
+    lines += ["## Cameras", "", "Replayed (first camera: its frames are the frame sets):", "",
+              "| input | camera | type | encoding | resolution | frames |", "|---|---|---|---|---|---|"]
     for bag in report["bags"]:
         for camera in bag["cameras"]:
-            lines.append(f"| {Path(bag['path']).name} | {camera['topic']} | {camera['type'].rsplit('/', 1)[-1]} | "
+            lines.append(f"| {_input_name(bag)} | {camera['topic']} | {camera['type'].rsplit('/', 1)[-1]} | "
                          f"{camera['encoding']} | {camera['resolution']} | {camera['frames']} |")
     lines += ["", "Sent to the node: frames published / used by an inference (RouterStats source_stamps) / dropped / "
               "inferences that used an older frame than the newest sent with the frame set:", "",

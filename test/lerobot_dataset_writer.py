@@ -80,23 +80,26 @@ def _stats(values: np.ndarray) -> dict[str, list]:
 
 def write_lerobot_dataset(root: Path, lengths: tuple[int, ...] = (10, 12, 14), fps: int = 10,
                           cameras: dict[str, tuple[int, int]] | None = None, codec: str | None = None,
-                          seed: int = 0, gop: int = 2) -> dict[str, Any]:
+                          seed: int = 0, gop: int = 2, action_names: list[str] | None = None,
+                          state_names: list[str] | None = None) -> dict[str, Any]:
     """Write the dataset; returns what was written: per-episode actions, states, frames per camera,
-    task strings, and the codec used."""
+    task strings, and the codec used. ``action_names``/``state_names`` (default ACTION_NAMES,
+    STATE_NAMES) name the features; LeRobot's arms record both with the same joint names."""
     cameras = dict(cameras or CAMERAS)
+    action_names, state_names = list(action_names or ACTION_NAMES), list(state_names or STATE_NAMES)
     codec = codec or video_codec()
     rng = np.random.default_rng(seed)
     episode_tasks = [TASKS[i % 2] for i in range(len(lengths))]
     starts = np.concatenate([[0], np.cumsum(lengths)]).astype(int)
     total = int(starts[-1])
-    actions = rng.normal(0.0, 1.0, (total, len(ACTION_NAMES))).astype(np.float32) * [1.0, 2.0, 0.5, 0.1] + [0, 1, -1, 0.5]
-    actions = actions.astype(np.float32)
-    states = np.cumsum(rng.normal(0.0, 0.1, (total, len(STATE_NAMES))), axis=0).astype(np.float32)
+    spread, offset = np.resize([1.0, 2.0, 0.5, 0.1], len(action_names)), np.resize([0, 1, -1, 0.5], len(action_names))
+    actions = (rng.normal(0.0, 1.0, (total, len(action_names))).astype(np.float32) * spread + offset).astype(np.float32)
+    states = np.cumsum(rng.normal(0.0, 0.1, (total, len(state_names))), axis=0).astype(np.float32)
     frames = {key: np.stack([camera_frame(h, w, n, c) for n in range(total)]) for c, (key, (h, w)) in enumerate(cameras.items())}
 
     features = {
-        "action": {"dtype": "float32", "shape": [len(ACTION_NAMES)], "names": ACTION_NAMES},
-        "observation.state": {"dtype": "float32", "shape": [len(STATE_NAMES)], "names": STATE_NAMES},
+        "action": {"dtype": "float32", "shape": [len(action_names)], "names": action_names},
+        "observation.state": {"dtype": "float32", "shape": [len(state_names)], "names": state_names},
     }
     for key, (h, w) in cameras.items():
         features[key] = {"dtype": "video", "shape": [h, w, 3], "names": ["height", "width", "channels"],

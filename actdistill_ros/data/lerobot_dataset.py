@@ -412,8 +412,16 @@ class LeRobotDatasetReader:
         for entry in self.episodes:
             if entry.index == index:
                 return entry
-        known = ", ".join(str(e.index) for e in self.episodes[:20]) + (" ..." if len(self.episodes) > 20 else "")
-        raise DatasetError(f"{self.root / EPISODES_DIR}: no episode {index}; episodes: {known}")
+        raise DatasetError(f"dataset {self.root}: no episode {index}; {self.episode_range()}")
+
+    def episode_range(self) -> str:
+        """The valid episode indices, in words: ``36 episode(s), indices 0..35`` (or the indices listed,
+        where some are absent)."""
+        indices = [e.index for e in self.episodes]
+        if indices == list(range(indices[0], indices[-1] + 1)):
+            return f"{len(indices)} episode(s), indices {indices[0]}..{indices[-1]}"
+        known = ", ".join(map(str, indices[:20])) + (" ..." if len(indices) > 20 else "")
+        return f"{len(indices)} episode(s), indices {known}"
 
     def data_file(self, entry: EpisodeEntry) -> Path:
         return self.root / self.data_path_template.format(chunk_index=entry.data_chunk_index,

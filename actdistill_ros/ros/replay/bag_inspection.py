@@ -1,4 +1,9 @@
-"""Bag inspection: check a rosbag2 bag against the policies' cards and plan its replay (no ROS needed)."""
+"""Bag inspection: check a rosbag2 bag against the policies' cards and plan its replay (no ROS needed).
+
+A ``BagPlan`` is what the player and the report take: the topics in the policy's order, the frame
+stamps, the recorded actions aligned to them and ``messages()``, the serialized messages to publish
+in order. A LeRobotDataset episode is planned into the same shape (``dataset_episode``).
+"""
 
 from __future__ import annotations
 
@@ -40,7 +45,13 @@ class BagPlan:
 
     @property
     def name(self) -> str:
+        """Keys this input's frames and recorded actions in the report."""
         return str(self.path)
+
+    @property
+    def label(self) -> str:
+        """Short name for progress bars."""
+        return self.path.name
 
     @property
     def frame_topic(self) -> str:
@@ -53,6 +64,23 @@ class BagPlan:
     def camera_transports(self) -> list[str]:
         """The node's camera.transports for this bag: each camera's from its message type."""
         return [transport_of_type(self.camera_types[camera]) for camera in self.camera_topics]
+
+    def messages(self):
+        """(topic, receive_ns, raw CDR) in recorded order, each frame set's first camera last (frame_set_order)."""
+        with Reader(self.path) as reader:
+            connections = [c for c in reader.connections if c.topic in self.topics()]
+            yield from frame_set_order(((c.topic, t, bytes(raw)) for c, t, raw in reader.messages(connections=connections)),
+                                       self.frame_topic)
+
+    def describe(self) -> dict:
+        """This input's entry in the report's ``bags`` list."""
+        return {"path": self.name, "storage": self.storage,
+                "cameras": [{"topic": c, "type": self.camera_types[c], "encoding": self.encoding[c],
+                             "resolution": f"{self.source_hw[c][1]}x{self.source_hw[c][0]}",
+                             "frames": len(self.camera_stamps[c])} for c in self.camera_topics],
+                "frames_with_recorded_action": int(len(self.recorded.stamps_ns)),
+                "frames_dropped_in_alignment": self.alignment_drops,
+                "action_topic": self.action_topic, "action_type": self.action_type}
 
 
 def _bag_error(path: Path, topic: str | None, what: str) -> BagDataError:
@@ -109,17 +137,9 @@ def inspect_bag(path: Path, topics: TopicConfig, cards: list[ModelCard]) -> BagP
     # Recorded actions aligned to the frame sets; also proves every message decodes (corrupt storage,
     # truncated bags, unsupported encodings all fail here, before any node starts).
     episode = read_episode(path, topics, image_size=card.image_size)
-    actions = episode.actions
-    names = list(card.action_space.names)
-    if actions.shape[1] != len(names):
-        raise _bag_error(path, topics.action_topic, f"recorded actions have {actions.shape[1]} dims "
-                                                    f"{episode.action_names}, expected {len(names)} like the policy {names}")
-    if set(episode.action_names) == set(names) and episode.action_names != names:
-        actions = actions[:, [episode.action_names.index(n) for n in names]]  # bag order -> policy order
-    for other in cards[1:]:
-        if list(other.action_space.names) != names or other.state_dim != card.state_dim:
-            raise ValueError(f"teacher and student differ in action names ({list(other.action_space.names)} vs {names}) "
-                             f"or state size ({other.state_dim} vs {card.state_dim}): they cannot be compared")
+    actions = recorded_in_policy_order(episode.actions, episode.action_names, card, lambda what: _bag_error(
+        path, topics.action_topic, what))
+    check_comparable(cards)
 
     from actdistill_ros.data.bag_writer import jazzy_typestore
 
@@ -148,12 +168,30 @@ def inspect_bag(path: Path, topics: TopicConfig, cards: list[ModelCard]) -> BagP
                    alignment_drops={k: v for k, v in episode.dropped_frames.items() if v})
 
 
-def bag_messages(plan: BagPlan):
-    """(topic, receive_ns, raw) in recorded order; among messages with one timestamp the first camera
-    goes last, so the node already has the other cameras' frames, the command and the state that
-    belong to a frame set when its first camera's frame arrives."""
-    with Reader(plan.path) as reader:
-        connections = [c for c in reader.connections if c.topic in plan.topics()]
-        stream = ((c.topic, t, bytes(raw)) for c, t, raw in reader.messages(connections=connections))
-        for _, group in itertools.groupby(stream, key=lambda m: m[1]):
-            yield from sorted(group, key=lambda m: m[0] == plan.frame_topic)
+def frame_set_order(stream, frame_topic: str):
+    """(topic, receive_ns, raw) in time order, and among messages with one timestamp the first camera
+    last, so the node already has the other cameras' frames, the command and the state that belong
+    to a frame set when its first camera's frame arrives."""
+    for _, group in itertools.groupby(stream, key=lambda m: m[1]):
+        yield from sorted(group, key=lambda m: m[0] == frame_topic)
+
+
+def recorded_in_policy_order(actions, recorded_names: list[str], card: ModelCard, error):
+    """The recorded actions with their columns in the policy's order; ``error(what)`` makes the one-line
+    error for recordings of another size."""
+    names = list(card.action_space.names)
+    if actions.shape[1] != len(names):
+        raise error(f"recorded actions have {actions.shape[1]} dims {recorded_names}, expected {len(names)} "
+                    f"like the policy {names}")
+    if set(recorded_names) == set(names) and list(recorded_names) != names:
+        actions = actions[:, [list(recorded_names).index(n) for n in names]]  # recorded order -> policy order
+    return actions
+
+
+def check_comparable(cards: list[ModelCard]) -> None:
+    """Teacher and student replay the same inputs and are compared: same actions, same state size."""
+    card, names = cards[0], list(cards[0].action_space.names)
+    for other in cards[1:]:
+        if list(other.action_space.names) != names or other.state_dim != card.state_dim:
+            raise ValueError(f"teacher and student differ in action names ({list(other.action_space.names)} vs {names}) "
+                             f"or state size ({other.state_dim} vs {card.state_dim}): they cannot be compared")

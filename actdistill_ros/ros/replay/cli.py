@@ -1,7 +1,15 @@
-"""`actdistill replay-eval`: play recorded rosbag2 demos through the policy node and report.
+"""`actdistill replay-eval`: play recorded rosbag2 demos, or LeRobotDataset episodes, through the policy
+node and report.
 
     actdistill replay-eval BAG... --weights W [--teacher T] [--rate 1.0|max] [--out DIR]
+    actdistill replay-eval DATASET_ROOT --episode N [--episode M ...] --weights W [--teacher T] ...
     ros2 run actdistill_ros replay_eval BAG... --weights W ...
+
+A LeRobotDataset v3 root is planned into the same shape as a bag (``dataset_episode``): each camera
+as sensor_msgs/Image rgb8 on /<name>/image_raw (or ``--camera-topic``), the task as the command, the
+state as JointState when the policy takes one, stamped with the episode's timestamps on the replay
+clock, at the dataset's fps times ``--rate``; the recorded actions are the ``action`` feature. The
+player, the node and the report are the bags' own.
 
 Each bag's camera, command and state messages are published over DDS as the raw CDR bytes from
 the bag (no re-encoding) at the recorded timing (``--rate 1.0``, or a multiple) or, with
@@ -53,15 +61,19 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 
 from actdistill_ros.data import TopicConfig, list_bags
+from actdistill_ros.data.lerobot_dataset import is_lerobot_dataset
+from actdistill_ros.lerobot_card import camera_topic
 from actdistill_ros.replay_report import PolicyReplay, write_report
 from actdistill_ros.ros.env import built_messages_path, fastdds_profile_path, reserve_domain_id, ros_environment
 from actdistill_ros.ros.replay import log
 from actdistill_ros.ros.replay.bag_inspection import BagPlan, inspect_bag
+from actdistill_ros.ros.replay.dataset_episode import plan_dataset_episodes
 from actdistill_ros.ros.replay.player import Player
 from actdistill_ros.ros.replay.ros_side import SPAWNED_NODE_NAMES, Pending, ReplayError, RosReplay, SpawnedNode
 from actdistill_ros.weights import ModelCard, load_card
@@ -76,8 +88,8 @@ LATENCY_DEFINITION = (
 
 # ================================================================ command line
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("replay-eval", help="play rosbag2 demos through the policy node and report "
-                                                  "action error, latency and router usage")
+    p = subparsers.add_parser("replay-eval", help="play rosbag2 demos or LeRobotDataset episodes through the policy "
+                                                  "node and report action error, latency and router usage")
     _add_arguments(p)
     p.set_defaults(func=run)
 
@@ -90,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("bags", nargs="+", type=Path, metavar="BAG", help="rosbag2 directory, or a directory of them")
+    p.add_argument("bags", nargs="+", type=Path, metavar="BAG",
+                   help="rosbag2 directory, or a directory of them; or one LeRobotDataset v3 root (with --episode)")
+    p.add_argument("--episode", type=int, action="append", metavar="N",
+                   help="LeRobotDataset root: replay episode N (repeatable; played in the order given)")
     p.add_argument("--weights", type=Path, required=True,
                    help="policy to evaluate (called 'student' in the report); with --attach, the weights the node runs")
     p.add_argument("--teacher", type=Path, help="also replay through this policy and report agreement with it")
@@ -107,7 +122,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--camera-topic", action="append", metavar="TOPIC",
                    help="camera topic in the bag (Image or CompressedImage); repeat once per camera, in the order "
                         "the policy takes them (default: the card's camera_names, else --topics, else "
-                        f"{defaults.camera_topic})")
+                        f"{defaults.camera_topic}). LeRobotDataset: the topics to publish its cameras on "
+                        "(default /<name>/image_raw for observation.images.<name>)")
     p.add_argument("--command-topic", help=f"instruction topic in the bag (std_msgs/String; default {defaults.command_topic})")
     p.add_argument("--state-topic", help="robot state topic in the bag (JointState); used when the policy takes a state "
                                          f"(default {defaults.state_topic})")
@@ -198,8 +214,9 @@ def resolve_topics(args: argparse.Namespace, cards: list[ModelCard]) -> TopicCon
     else the card's camera_names, else --topics (or the default camera); there must be as many as
     the images every policy takes."""
     yaml_cameras = TopicConfig.from_yaml(args.topics).cameras
+    card_cameras = [camera_topic(name) for name in cards[0].camera_names]  # LeRobot keys: /<name>/image_raw
     cameras, source = next((c, s) for c, s in ((args.camera_topic, "--camera-topic"),
-                                                (cards[0].camera_names, f"the camera_names of {args.weights}"),
+                                                (card_cameras, f"the camera_names of {args.weights}"),
                                                 (yaml_cameras, f"the cameras of {args.topics}" if args.topics
                                                  else "the default camera topic")) if c)
     topics = TopicConfig.from_yaml(args.topics, cameras=cameras, command_topic=args.command_topic,
@@ -246,11 +263,16 @@ def _run(args: argparse.Namespace) -> int:
     cards = [load_card(args.weights)]  # WeightsError (a ValueError) names the path
     if args.teacher is not None:
         cards.append(load_card(args.teacher))
-    topics = resolve_topics(args, cards)
-    bags = list_bags(args.bags)
-    if args.listen_only and len(bags) != 1:
-        raise ValueError(f"--listen-only evaluates one bag (what ros2 bag play plays), got {len(bags)}")
-    plans = [inspect_bag(path, topics, cards) for path in bags]
+    plans = _dataset_plans(args, cards)
+    if plans is None:  # rosbags
+        if args.episode:
+            raise ValueError(f"--episode {args.episode[0]}: picks episodes of a LeRobotDataset root (meta/info.json); "
+                             f"{args.bags[0]} is not one")
+        topics = resolve_topics(args, cards)
+        bags = list_bags(args.bags)
+        if args.listen_only and len(bags) != 1:
+            raise ValueError(f"--listen-only evaluates one bag (what ros2 bag play plays), got {len(bags)}")
+        plans = [inspect_bag(path, topics, cards) for path in bags]
     if len({tuple(p.camera_transports()) for p in plans}) > 1:  # cameras may differ, bags may not: one node each
         per_bag = "; ".join(f"{p.name}: {p.camera_transports()}" for p in plans)
         raise ValueError(f"bags differ in camera transports ({per_bag}), expected the same per camera (one node "
@@ -276,6 +298,34 @@ def _run(args: argparse.Namespace) -> int:
         shutil.rmtree(work_dir, ignore_errors=True)  # node logs; a failure's cause is in its one-line error
     node_desc = args.attach or ", ".join(SPAWNED_NODE_NAMES[r] for r, _, _ in roles)
     return _write(args, plans, cards, rate, replays, node_desc)
+
+
+def _dataset_plans(args: argparse.Namespace, cards: list[ModelCard]) -> list[BagPlan] | None:
+    """The plans of a LeRobotDataset root's --episode(s), or None when the inputs are rosbags."""
+    roots = [p for p in args.bags if is_lerobot_dataset(p)]
+    if not roots:
+        return None
+    root = roots[0]
+    if len(args.bags) != 1:
+        other = next((p for p in args.bags if p != root), roots[-1])
+        raise ValueError(f"{root} is a LeRobotDataset root but {other} is also given: replay-eval takes one "
+                         "LeRobotDataset root (pick its episodes with --episode) or rosbags, not both")
+    if not args.episode:
+        from actdistill_ros.data.lerobot_dataset import LeRobotDatasetReader
+
+        raise ValueError(f"dataset {root}: give --episode N (repeatable) to pick what to replay; "
+                         f"{LeRobotDatasetReader(root).episode_range()}")
+    if len(set(args.episode)) != len(args.episode):
+        raise ValueError(f"--episode {args.episode}: an episode is given twice, expected each once")
+    for flag, value in (("--listen-only", args.listen_only), ("--action-topic", args.action_topic),
+                        ("--sync-tolerance-ms", args.sync_tolerance_ms)):
+        if value:
+            raise ValueError(f"{flag}: applies to rosbags only; {root} is a LeRobotDataset root (its frames are "
+                             "published by replay-eval itself, its recorded actions are the 'action' feature)")
+    topics = TopicConfig.from_yaml(args.topics, command_topic=args.command_topic, state_topic=args.state_topic)
+    weights = [args.weights] + ([args.teacher] if args.teacher is not None else [])
+    return plan_dataset_episodes(root, list(args.episode), list(zip(weights, cards)), topics, args.camera_topic,
+                                 origin_ns=time.time_ns())
 
 
 def _replay_all(args: argparse.Namespace, roles: list, plans: list[BagPlan], rate: float, remaps: dict[str, str],
@@ -351,13 +401,7 @@ def _replay_all(args: argparse.Namespace, roles: list, plans: list[BagPlan], rat
 def _write(args: argparse.Namespace, plans: list[BagPlan], cards: list[ModelCard], rate: float,
            replays: list[PolicyReplay], node_desc: str) -> int:
     run_info = {
-        "bags": [{"path": p.name, "storage": p.storage,
-                  "cameras": [{"topic": c, "type": p.camera_types[c], "encoding": p.encoding[c],
-                               "resolution": f"{p.source_hw[c][1]}x{p.source_hw[c][0]}",
-                               "frames": len(p.camera_stamps[c])} for c in p.camera_topics],
-                  "frames_with_recorded_action": int(len(p.recorded.stamps_ns)),
-                  "frames_dropped_in_alignment": p.alignment_drops,
-                  "action_topic": p.action_topic, "action_type": p.action_type} for p in plans],
+        "bags": [p.describe() for p in plans],  # one entry per bag or dataset episode, in replay order
         "mode": "listen-only" if args.listen_only else ("attach" if args.attach else "spawn"),
         "rate": "max" if not np.isfinite(rate) else rate,
         "node": node_desc,

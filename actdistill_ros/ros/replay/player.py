@@ -1,5 +1,6 @@
-"""The player: publishes a bag's raw CDR messages at the recorded timing (or, ``--rate max``, each frame
-once the previous frame's chunk is back), or only listens while ``ros2 bag play`` publishes."""
+"""The player: publishes a plan's raw CDR messages (a bag's, or a dataset episode's made for it) at the
+recorded timing (or, ``--rate max``, each frame once the previous frame's chunk is back), or only
+listens while ``ros2 bag play`` publishes."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from tqdm import tqdm
 from actdistill_ros.data.config import JOINT_STATE_TYPE, STRING_TYPE
 from actdistill_ros.replay_report import FrameRecord
 from actdistill_ros.ros.replay import log
-from actdistill_ros.ros.replay.bag_inspection import BagPlan, bag_messages, header_stamp_ns, with_header_stamp
+from actdistill_ros.ros.replay.bag_inspection import BagPlan, header_stamp_ns, with_header_stamp
 from actdistill_ros.ros.replay.ros_side import PRIMING_STAMP_NS, Pending, ReplayError, RosReplay
 
 PRIMING_PERIOD_S = 0.5
@@ -24,7 +25,8 @@ RESEND_LIMIT = 3  # --rate max: times a frame set's first-camera frame is sent a
 
 
 class Player:
-    """Plays bags onto the (possibly remapped) topics the node reads, or only listens (--listen-only)."""
+    """Plays plans (bags, dataset episodes) onto the (possibly remapped) topics the node reads, or only
+    listens (--listen-only)."""
 
     def __init__(self, ros: RosReplay, args: argparse.Namespace, rate: float, publish_as: dict[str, str]):
         self.ros, self.args, self.rate, self.publish_as = ros, args, rate, publish_as
@@ -38,10 +40,14 @@ class Player:
         """Send the bag's first command and state, then a warm-up frame set (every camera's first frame,
         the first camera last) until a chunk comes back."""
         first: dict[str, bytes] = {}
-        for topic, _, raw in bag_messages(plan):
-            first.setdefault(topic, raw)
-            if len(first) == len(plan.topics()):
-                break
+        messages = plan.messages()
+        try:
+            for topic, _, raw in messages:
+                first.setdefault(topic, raw)
+                if len(first) == len(plan.topics()):
+                    break
+        finally:
+            messages.close()  # a dataset plan's decoding stops here
         for topic in (plan.command_topic, plan.state_topic):
             if topic:
                 self._publish(plan, topic, first[topic])
@@ -73,12 +79,14 @@ class Player:
         last_stamp = None
         others_sent_at_ns = None  # bag time of the last other-camera frame sent
         started = time.monotonic()
-        bar = tqdm(total=plan.message_count, desc=f"{replay.role} {plan.path.name}", unit="msg", file=sys.stderr,
+        bar = tqdm(total=plan.message_count, desc=f"{replay.role} {plan.label}", unit="msg", file=sys.stderr,
                    dynamic_ncols=True, mininterval=0.5)
+        messages = plan.messages()
         try:
             bag_start_ns = None
-            for topic, receive_ns, raw in bag_messages(plan):
-                bag_start_ns = receive_ns if bag_start_ns is None else bag_start_ns
+            for topic, receive_ns, raw in messages:
+                if bag_start_ns is None:  # the clock starts at the first message (a plan may decode before it)
+                    bag_start_ns, started = receive_ns, time.monotonic()
                 if np.isfinite(self.rate):
                     delay = started + (receive_ns - bag_start_ns) / 1e9 / self.rate - time.monotonic()
                     if delay > 0:
@@ -115,6 +123,7 @@ class Player:
                 bar.set_postfix(chunks=sum(f.chunk is not None for f in pending.by_stamp.values()), refresh=False)
             replay.replay_seconds += time.monotonic() - started
         finally:
+            messages.close()
             bar.close()
         # Last chunks: the node works newest-first, so once the last frame's chunk is in nothing older comes.
         if last_stamp is not None and np.isfinite(self.rate):
@@ -159,7 +168,7 @@ class Player:
         with pending.changed:
             pending.bag, pending.by_stamp, pending.newest = plan.name, {}, {}
             pending.accept_unknown_from = {camera: set(stamps) for camera, stamps in plan.camera_stamps.items()}
-        bar = tqdm(total=len(expected), desc=f"listening {plan.path.name}", unit="frame", file=sys.stderr,
+        bar = tqdm(total=len(expected), desc=f"listening {plan.label}", unit="frame", file=sys.stderr,
                    dynamic_ncols=True, mininterval=0.5)
         start = time.monotonic()
         first_seen = None
