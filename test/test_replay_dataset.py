@@ -8,7 +8,9 @@ and report. The report's action error is checked against the one computed here: 
 this process on the episode's frames (whose positions in the video are read back from their pixels,
 so a frame published at the wrong time would not match), its state and its task, clamped as the node
 clamps; with two cameras and a state, a zero mismatch also proves that every chunk came from the
-right frame of each camera and the right state.
+right frame of each camera and the right state. Without a node, the messages of an episode of a
+dataset LeRobot itself recorded (a video camera and an image camera) are decoded back and compared
+with its frames, state, task and timestamps.
 """
 
 from __future__ import annotations
@@ -29,15 +31,20 @@ require_rclpy()  # skips on a machine without ROS 2; fails instead with ACTDISTI
 from lerobot_dataset_writer import CAMERAS, frame_number, write_lerobot_dataset  # noqa: E402
 
 from actdistill_ros.cli import main as cli  # noqa: E402
+from actdistill_ros.data import TopicConfig  # noqa: E402
+from actdistill_ros.data.bag_writer import jazzy_typestore  # noqa: E402
 from actdistill_ros.data.lerobot_dataset import LeRobotDatasetReader  # noqa: E402
 from actdistill_ros.lerobot_card import camera_topic  # noqa: E402
 from actdistill_ros.policy import Policy, create_untrained_policy  # noqa: E402
 from actdistill_ros.replay_report import PLOTS, REPORT_JSON, REPORT_MD  # noqa: E402
 from actdistill_ros.ros.replay import cli as replay_cli  # noqa: E402
-from actdistill_ros.weights import ActionSpace  # noqa: E402
+from actdistill_ros.ros.replay import dataset_episode  # noqa: E402
+from actdistill_ros.weights import ActionSpace, load_card  # noqa: E402
 
 LENGTHS = (10, 12, 14)
 FPS = 10
+# Recorded by LeRobot 0.4.4 itself; its wrist camera is stored as PNG images in the data file, the top one as video.
+LEROBOT_MADE_IMAGES = Path(__file__).parent / "fixtures" / "lerobot_dataset_v3_image"
 TOP, WRIST = CAMERAS  # observation.images.top (64x48), observation.images.wrist (40x32)
 # As LeRobot's arms record them: the state and the action name the same joints. The policy node, in
 # joint_state mode for a joint card, takes the measured arm joints from the state's JointState by these names.
@@ -214,3 +221,57 @@ def test_a_dataset_the_policy_does_not_take_fails_with_one_line(dataset, teacher
                                      "--camera-topic", "/only/one"])
     assert "--camera-topic" in line and "2 camera(s)" in line
     assert not out.exists()
+
+
+def test_an_episode_becomes_the_messages_a_robot_publishes(tmp_path, monkeypatch):
+    """No node: the plan's messages, decoded back, are the episode's frames (a video camera and an image
+    camera, decoded a few frames at a time), state and task at the episode's timestamps on the replay
+    clock, in the policy's camera order, each frame set's first camera last."""
+    root = LEROBOT_MADE_IMAGES
+    reader = LeRobotDatasetReader(root)
+    # The policy takes the wrist camera first and its actions in another order than the dataset's.
+    names = ["gripper", "x", "y", "z"]
+    weights = create_untrained_policy(tmp_path / "policy", size="tiny", student=False, state_dim=3,
+                                      camera_names=[WRIST, TOP],
+                                      action_space=ActionSpace(kind="joint", names=names, units=["rad"] * 4,
+                                                               low=[-9.0] * 4, high=[9.0] * 4))
+    monkeypatch.setattr(dataset_episode, "WINDOW_FRAMES", 4)  # several windows per episode
+    origin = 1_800_000_000_000_000_000
+    episodes = [2, 0]
+    plans = dataset_episode.plan_dataset_episodes(root, episodes, [(weights, load_card(weights))], TopicConfig(),
+                                                  None, origin_ns=origin)
+    store = jazzy_typestore()
+    types = {"/wrist/image_raw": "sensor_msgs/msg/Image", "/top/image_raw": "sensor_msgs/msg/Image",
+             "/instruction": "std_msgs/msg/String", "/joint_states": "sensor_msgs/msg/JointState"}
+    first_stamps = []
+    for plan, index in zip(plans, episodes):
+        entry = reader.episode(index)
+        rows = reader.read_rows(entry)
+        frames = {WRIST: reader.decode_images(WRIST, entry, rows["table"]),  # the whole episode at once
+                  TOP: reader.decode_video(TOP, entry, rows["timestamps"])}
+        stamps = origin + np.round(rows["timestamps"] * 1e6).astype(np.int64) * 1000
+        if first_stamps:  # the second episode follows the first one, a second after its last frame
+            stamps += plans[0].stamps_ns[-1] - origin + dataset_episode.EPISODE_GAP_NS
+        first_stamps.append(int(stamps[0]))
+        assert plan.camera_topics == ["/wrist/image_raw", "/top/image_raw"] and plan.camera_keys == [WRIST, TOP]
+        np.testing.assert_array_equal(plan.recorded.stamps_ns, stamps)
+        np.testing.assert_array_equal(plan.recorded.actions, rows["action"][:, [3, 0, 1, 2]])  # the policy's order
+        messages = list(plan.messages())
+        assert len(messages) == plan.message_count == entry.length * 3 + 1
+        topic, _, raw = messages[0]
+        assert topic == "/instruction" and store.deserialize_cdr(raw, types[topic]).data == entry.tasks[0]
+        for t in range(entry.length):
+            group = messages[1 + 3 * t: 4 + 3 * t]
+            assert [m[0] for m in group] == ["/joint_states", "/top/image_raw", "/wrist/image_raw"]
+            assert {m[1] for m in group} == {int(stamps[t])}  # published at the frame's time, stamped with it
+            decoded = {topic: store.deserialize_cdr(raw, types[topic]) for topic, _, raw in group}
+            state = decoded["/joint_states"]
+            assert list(state.name) == reader.state_names
+            np.testing.assert_array_equal(state.position, rows["state"][t])
+            for topic, key in (("/wrist/image_raw", WRIST), ("/top/image_raw", TOP)):
+                image = decoded[topic]
+                assert image.header.stamp.sec * 1_000_000_000 + image.header.stamp.nanosec == stamps[t]
+                assert (image.encoding, image.height, image.width, image.step) == (
+                    "rgb8", *reader.features[key].image_hw, reader.features[key].image_hw[1] * 3)
+                np.testing.assert_array_equal(np.asarray(image.data).reshape(frames[key][t].shape), frames[key][t])
+    assert first_stamps[1] > plans[0].stamps_ns[-1]
