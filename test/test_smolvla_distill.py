@@ -21,8 +21,8 @@ from actdistill_ros.policies.actdistill import RouterConfig
 from actdistill_ros.policies.smolvla import SmolVLAPolicy
 from actdistill_ros.policies.smolvla.distill_smolvla import (flow_noise_and_time, is_smolvla_student_dir,
                                                             load_smolvla_student)
-from actdistill_ros.policies.smolvla.routing_smolvla import (KV_MODES, RoutedSmolVLA, chunk_flops, gated_prefix,
-                                                            routed_prefix, sample_routed)
+from actdistill_ros.policies.smolvla.routing_smolvla import (KV_MODES, RouteCosts, RoutedSmolVLA, chunk_flops,
+                                                            gated_prefix, routed_prefix, sample_routed)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from lerobot_dataset_writer import write_lerobot_dataset  # noqa: E402
@@ -237,6 +237,21 @@ def test_flops_count_what_runs_against_an_independent_count(teacher):
     assert by_mode["skip_expert"]["expert_per_step"] < full["expert_per_step"]
     assert full["vision_per_camera"][0] == full["vision_per_camera"][1] > 0  # both resized to 64 x 64
     assert full["total"] == full["vision"] + full["prefix"] + model.config.num_steps * full["expert_per_step"]
+
+
+def test_route_costs_add_up_to_the_counted_chunk_for_every_route(teacher):
+    """The piece-wise cost model (used to price routes at SmolVLA's published size) is the count."""
+    import itertools
+
+    with torch.no_grad():
+        one = {k: v[:1] for k, v in _batch().items()}
+        prefix, _ = teacher.preprocess(one, TASK)
+        images = teacher._prepare_images(one, 1)[0]
+    costs = RouteCosts(teacher.model, prefix, images)
+    for plan in [None, *map(list, itertools.product([True, False], repeat=3))]:
+        for mode in KV_MODES:
+            counted, summed = chunk_flops(teacher.model, prefix, images, plan, mode), costs.total(plan, mode)
+            assert {k: counted[k] for k in summed} == summed, (plan, mode)
 
 
 def _env():

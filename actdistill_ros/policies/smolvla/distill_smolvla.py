@@ -505,11 +505,12 @@ def flops_summary(student: RoutedSmolVLA, batches: DemoBatches, sample: dict) ->
 
 
 # ---- export --------------------------------------------------------------------------------------
-def lerobot_state(model, teacher_file: Path) -> dict[str, Tensor]:
+def lerobot_state(model, teacher_file: Path | None) -> dict[str, Tensor]:
     """The model's weights under LeRobot's SmolVLAPolicy names, in the dtypes the teacher's file
-    stores them in; tensors LeRobot saves that are never used here (lm_head) are carried over."""
+    stores them in (float32 without one); tensors LeRobot saves that are never used here (lm_head)
+    are carried over."""
     inverse = [(new, old) for old, new in LEROBOT_PREFIXES]
-    stored = load_file(str(teacher_file))
+    stored = load_file(str(teacher_file)) if teacher_file is not None else {}
     out: dict[str, Tensor] = {}
     for name, tensor in model.state_dict().items():
         lerobot = next(old + name[len(new):] for new, old in inverse if name.startswith(new))

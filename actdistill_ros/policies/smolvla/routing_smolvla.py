@@ -302,3 +302,58 @@ def chunk_flops(model: SmolVLAModel, prefix: Prefix, images: list[Tensor], plan:
     return {"vision_per_camera": vision, "vision": sum(vision), "prefix": prefix_flops,
             "expert_per_step": step_flops, "steps": steps, "expert": step_flops * steps,
             "total": sum(vision) + prefix_flops + step_flops * steps}
+
+
+class RouteCosts:
+    """FLOPs of each piece of one chunk, counted once (FlopCounterMode, one observation), so that
+    the cost of any route under any ``kv_mode`` is a sum: the vision tower per camera; per VLM layer
+    its full run, its keys/values alone and (cross-attention expert layers) the expert's projection
+    of them; per denoising step the suffix embedding and output head plus each expert layer.
+    ``total(plan, mode)`` equals :func:`chunk_flops` (tested) and works on a model built on the
+    meta device, e.g. at SmolVLA's published size, without running it."""
+
+    def __init__(self, model: SmolVLAModel, prefix: Prefix, images: list[Tensor]):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        def counted(fn) -> float:
+            counter = FlopCounterMode(display=False)
+            with counter, torch.no_grad():
+                fn()
+            return float(counter.get_total_flops())
+
+        self.num_vlm_layers, self.steps = model.num_vlm_layers, model.config.num_steps
+        self.vision = [counted(lambda image=image: model.embed_image(image)) for image in images]
+        with torch.no_grad():
+            context = prefix.context(model.head_dim)
+            cache = model.run_prefix(prefix)
+        hidden = prefix.embeddings
+        self.full = [counted(lambda i=i: model.vlm_layer(i, hidden, context)) for i in range(self.num_vlm_layers)]
+        self.kv = [counted(lambda i=i: model.vlm_layer(i, hidden, context, need_output=False))
+                   for i in range(self.num_vlm_layers)]
+        self.cross = [counted(lambda i=i: model.project_cross_kv(i, cache.layers[i])) for i in range(self.num_vlm_layers)]
+        suffix_context = model.suffix_context(cache, model.config.chunk_size)
+        noise = torch.zeros(1, model.config.chunk_size, model.config.max_action_dim, device=hidden.device)
+        time = torch.ones(1, device=hidden.device)
+        with torch.no_grad():
+            suffix = model.embed_suffix(noise, time)
+        self.expert = [counted(lambda i=i: model.expert_layer(i, suffix, cache, suffix_context))
+                       for i in range(self.num_vlm_layers)]
+        self.step_base = counted(lambda: model.denoise_step(noise, time, cache, suffix_context)) - sum(self.expert)
+
+    def total(self, plan: list[bool] | None, kv_mode: str = KV_PROJECT) -> dict[str, float]:
+        last = self.num_vlm_layers - 1
+        plan = [True] * last if plan is None else list(plan)
+        prefix, expert_layers = self.kv[last] + self.cross[last], self.expert[last]
+        for index, runs in enumerate(plan):
+            skipped_expert = not runs and kv_mode == KV_SKIP_EXPERT
+            if runs:
+                prefix += self.full[index]
+            elif kv_mode == KV_PROJECT or (kv_mode == KV_REUSE and index == 0):
+                prefix += self.kv[index]
+            if not skipped_expert:
+                prefix += self.cross[index]
+                expert_layers += self.expert[index]
+        step = self.step_base + expert_layers
+        vision = sum(self.vision)
+        return {"vision": vision, "prefix": prefix, "expert_per_step": step, "expert": step * self.steps,
+                "total": vision + prefix + step * self.steps}
