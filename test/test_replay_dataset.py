@@ -16,6 +16,7 @@ with its frames, state, task and timestamps.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -45,6 +46,10 @@ LENGTHS = (10, 12, 14)
 FPS = 10
 # Recorded by LeRobot 0.4.4 itself; its wrist camera is stored as PNG images in the data file, the top one as video.
 LEROBOT_MADE_IMAGES = Path(__file__).parent / "fixtures" / "lerobot_dataset_v3_image"
+# A tiny SmolVLA made by LeRobot itself (random weights; cameras top 40x24 and wrist 50x72, state 5,
+# action 6) and the tokenizer/processor files of its VLM.
+LEROBOT_SMOLVLA = Path(__file__).parent / "fixtures" / "lerobot" / "cross_attn" / "policy"
+SMOLVLA_PROCESSOR = Path(__file__).parent / "fixtures" / "lerobot" / "processor"
 TOP, WRIST = CAMERAS  # observation.images.top (64x48), observation.images.wrist (40x32)
 # As LeRobot's arms record them: the state and the action name the same joints. The policy node, in
 # joint_state mode for a joint card, takes the measured arm joints from the state's JointState by these names.
@@ -144,6 +149,7 @@ def test_an_episode_replays_frame_by_frame_with_the_action_error_computed_here(d
     assert section["latency_ms"]["node_camera_to_action"]["p50"] > 0
     assert section["executed_fraction"] == {"mean": 1.0, "min": 1.0, "max": 1.0}  # a teacher runs every layer
     assert f"student: {frames} frames, {frames} chunks" in result.stdout
+    assert "is not measured" not in result.stderr  # the state names the arm joints
 
     policy = Policy.load(teacher_dir, device="cpu")
     assert policy.card.state_names == JOINTS  # the node picks the state from JointState by these names
@@ -179,6 +185,32 @@ def test_two_episodes_at_the_recorded_fps_on_given_camera_topics_with_a_teacher(
     assert 0.0 < student["executed_fraction"]["mean"] < 1.0
     assert report["student_vs_teacher"]["frames_compared"] > 0
     assert elapsed < 150
+
+
+def test_a_lerobot_smolvla_replays_an_episode_of_a_dataset_with_its_features(tmp_path):
+    """The issue's command with a user's own LeRobot policy directory: replay-eval ROOT --episode N
+    --weights <SmolVLA dir>, the card made from the directory's files, its cameras on /<name>/image_raw."""
+    policy = tmp_path / "my_smolvla"
+    shutil.copytree(LEROBOT_SMOLVLA, policy)
+    shutil.copytree(SMOLVLA_PROCESSOR, policy / "vlm_processor")  # offline: the directory's own VLM processor
+    root = tmp_path / "smolvla_demos"
+    lengths = (6, 9)
+    write_lerobot_dataset(root, lengths, fps=FPS, cameras={TOP: (24, 40), WRIST: (72, 50)},
+                          action_names=[f"joint_{i}" for i in range(6)], state_names=[f"joint_{i}" for i in range(5)])
+    out = tmp_path / "report"
+    result = _replay([root, "--episode", 1, "--weights", policy, "--rate", "max", "--out", out, "--device", "cpu"],
+                     tmp_path)
+    report = _report(result, out)
+    section = report["policies"]["student"]
+    # Its card names the actions action_0..5 (no dataset named them): the node in joint_state mode finds no
+    # measured joints of those names and holds; the replay says so, and reports no node figure.
+    assert result.stderr.count("node_camera_to_action) is not measured") == 1
+    assert section["latency_ms"]["node_camera_to_action"]["n"] == 0
+    assert section["kind"] == "teacher" and section["frames_published"] == section["chunks_received"] == lengths[1]
+    assert section["action_error"]["frames_compared"] == lengths[1]
+    assert [(topic, c["frames_used"]) for topic, c in section["cameras"].items()] == [
+        ("/top/image_raw", lengths[1]), ("/wrist/image_raw", lengths[1])]
+    assert len(section["layer_usage"]) == 3 and section["executed_fraction"]["min"] == 1.0  # its 3 VLM text layers
 
 
 def _one_line_failure(capfd, argv: list) -> str:

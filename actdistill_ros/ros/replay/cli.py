@@ -68,7 +68,7 @@ import numpy as np
 
 from actdistill_ros.data import TopicConfig, list_bags
 from actdistill_ros.data.lerobot_dataset import is_lerobot_dataset
-from actdistill_ros.lerobot_card import camera_topic
+from actdistill_ros.lerobot_card import camera_topic, smolvla_card_json
 from actdistill_ros.replay_report import PolicyReplay, write_report
 from actdistill_ros.ros.env import built_messages_path, fastdds_profile_path, reserve_domain_id, ros_environment
 from actdistill_ros.ros.replay import log
@@ -209,6 +209,13 @@ def _reexec_with_ros_env(command: list[str]) -> int:
             child.send_signal(signum)
 
 
+def policy_card(weights: Path) -> ModelCard:
+    """The card of a weights directory, or of a LeRobot SmolVLA policy directory (made from its files, as
+    Policy.load and the launch files make it: lerobot_card); one line naming the path if neither."""
+    data = smolvla_card_json(weights)  # LeRobotCardError (a ValueError) names the file
+    return ModelCard.from_dict(data) if data is not None else load_card(weights)
+
+
 def resolve_topics(args: argparse.Namespace, cards: list[ModelCard]) -> TopicConfig:
     """The bags' topics: flags over --topics over the defaults. The cameras come from --camera-topic,
     else the card's camera_names, else --topics (or the default camera); there must be as many as
@@ -260,9 +267,9 @@ def _run(args: argparse.Namespace) -> int:
                          "scripts/build_msgs.sh (or colcon build) and source scripts/ros_env.sh (or the install)")
 
     # ---- everything is checked before anything starts
-    cards = [load_card(args.weights)]  # WeightsError (a ValueError) names the path
+    cards = [policy_card(args.weights)]  # WeightsError (a ValueError) names the path
     if args.teacher is not None:
-        cards.append(load_card(args.teacher))
+        cards.append(policy_card(args.teacher))
     plans = _dataset_plans(args, cards)
     if plans is None:  # rosbags
         if args.episode:

@@ -160,6 +160,25 @@ def policy_camera_keys(reader: LeRobotDatasetReader, card: ModelCard) -> list[st
     return list(reader.camera_keys)
 
 
+def _warn_if_the_node_cannot_measure_the_joints(reader: LeRobotDatasetReader, card: ModelCard,
+                                                state_topic: str | None) -> None:
+    """A joint card's node (joint_state mode, ros_side._action_mode) starts a chunk only from the measured
+    joints, which it takes from the JointState by the card's action names; where the replayed state does
+    not name them the node holds: chunks still come back, but its own camera-to-action is not measured."""
+    space = card.action_space
+    if space.kind != "joint":
+        return
+    arm = [name for i, name in enumerate(space.names) if i != space.gripper_index]
+    published = set(reader.state_names) if state_topic else set()
+    missing = [name for name in arm if name not in published]
+    if missing:
+        where = f"the dataset's state names {reader.state_names}" if state_topic else "no JointState (the policy takes no state)"
+        log.warning("dataset %s: the node (joint_state mode) starts a chunk from the measured joints %s, read from "
+                    "the JointState by name, and the replay publishes %s: it holds, so its own camera-to-action "
+                    "(node_camera_to_action) is not measured",
+                    reader.root.name, missing, where)
+
+
 def plan_dataset_episodes(root: Path, episodes: list[int], cards: list[tuple[Path, ModelCard]],
                           topics: TopicConfig, camera_topics: list[str] | None, origin_ns: int) -> list[DatasetEpisodePlan]:
     """Check dataset ``root`` against every policy (``(weights, card)``, the evaluated one first) and plan
@@ -183,6 +202,7 @@ def plan_dataset_episodes(root: Path, episodes: list[int], cards: list[tuple[Pat
         raise ValueError(f"{cards[0][0]} takes the robot state ({card.state_dim} values) but no --state-topic is given")
     for index in episodes:
         reader.episode(index)  # every index exists before any frame is decoded
+    _warn_if_the_node_cannot_measure_the_joints(reader, card, state_topic)
     source_hw = {topic: reader.features[key].image_hw for topic, key in zip(camera_topics, keys)}
     resized = [f"{topic} {w}x{h}" for topic, (h, w) in source_hw.items() if (h, w) != (card.image_size,) * 2]
     if resized:
