@@ -245,6 +245,10 @@ def test_a_dataset_the_policy_does_not_take_fails_with_one_line(dataset, teacher
                                          action_space=Policy.load(teacher_dir, device="cpu").card.action_space)
     line = _one_line_failure(capfd, [root, "--episode", 0, "--weights", one_camera, "--out", out])
     assert "2 camera feature(s)" in line and "takes 1" in line
+    swapped = create_untrained_policy(tmp_path / "wrist_first", size="tiny", student=False, state_dim=len(JOINTS),
+                                      camera_names=[WRIST, TOP], action_space=Policy.load(teacher_dir).card.action_space)
+    line = _one_line_failure(capfd, [root, "--episode", 0, "--weights", teacher_dir, "--teacher", swapped, "--out", out])
+    assert f"{swapped} takes the cameras" in line and "separate runs" in line
     # Flags that only mean something for bags, and --camera-topic of the wrong count.
     line = _one_line_failure(capfd, [root, "--episode", 0, "--weights", teacher_dir, "--out", out,
                                      "--action-topic", "/action"])

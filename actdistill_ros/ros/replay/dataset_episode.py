@@ -190,6 +190,10 @@ def plan_dataset_episodes(root: Path, episodes: list[int], cards: list[tuple[Pat
     check_comparable([card for _, card in cards])
     card = cards[0][1]
     keys = policy_camera_keys(reader, card)
+    for weights, other in cards[1:]:  # one node at a time, each given the same camera topics in one order
+        if policy_camera_keys(reader, other) != keys:
+            raise ValueError(f"{weights} takes the cameras of dataset {root} in the order "
+                             f"{policy_camera_keys(reader, other)}, {cards[0][0]} in {keys}: replay them in separate runs")
     if camera_topics is None:
         camera_topics = [camera_topic(key) for key in keys]
     elif len(camera_topics) != len(keys):
