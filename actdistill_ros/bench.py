@@ -39,7 +39,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--json", action="store_true", help="print one JSON object only")
     p.add_argument("--smolvla", choices=["published", "tiny"],
-                   help="instead: one SmolVLA chunk (random weights) at its published size (SmolVLM2-500M, 16 text "
+                   help="instead: one SmolVLA chunk (random weights; a SmolVLA --teacher directory does the same at "
+                        "its own sizes and weights) at its published size (SmolVLM2-500M, 16 text "
                         "layers, expert width 0.75, 10 steps, chunk 50, two 512x512 cameras) or a tiny one: FLOPs and "
                         "time of vision, prefix and expert per --keep-fractions (--iters default 2, --warmup 1)")
     p.add_argument("--keep-fractions", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25],
@@ -98,6 +99,8 @@ def run_smolvla(args: argparse.Namespace) -> dict:
 
     if args.smolvla == "published":
         model = published_smolvla_model()
+    elif args.smolvla == "loaded":  # a SmolVLA directory given as --teacher / --student: its own sizes
+        model = args.smolvla_model
     else:
         from actdistill_ros.policies.smolvla.compute_smolvla import tiny_smolvla_model
         model = tiny_smolvla_model()
@@ -116,6 +119,11 @@ def run(args: argparse.Namespace) -> int:
         teacher_dir = args.teacher or create_untrained_policy(Path(tmp, "teacher"), args.size, student=False,
                                                               backbone=args.backbone)
         teacher = Policy.load(teacher_dir, args.device, args.dtype)
+        if getattr(teacher, "family", None) == "smolvla":  # a LeRobot SmolVLA directory: vision/prefix/expert
+            args.smolvla, args.smolvla_model = "loaded", teacher.model
+            result = run_smolvla(args)
+            print(json.dumps(result) if args.json else json.dumps(result, indent=1))
+            return 0
         student = Policy.load(args.student, args.device, args.dtype) if args.student else derived_student(
             teacher, args.keep)
     if args.threshold is not None:

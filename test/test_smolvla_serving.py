@@ -263,3 +263,122 @@ def _header(clock):
     from std_msgs.msg import Header
 
     return Header(stamp=clock.now().to_msg())
+
+
+# ---------------------------------------------------------------- a routed SmolVLA student
+def student_dir(tmp_path: Path) -> Path:
+    """A SmolVLA student directory as ``actdistill distill`` writes it (LeRobot's files, the router,
+    a card of family smolvla, vlm_processor/), its router input-dependent so that routes differ."""
+    import torch
+
+    from actdistill_ros.lerobot_card import synthesize_card
+    from actdistill_ros.policies.actdistill import RouterConfig
+    from actdistill_ros.policies.smolvla import SmolVLAPolicy
+    from actdistill_ros.policies.smolvla.routing_smolvla import RoutedSmolVLA
+
+    directory = served_dir(tmp_path, "cross_attn")
+    teacher = SmolVLAPolicy.load(directory, directory / "vlm_processor")
+    routed = RoutedSmolVLA.derive_from(teacher.model, RouterConfig())
+    torch.manual_seed(0)
+    torch.nn.init.normal_(routed.router.gate.weight, std=0.05)
+    save_file({k: v.detach().contiguous() for k, v in routed.router.state_dict().items()},
+              str(directory / "router.safetensors"))
+    card = synthesize_card(directory)
+    card.update(kind="student", router_config=routed.router_config.to_dict(), default_keep_fraction=0.67,
+                default_threshold=0.5)
+    card["vla_config"].update(num_layers=teacher.model.num_vlm_layers,
+                              routing={"kv_mode": "project", "routed_layers": routed.num_routed_layers})
+    (directory / "card.json").write_text(json.dumps(card))
+    return directory
+
+
+def test_policy_load_serves_a_student_and_its_dial(tmp_path):
+    directory = student_dir(tmp_path)
+    policy = Policy.load(directory, device="cpu")
+    teacher = Policy.load(served_dir(tmp_path / "teacher"), device="cpu")
+    assert policy.card.is_student and policy.num_layers == 3 and policy.keep_fraction == pytest.approx(0.67)
+    frames, state = frames_for(directory), np.zeros(5, np.float32)
+    policy.keep_fraction = 1.0
+    full = policy.predict(frames, TASK, state)
+    # Every layer kept: the teacher's computation, the same chunk.
+    np.testing.assert_array_equal(full.actions, teacher.predict(frames, TASK, state).actions)
+    assert full.executed_layers == [0, 1, 2] and full.backbone_gflops == full.full_backbone_gflops
+    for keep, count in ((0.67, 2), (0.34, 1)):
+        policy.keep_fraction = keep
+        out = policy.predict(frames, TASK, state)
+        assert len(out.executed_layers) == count and out.executed_fraction == pytest.approx(count / 3)
+        assert out.backbone_gflops < full.backbone_gflops and out.full_backbone_gflops == full.full_backbone_gflops
+        assert out.chunk_gflops < full.chunk_gflops and len(out.gates) == 3
+        assert not np.array_equal(out.actions, full.actions)
+    policy.keep_fraction, policy.threshold = 0.0, 1.0  # threshold routing: a gate never reaches 1
+    assert policy.predict(frames, TASK, state).executed_layers == []
+    with pytest.raises(ValueError, match="keep_fraction must be a number in"):
+        policy.keep_fraction = 1.5
+
+
+def test_the_node_routes_the_student_by_ros2_param_set(tmp_path):
+    from ros_harness import (RosSide, Streamer, image_msg, load_router_stats_type, require_rclpy, reserve_domain,
+                             start_policy_node)
+
+    require_rclpy()
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image, JointState
+    from std_msgs.msg import Header, String
+
+    RouterStats = load_router_stats_type()
+    reliable = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
+    latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    sensor = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
+    directory = student_dir(tmp_path)
+    cameras = camera_topics("", str(directory))
+    domain = reserve_domain()
+    ros = RosSide(domain)
+    ros.node.create_publisher(String, "/instruction", latched).publish(String(data=TASK))
+    clock = ros.node.get_clock()
+    streamers = [Streamer(ros.node.create_publisher(Image, topic, sensor),
+                          lambda frame=frame: image_msg(frame, stamp=clock.now().to_msg()), 8.0)
+                 for topic, frame in zip(cameras, frames_for(directory))]
+    streamers.append(Streamer(ros.node.create_publisher(JointState, "/joint_states", sensor), lambda: JointState(
+        position=[0.0] * 5, header=Header(stamp=clock.now().to_msg())), 20.0))
+    stats = ros.record(RouterStats, "/student/router_stats", reliable)
+    process = start_policy_node(directory, domain, tmp_path / "node", node_name="student", params={
+        "action.mode": "joint_state", "topics.cameras": cameras, "topics.router_stats": "/student/router_stats",
+        "action.scale": [1.0] * 6, "watchdog.max_image_age_s": 1.0, "watchdog.max_state_age_s": 1.0})
+    try:
+        for streamer in streamers:
+            streamer.resume()
+        found = stats.wait_for(count=2, timeout=90.0)
+        assert found, process.output()[-3000:]
+        assert found[-1].num_layers == 3 and len(found[-1].executed_layers) == 2  # the card's keep 0.67
+        assert "student (3 layers, chunk 8)" in process.output()
+        for keep, count in ((1.0, 3), (0.34, 1)):
+            since = time.monotonic()
+            assert all(r.successful for r in ros.set_parameters("student", {"router.keep_fraction": keep}))
+            found = stats.wait_for(lambda m: abs(m.keep_fraction - keep) < 1e-6, since=since, timeout=30.0)
+            assert found and len(found[-1].executed_layers) == count, process.output()[-3000:]
+            assert found[-1].backbone_gflops <= found[-1].full_backbone_gflops
+        since = time.monotonic()
+        assert all(r.successful for r in ros.set_parameters("student", {"router.keep_fraction": 0.0,
+                                                                        "router.threshold": 1.0}))
+        found = stats.wait_for(lambda m: m.keep_fraction == 0.0 and m.threshold == 1.0, since=since, timeout=30.0)
+        assert found and list(found[-1].executed_layers) == [], process.output()[-3000:]
+    finally:
+        for streamer in streamers:
+            streamer.close()
+        code = process.stop()
+        ros.close()
+    assert code == 0, process.output()[-3000:]
+
+
+def test_bench_takes_a_smolvla_directory(tmp_path, capsys):
+    directory = served_dir(tmp_path, "cross_attn")
+    assert cli(["bench", "--teacher", str(directory), "--device", "cpu", "--iters", "1", "--warmup", "0",
+                "--keep-fractions", "1.0", "0.34", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["num_vlm_layers"] == 4 and result["num_cameras"] == 2 and result["image_hw"] == [[24, 40], [72, 50]]
+    full, routed = result["by_keep_fraction"]
+    assert (full["routed_layers_run"], routed["routed_layers_run"]) == (3, 1)
+    assert routed["prefix_gflops"] < full["prefix_gflops"] and routed["expert_gflops"] == full["expert_gflops"]
+    with pytest.raises(ValueError, match="static routes are baselines"):
+        from actdistill_ros.policy import StaticRoute
+        Policy.load(directory, device="cpu").static_route = StaticRoute("first", 0.5, 3)

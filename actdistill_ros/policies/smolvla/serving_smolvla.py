@@ -62,8 +62,6 @@ class SmolVLAServing:
         self.cameras = list(card.camera_names)
         self.noise_seed = 0
         self.profile = False
-        self.static_route = None  # baselines are the reference VLA's; a SmolVLA teacher runs every layer
-        self._threshold, self._keep_fraction = float(card.default_threshold), float(card.default_keep_fraction)
         self.vla = SimpleNamespace(config=SimpleNamespace(
             image_size=card.image_size, num_cameras=len(self.cameras), state_dim=config.state_dim,
             action_dim=config.action_dim, chunk_size=config.n_action_steps))
@@ -140,6 +138,16 @@ class SmolVLAServing:
             raise ValueError(f"router keep_fraction must be a number in [0, 1] (0 = threshold routing), got {value!r}")
         if self.routed is not None:
             self.routed.keep_fraction = keep
+
+    @property
+    def static_route(self):
+        return None
+
+    @static_route.setter
+    def static_route(self, route) -> None:
+        if route is not None:
+            raise ValueError("static routes are baselines of the reference VLA's teachers; a SmolVLA teacher runs "
+                             "every layer (distil a student to route it)")
 
     @property
     def num_layers(self) -> int:
