@@ -297,6 +297,7 @@ def test_policy_load_serves_a_student_and_its_dial(tmp_path):
     policy = Policy.load(directory, device="cpu")
     teacher = Policy.load(served_dir(tmp_path / "teacher"), device="cpu")
     assert policy.card.is_student and policy.num_layers == 3 and policy.keep_fraction == pytest.approx(0.67)
+    assert policy.card.num_layers == 3  # what RouterStats count, whatever the card gives (the VLM's 4 here)
     frames, state = frames_for(directory), np.zeros(5, np.float32)
     policy.keep_fraction = 1.0
     full = policy.predict(frames, TASK, state)

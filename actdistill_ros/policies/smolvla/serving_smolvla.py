@@ -84,7 +84,6 @@ class SmolVLAServing:
             if data is None:
                 raise WeightsError(f"{directory}: not a LeRobot SmolVLA policy directory (config.json with "
                                    f"\"type\": \"smolvla\" and no card of another family)")
-            card = ModelCard.from_dict(data) if data.get("vla_config", {}).get("num_layers") else None
         except LeRobotCardError as err:
             raise WeightsError(str(err)) from None
         torch_device = resolve_device(device)
@@ -106,9 +105,13 @@ class SmolVLAServing:
             hint = (f" (the node and Policy.load also read them from {own}/)"
                     if processor is None and "--vlm-processor" in str(err) else "")
             raise WeightsError(f"{err}{hint}") from None
-        if card is None:  # num_vlm_layers kept every VLM layer: the count is the model's
-            data["vla_config"]["num_layers"] = policy.model.num_vlm_layers - 1
+        # The card's layer count is what RouterStats count: the routed layers, all but the last
+        # (a student card may give the VLM's kept layers; num_vlm_layers 0 leaves it to the model).
+        data = {**data, "vla_config": {**data["vla_config"], "num_layers": policy.model.num_vlm_layers - 1}}
+        try:
             card = ModelCard.from_dict(data)
+        except (TypeError, ValueError, KeyError) as err:
+            raise WeightsError(f"{directory}: invalid SmolVLA card: {err}") from None
         return cls(policy, card, torch_device, routed)
 
     # ---- the run-time dial -----------------------------------------------------------------------
