@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--noise {args.noise}: no tensor named `noise` (has {sorted(tensors)})")
         noise = tensors["noise"]
     from actdistill_ros.policies.smolvla import SmolVLAPolicy, is_smolvla_dir
-    from actdistill_ros.policies.smolvla.distill_smolvla import is_smolvla_student_dir, load_smolvla_student
+    from actdistill_ros.policies.smolvla.routing_smolvla import is_smolvla_student_dir, load_smolvla_student
 
     if is_smolvla_student_dir(args.policy):  # routed at its card's default keep fraction / threshold
         actions = predict_smolvla(load_smolvla_student(args.policy, args.vlm_processor, args.device, args.float32),

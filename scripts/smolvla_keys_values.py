@@ -12,7 +12,7 @@ step) are at most the budget: the FLOPs of ``project`` at keep 0.25 / 0.5 / 0.75
 teacher is distilled (``actdistill distill``, keys/values projected) and the student's routes are
 measured the same way.
 
-    python scripts/smolvla_keys_values.py --out /tmp/kv [--train-steps 1500] [--distill-steps 400]
+    python scripts/smolvla_keys_values.py --out DIR [--train-steps 300] [--distill-steps 120] [--batch-size 16]
 
 Minutes on two CPU cores. Prints one JSON object (also written to OUT/kv_candidates.json).
 """
@@ -46,9 +46,9 @@ from actdistill_ros.distill.training import train_stage  # noqa: E402
 from actdistill_ros.policies.actdistill import num_kept_layers  # noqa: E402
 from actdistill_ros.policies.smolvla import SmolVLAPolicy  # noqa: E402
 from actdistill_ros.policies.smolvla.distill_smolvla import (DemoBatches, flow_noise_and_time, lerobot_state,  # noqa: E402
-                                                            load_smolvla_student, padded)
+                                                            padded)
 from actdistill_ros.policies.smolvla.routing_smolvla import (KV_MODES, RouteCosts, evenly_spaced_plan,  # noqa: E402
-                                                            sample_routed)
+                                                            load_smolvla_student, sample_routed)
 
 FIXTURES = REPO / "test" / "fixtures" / "lerobot"
 PROCESSOR = FIXTURES / "processor"
@@ -271,9 +271,10 @@ def student_table(student_dir: Path, teacher: SmolVLAPolicy, prefix, noise, one,
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--train-steps", type=int, default=1500)
-    parser.add_argument("--distill-steps", type=int, default=400)
+    parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--distill-steps", type=int, default=120)
     parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -287,7 +288,7 @@ def main() -> int:
     teacher_dir = args.out / "teacher"
     if not (teacher_dir / "model.safetensors").is_file():
         shutil.rmtree(teacher_dir, ignore_errors=True)
-        train_teacher(teacher_dir, bags, args.train_steps, 32)
+        train_teacher(teacher_dir, bags, args.train_steps, args.batch_size)
     teacher = SmolVLAPolicy.load(teacher_dir, PROCESSOR, float32=True)
     data = held_out(teacher, bags, args.samples)
     result["trained"] = candidate_table(teacher, *data)
@@ -307,7 +308,7 @@ def main() -> int:
             code = cli(["distill", "--teacher", str(teacher_dir), "--data", str(bags), "--out", str(run),
                         "--vlm-processor", str(PROCESSOR), "--camera-topic", CAMERAS[0], "--camera-topic", CAMERAS[1],
                         "--probe-steps", str(max(50, args.distill_steps // 4)), "--distill-steps",
-                        str(args.distill_steps), "--batch-size", "16"])
+                        str(args.distill_steps), "--batch-size", str(args.batch_size)])
             if code:
                 return code
         result["student"] = student_table(run / "student", teacher, prefix, noise, one, images)

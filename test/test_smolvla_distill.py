@@ -19,10 +19,10 @@ from safetensors.torch import load_file, save_file
 from actdistill_ros.cli import main as cli
 from actdistill_ros.policies.actdistill import RouterConfig
 from actdistill_ros.policies.smolvla import SmolVLAPolicy
-from actdistill_ros.policies.smolvla.distill_smolvla import (flow_noise_and_time, is_smolvla_student_dir,
-                                                            load_smolvla_student)
+from actdistill_ros.policies.smolvla.distill_smolvla import flow_noise_and_time
 from actdistill_ros.policies.smolvla.routing_smolvla import (KV_MODES, RouteCosts, RoutedSmolVLA, chunk_flops,
-                                                            gated_prefix, routed_prefix, sample_routed)
+                                                            gated_prefix, is_smolvla_student_dir, load_smolvla_student,
+                                                            routed_prefix, sample_routed)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from lerobot_dataset_writer import write_lerobot_dataset  # noqa: E402

@@ -50,20 +50,17 @@ from actdistill_ros.policies.actdistill import RouterConfig, num_kept_layers
 from actdistill_ros.policies.smolvla.configuration_smolvla import ACTION_KEY, IMAGE_PREFIX, STATE_KEY
 from actdistill_ros.policies.smolvla.modeling_smolvla import LEROBOT_PREFIXES, LM_HEAD, Prefix
 from actdistill_ros.policies.smolvla.policy_smolvla import CONFIG_FILE, WEIGHTS_FILE, SmolVLAPolicy
-from actdistill_ros.policies.smolvla.processor_smolvla import (POSTPROCESSOR_FILE, PREPROCESSOR_FILE, TOKENIZER_FILES,
-                                                               ProcessorError, resolve_vlm_dir, unnormalize_actions)
-from actdistill_ros.policies.smolvla.routing_smolvla import (KV_MODES, KV_PROJECT, RoutedSmolVLA, chunk_flops,
-                                                            gated_prefix, prefix_observation)
+from actdistill_ros.policies.smolvla.processor_smolvla import (POSTPROCESSOR_FILE, PREPROCESSOR_FILE, ProcessorError,
+                                                               resolve_vlm_dir, unnormalize_actions)
+from actdistill_ros.policies.smolvla.routing_smolvla import (CARD_FILE, CARD_FORMAT, KV_PROJECT, ROUTER_FILE,
+                                                            VLM_PROCESSOR_DIR, RoutedSmolVLA, chunk_flops, gated_prefix,
+                                                            is_smolvla_student_dir, prefix_observation)
 from actdistill_ros.weights import atomic_write
 
 log = logging.getLogger(__name__)
 
-CARD_FILE = "card.json"
-ROUTER_FILE = "router.safetensors"
-VLM_PROCESSOR_DIR = "vlm_processor"
 TEACHER_HEADS = "teacher_heads.safetensors"
 STUDENT_DIR = "student"
-CARD_FORMAT = 1
 KEEP_SWEEP = (0.25, 0.5, 0.75, 1.0)
 # LeRobot's flow-matching time schedule: Beta(1.5, 1) scaled into [0.001, 1].
 TIME_BETA = (1.5, 1.0)
@@ -102,118 +99,6 @@ def student_card(teacher: SmolVLAPolicy, student: RoutedSmolVLA, demos: Demonstr
         "state_names": list(demos.state_names), "camera_names": cameras,
         "provenance": provenance, "metrics": metrics,
     }
-
-
-def read_student_card(path: Path) -> dict:
-    """card.json of a SmolVLA student; one line naming the file when it is not one."""
-    try:
-        card = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise ProcessorError(f"{path}: not a readable JSON card ({err})") from None
-    if not isinstance(card, dict) or card.get("family") != "smolvla" or card.get("kind") != "student":
-        raise ProcessorError(f"{path}: not a SmolVLA student card (expected family \"smolvla\", kind \"student\")")
-    if card.get("format") != CARD_FORMAT:
-        raise ProcessorError(f"{path}: card format {card.get('format')!r} is not supported (expected {CARD_FORMAT})")
-    routing = (card.get("vla_config") or {}).get("routing") or {}
-    if routing.get("kv_mode") not in KV_MODES or not isinstance(routing.get("routed_layers"), int):
-        raise ProcessorError(f"{path}: vla_config.routing needs kv_mode (one of {list(KV_MODES)}) and routed_layers")
-    for name in ("default_keep_fraction", "default_threshold"):
-        value = card.get(name)
-        if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-            raise ProcessorError(f"{path}: {name} must be a number in [0, 1], got {value!r}")
-    if not isinstance(card.get("router_config"), dict):
-        raise ProcessorError(f"{path}: router_config missing")
-    return card
-
-
-def is_smolvla_student_dir(path: str | Path) -> bool:
-    """A directory with a LeRobot SmolVLA config.json and a card.json of family smolvla, kind student."""
-    card = Path(path) / CARD_FILE
-    try:
-        data = json.loads(card.read_text())
-        return (Path(path) / CONFIG_FILE).is_file() and data.get("family") == "smolvla" and data.get("kind") == "student"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-# ---- the routed policy ---------------------------------------------------------------------------
-class RoutedSmolVLAPolicy(SmolVLAPolicy):
-    """A SmolVLA student: LeRobot's pre/post-processing around a :class:`RoutedSmolVLA`.
-    ``keep_fraction`` (> 0: keep routing) and ``threshold`` are the run-time dial."""
-
-    family = "smolvla"
-
-    def __init__(self, routed: RoutedSmolVLA, base: SmolVLAPolicy, card: dict | None = None):
-        super().__init__(routed.model, base.config, base.preprocessor, base.postprocessor, base.tokenizer,
-                         base.directory)
-        self.routed = routed.eval()
-        self.card = card
-
-    @property
-    def keep_fraction(self) -> float:
-        return self.routed.keep_fraction
-
-    @keep_fraction.setter
-    def keep_fraction(self, value: float) -> None:
-        if not 0.0 <= float(value) <= 1.0:
-            raise ValueError(f"keep_fraction must be in [0, 1] (0 = threshold routing), got {value!r}")
-        self.routed.keep_fraction = float(value)
-
-    @property
-    def threshold(self) -> float:
-        return self.routed.threshold
-
-    @threshold.setter
-    def threshold(self, value: float) -> None:
-        if not 0.0 <= float(value) <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {value!r}")
-        self.routed.threshold = float(value)
-
-    def to(self, device) -> "RoutedSmolVLAPolicy":
-        self.routed.to(device)
-        return self
-
-    @torch.inference_mode()
-    def route(self, batch: dict[str, Tensor], tasks) -> tuple[Tensor, list[list[bool]]]:
-        prefix, _ = self.preprocess(batch, tasks)
-        return self.routed.route(prefix)
-
-    @torch.inference_mode()
-    def predict_action_chunk(self, batch: dict[str, Tensor], tasks, noise: Tensor | None = None) -> Tensor:
-        prefix, size = self.preprocess(batch, tasks)
-        noise = self.start_noise(size) if noise is None else self.check_noise(noise, size)
-        actions = self.routed.sample_actions(prefix, noise)[:, :, :self.config.action_dim]
-        return unnormalize_actions(self.postprocessor, actions).float().cpu()
-
-
-def load_smolvla_student(directory: str | Path, vlm_processor: str | Path | None = None, device="cpu",
-                         float32: bool = False) -> RoutedSmolVLAPolicy:
-    """A student directory written by ``actdistill distill``, with routing at its card's default.
-    The VLM's tokenizer and config come from its own vlm_processor/ unless ``vlm_processor`` is given."""
-    directory = Path(directory)
-    card = read_student_card(directory / CARD_FILE)
-    routing = card["vla_config"]["routing"]
-    own = directory / VLM_PROCESSOR_DIR
-    base = SmolVLAPolicy.load(directory, vlm_processor if vlm_processor is not None else (own if own.is_dir() else None),
-                              device="cpu", float32=float32)
-    try:
-        router_config = RouterConfig.from_dict(card["router_config"])
-    except (TypeError, ValueError) as err:
-        raise ProcessorError(f"{directory / CARD_FILE}: router_config: {err}") from None
-    routed = RoutedSmolVLA(base.model, router_config, routing["kv_mode"])
-    if routed.num_routed_layers != routing["routed_layers"]:
-        raise ProcessorError(f"{directory / CARD_FILE}: vla_config.routing.routed_layers is {routing['routed_layers']}, "
-                             f"the model routes {routed.num_routed_layers} VLM layers")
-    router_path = directory / ROUTER_FILE
-    try:
-        routed.router.load_state_dict(load_file(str(router_path)))
-    except FileNotFoundError:
-        raise ProcessorError(f"{router_path}: missing (a SmolVLA student's router weights)") from None
-    except RuntimeError as err:
-        raise ProcessorError(f"{router_path}: does not match the card's router_config "
-                             f"({str(err).splitlines()[0]})") from None
-    routed.keep_fraction, routed.threshold = float(card["default_keep_fraction"]), float(card["default_threshold"])
-    return RoutedSmolVLAPolicy(routed.to(device), base, card)
 
 
 # ---- data --------------------------------------------------------------------------------------
@@ -308,11 +193,6 @@ def freeze_prefix_embedding(model) -> None:
     for module in (model.vlm.vision_model, model.vlm.connector, model.vlm.text_model.get_input_embeddings(),
                    model.state_proj):
         module.requires_grad_(False)
-
-
-def step_budget(step: int, config: DistillConfig, num_layers: int) -> tuple[float, bool]:
-    from actdistill_ros.distill.distillation import step_budget as project_step_budget
-    return project_step_budget(step, config, num_layers)
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -412,6 +292,7 @@ def distill_student(teacher: SmolVLAPolicy, teacher_heads: LayerHeads, batches: 
     soft_steps = int(config.soft_gate_fraction * config.distill.steps)
     model_config = teacher.config
     action_dim = model_config.action_dim
+    from actdistill_ros.distill.distillation import step_budget  # the project's draw of a step's budget
 
     def loss_fn(model, batch, step):
         gate_mode = "soft" if step < soft_steps else "hard"

@@ -23,13 +23,21 @@ A skipped layer still owes its expert layer keys/values. Three ways (``kv_mode``
 Training runs every layer (for gradients) with the gates applied residually; inference runs a
 layer only for the rows whose route includes it, so skipped layers cost what their ``kv_mode``
 says and nothing else.
+
+A student directory written by ``actdistill distill`` (distill_smolvla.py) loads with
+``load_smolvla_student``: a :class:`RoutedSmolVLAPolicy`, LeRobot's pre/post-processing around the
+routed model, at the card's default keep fraction / threshold (the run-time dial).
 """
 
 from __future__ import annotations
 
+import copy
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from actdistill_ros.policies.actdistill import RouterConfig, RoutedStudent
@@ -37,9 +45,16 @@ from actdistill_ros.policies.observation import LANGUAGE, VISUAL, EncodedObserva
 from actdistill_ros.policies.smolvla.configuration_smolvla import SmolVLAConfigError
 from actdistill_ros.policies.smolvla.modeling_smolvla import (LayerKV, Prefix, PrefixCache, PrefixContext, Rotary,
                                                               SmolVLAModel, SuffixContext)
+from actdistill_ros.policies.smolvla.policy_smolvla import CONFIG_FILE, SmolVLAPolicy
+from actdistill_ros.policies.smolvla.processor_smolvla import ProcessorError, unnormalize_actions
 
 KV_PROJECT, KV_REUSE, KV_SKIP_EXPERT = "project", "reuse", "skip_expert"
 KV_MODES = (KV_PROJECT, KV_REUSE, KV_SKIP_EXPERT)
+# A student directory (distill_smolvla.export_student): LeRobot's files plus these.
+CARD_FILE = "card.json"
+ROUTER_FILE = "router.safetensors"
+VLM_PROCESSOR_DIR = "vlm_processor"
+CARD_FORMAT = 1
 
 
 def prefix_observation(prefix: Prefix) -> EncodedObservation:
@@ -114,7 +129,7 @@ class RoutedSmolVLA(RoutedStudent):
     @classmethod
     def derive_from(cls, teacher: SmolVLAModel, router_config: RouterConfig, kv_mode: str = KV_PROJECT
                     ) -> "RoutedSmolVLA":
-        import copy
+        """Self-derived: a copy of the teacher's weights, all trainable, plus a fresh router."""
         model = copy.deepcopy(teacher)
         for param in model.parameters():
             param.requires_grad_(True)
@@ -357,3 +372,116 @@ class RouteCosts:
         vision = sum(self.vision)
         return {"vision": vision, "prefix": prefix, "expert_per_step": step, "expert": step * self.steps,
                 "total": vision + prefix + step * self.steps}
+
+
+# ---- a student directory, loaded -------------------------------------------------------------
+def read_student_card(path: Path) -> dict:
+    """card.json of a SmolVLA student; one line naming the file when it is not one."""
+    try:
+        card = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ProcessorError(f"{path}: not a readable JSON card ({err})") from None
+    if not isinstance(card, dict) or card.get("family") != "smolvla" or card.get("kind") != "student":
+        raise ProcessorError(f"{path}: not a SmolVLA student card (expected family \"smolvla\", kind \"student\")")
+    if card.get("format") != CARD_FORMAT:
+        raise ProcessorError(f"{path}: card format {card.get('format')!r} is not supported (expected {CARD_FORMAT})")
+    routing = (card.get("vla_config") or {}).get("routing") or {}
+    if routing.get("kv_mode") not in KV_MODES or not isinstance(routing.get("routed_layers"), int):
+        raise ProcessorError(f"{path}: vla_config.routing needs kv_mode (one of {list(KV_MODES)}) and routed_layers")
+    for name in ("default_keep_fraction", "default_threshold"):
+        value = card.get(name)
+        if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+            raise ProcessorError(f"{path}: {name} must be a number in [0, 1], got {value!r}")
+    if not isinstance(card.get("router_config"), dict):
+        raise ProcessorError(f"{path}: router_config missing")
+    return card
+
+
+def is_smolvla_student_dir(path: str | Path) -> bool:
+    """A directory with a LeRobot SmolVLA config.json and a card.json of family smolvla, kind student."""
+    card = Path(path) / CARD_FILE
+    try:
+        data = json.loads(card.read_text())
+        return (Path(path) / CONFIG_FILE).is_file() and data.get("family") == "smolvla" and data.get("kind") == "student"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+# ---- the routed policy ---------------------------------------------------------------------------
+class RoutedSmolVLAPolicy(SmolVLAPolicy):
+    """A SmolVLA student: LeRobot's pre/post-processing around a :class:`RoutedSmolVLA`.
+    ``keep_fraction`` (> 0: keep routing) and ``threshold`` are the run-time dial."""
+
+    family = "smolvla"
+
+    def __init__(self, routed: RoutedSmolVLA, base: SmolVLAPolicy, card: dict | None = None):
+        super().__init__(routed.model, base.config, base.preprocessor, base.postprocessor, base.tokenizer,
+                         base.directory)
+        self.routed = routed.eval()
+        self.card = card
+
+    @property
+    def keep_fraction(self) -> float:
+        return self.routed.keep_fraction
+
+    @keep_fraction.setter
+    def keep_fraction(self, value: float) -> None:
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"keep_fraction must be in [0, 1] (0 = threshold routing), got {value!r}")
+        self.routed.keep_fraction = float(value)
+
+    @property
+    def threshold(self) -> float:
+        return self.routed.threshold
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {value!r}")
+        self.routed.threshold = float(value)
+
+    def to(self, device) -> "RoutedSmolVLAPolicy":
+        self.routed.to(device)
+        return self
+
+    @torch.inference_mode()
+    def route(self, batch: dict[str, Tensor], tasks) -> tuple[Tensor, list[list[bool]]]:
+        prefix, _ = self.preprocess(batch, tasks)
+        return self.routed.route(prefix)
+
+    @torch.inference_mode()
+    def predict_action_chunk(self, batch: dict[str, Tensor], tasks, noise: Tensor | None = None) -> Tensor:
+        prefix, size = self.preprocess(batch, tasks)
+        noise = self.start_noise(size) if noise is None else self.check_noise(noise, size)
+        actions = self.routed.sample_actions(prefix, noise)[:, :, :self.config.action_dim]
+        return unnormalize_actions(self.postprocessor, actions).float().cpu()
+
+
+def load_smolvla_student(directory: str | Path, vlm_processor: str | Path | None = None, device="cpu",
+                         float32: bool = False) -> RoutedSmolVLAPolicy:
+    """A student directory written by ``actdistill distill``, with routing at its card's default.
+    The VLM's tokenizer and config come from its own vlm_processor/ unless ``vlm_processor`` is given."""
+    directory = Path(directory)
+    card = read_student_card(directory / CARD_FILE)
+    routing = card["vla_config"]["routing"]
+    own = directory / VLM_PROCESSOR_DIR
+    base = SmolVLAPolicy.load(directory, vlm_processor if vlm_processor is not None else (own if own.is_dir() else None),
+                              device="cpu", float32=float32)
+    try:
+        router_config = RouterConfig.from_dict(card["router_config"])
+    except (TypeError, ValueError) as err:
+        raise ProcessorError(f"{directory / CARD_FILE}: router_config: {err}") from None
+    routed = RoutedSmolVLA(base.model, router_config, routing["kv_mode"])
+    if routed.num_routed_layers != routing["routed_layers"]:
+        raise ProcessorError(f"{directory / CARD_FILE}: vla_config.routing.routed_layers is {routing['routed_layers']}, "
+                             f"the model routes {routed.num_routed_layers} VLM layers")
+    router_path = directory / ROUTER_FILE
+    try:
+        routed.router.load_state_dict(load_file(str(router_path)))
+    except FileNotFoundError:
+        raise ProcessorError(f"{router_path}: missing (a SmolVLA student's router weights)") from None
+    except RuntimeError as err:
+        raise ProcessorError(f"{router_path}: does not match the card's router_config "
+                             f"({str(err).splitlines()[0]})") from None
+    routed.keep_fraction, routed.threshold = float(card["default_keep_fraction"]), float(card["default_threshold"])
+    return RoutedSmolVLAPolicy(routed.to(device), base, card)
