@@ -43,6 +43,11 @@ def add_parser(subparsers) -> None:
                         help="SmolVLA: run every part in float32 (default: the dtypes LeRobot runs them in, e.g. "
                              "a bfloat16 VLM for a policy saved with load_vlm_weights)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--keep-fraction", type=float, default=None,
+                        help="SmolVLA student: keep routing at this fraction of the routed VLM layers (1.0 runs them "
+                             "all; 0 selects threshold routing); default: the card's")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="SmolVLA student: the router threshold of threshold routing; default: the card's")
     parser.set_defaults(func=run)
 
 
@@ -66,9 +71,16 @@ def run(args: argparse.Namespace) -> int:
     from actdistill_ros.policies.smolvla import SmolVLAPolicy, is_smolvla_dir
     from actdistill_ros.policies.smolvla.routing_smolvla import is_smolvla_student_dir, load_smolvla_student
 
+    routing = [f"--{n.replace('_', '-')}" for n in ("keep_fraction", "threshold") if getattr(args, n) is not None]
+    if routing and not is_smolvla_student_dir(args.policy):
+        raise ValueError(f"{' and '.join(routing)}: {args.policy} is not a SmolVLA student (no routed layers)")
     if is_smolvla_student_dir(args.policy):  # routed at its card's default keep fraction / threshold
-        actions = predict_smolvla(load_smolvla_student(args.policy, args.vlm_processor, args.device, args.float32),
-                                  batch, args.task, noise, args.seed)
+        student = load_smolvla_student(args.policy, args.vlm_processor, args.device, args.float32)
+        if args.keep_fraction is not None:
+            student.keep_fraction = args.keep_fraction
+        if args.threshold is not None:
+            student.threshold = args.threshold
+        actions = predict_smolvla(student, batch, args.task, noise, args.seed)
     elif is_smolvla_dir(args.policy):
         actions = predict_smolvla(SmolVLAPolicy.load(args.policy, args.vlm_processor, args.device, args.float32), batch,
                                   args.task, noise, args.seed)

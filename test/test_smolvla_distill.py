@@ -128,15 +128,27 @@ def test_predict_runs_the_student_at_its_card_s_routing(distilled, tmp_path):
     torch.testing.assert_close(got, policy.predict_action_chunk(_batch(), TASK, noise), rtol=0, atol=0)
 
 
-def test_keep_one_is_the_student_without_routing(distilled):
+def test_keep_one_is_the_student_without_routing(distilled, tmp_path):
     """Keep 1.0 runs every layer: exactly what LeRobot's loader (no router) computes from the directory."""
     student_dir = distilled / "student"
-    routed = load_smolvla_student(student_dir)
-    routed.keep_fraction = 1.0
     plain = SmolVLAPolicy.load(student_dir, student_dir / "vlm_processor")
     noise = _noise(plain)
-    torch.testing.assert_close(routed.predict_action_chunk(_batch(), TASK, noise),
+    save_file(_batch(), str(tmp_path / "batch.safetensors"))
+    save_file({"noise": noise}, str(tmp_path / "noise.safetensors"))
+    assert cli(["predict", "--policy", str(student_dir), "--batch", str(tmp_path / "batch.safetensors"), "--task", TASK,
+                "--noise", str(tmp_path / "noise.safetensors"), "--keep-fraction", "1.0",
+                "--out", str(tmp_path / "out.safetensors")]) == 0
+    torch.testing.assert_close(load_file(tmp_path / "out.safetensors")["action"],
                                plain.predict_action_chunk(_batch(), TASK, noise), rtol=0, atol=0)
+
+
+def test_routing_flags_on_a_policy_without_routing_are_one_line(teacher_dir, tmp_path, capsys):
+    save_file(_batch(), str(tmp_path / "batch.safetensors"))
+    assert cli(["predict", "--policy", str(teacher_dir), "--batch", str(tmp_path / "batch.safetensors"), "--task", TASK,
+                "--keep-fraction", "0.5", "--vlm-processor", str(PROCESSOR),
+                "--out", str(tmp_path / "out.safetensors")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--keep-fraction" in err[0] and "not a SmolVLA student" in err[0]
 
 
 def test_an_undistilled_student_is_the_teacher(teacher):
