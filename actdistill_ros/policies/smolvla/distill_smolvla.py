@@ -55,6 +55,8 @@ from actdistill_ros.policies.smolvla.processor_smolvla import (POSTPROCESSOR_FIL
 from actdistill_ros.policies.smolvla.routing_smolvla import (CARD_FILE, CARD_FORMAT, KV_PROJECT, ROUTER_FILE,
                                                             VLM_PROCESSOR_DIR, RoutedSmolVLA, chunk_flops, gated_prefix,
                                                             is_smolvla_student_dir, prefix_observation)
+# Loading a student lives in routing_smolvla (no training imports); also importable from here.
+from actdistill_ros.policies.smolvla.routing_smolvla import RoutedSmolVLAPolicy, load_smolvla_student  # noqa: F401
 from actdistill_ros.weights import atomic_write
 
 log = logging.getLogger(__name__)
