@@ -20,6 +20,7 @@ from actdistill_ros import __version__
 from actdistill_ros.data.images import resize_rgb
 from actdistill_ros.policies.actdistill import (RouterConfig, RoutedStudent, backbone_flops, num_kept_layers,
                                                run_backbone)
+from actdistill_ros.policies.common import checked_keep_fraction, checked_threshold
 from actdistill_ros.policies.vla import ReferenceVLA, VLAConfig
 from actdistill_ros.weights import (ActionSpace, ModelCard, WeightsError, identity_norm_stats, load_state_into,
                                     read_card, read_weights, resolve_weights_path, save_policy)
@@ -170,9 +171,7 @@ class Policy:
 
     @threshold.setter
     def threshold(self, value: float) -> None:
-        value = float(value)
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"router threshold must be in [0, 1], got {value}")
+        value = checked_threshold(value)
         if self.student:
             self.student.threshold = value
 
@@ -183,12 +182,7 @@ class Policy:
 
     @keep_fraction.setter
     def keep_fraction(self, value: float | None) -> None:
-        try:
-            keep = 0.0 if value is None else float(value)
-        except (TypeError, ValueError):
-            keep = float("nan")
-        if not 0.0 <= keep <= 1.0:
-            raise ValueError(f"router keep_fraction must be a number in [0, 1] (0 = threshold routing), got {value!r}")
+        keep = checked_keep_fraction(value)
         if self.student:
             self.student.keep_fraction = keep
 

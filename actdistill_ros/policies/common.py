@@ -65,3 +65,22 @@ class NormalizationMixin:
     def normalize_states(self, states: Tensor) -> Tensor:
         """Float32 arithmetic whatever the compute dtype (the statistics stay float32)."""
         return (states.to(device=self.state_mean.device, dtype=torch.float32) - self.state_mean) / self.state_std
+
+
+def checked_threshold(value) -> float:
+    """The router threshold a caller set (the run-time dial), checked: in [0, 1]."""
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"router threshold must be in [0, 1], got {value}")
+    return value
+
+
+def checked_keep_fraction(value) -> float:
+    """The router keep fraction a caller set (None: 0.0, threshold routing), checked: in [0, 1]."""
+    try:
+        keep = 0.0 if value is None else float(value)
+    except (TypeError, ValueError):
+        keep = float("nan")
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"router keep_fraction must be a number in [0, 1] (0 = threshold routing), got {value!r}")
+    return keep

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from actdistill_ros.lerobot_card import LeRobotCardError, smolvla_card_json
+from actdistill_ros.policies.common import checked_keep_fraction, checked_threshold
 from actdistill_ros.policies.smolvla.compute_smolvla import SmolVLASizes, chunk_flops, run_prefix_routed
 from actdistill_ros.policies.smolvla.configuration_smolvla import STATE_KEY, SmolVLAConfigError
 from actdistill_ros.policies.smolvla.modeling_smolvla import WeightsMismatch
@@ -121,9 +122,7 @@ class SmolVLAServing:
 
     @threshold.setter
     def threshold(self, value: float) -> None:
-        value = float(value)
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"router threshold must be in [0, 1], got {value}")
+        value = checked_threshold(value)
         if self.routed is not None:
             self.routed.threshold = value
 
@@ -133,12 +132,7 @@ class SmolVLAServing:
 
     @keep_fraction.setter
     def keep_fraction(self, value: float | None) -> None:
-        try:
-            keep = 0.0 if value is None else float(value)
-        except (TypeError, ValueError):
-            keep = float("nan")
-        if not 0.0 <= keep <= 1.0:
-            raise ValueError(f"router keep_fraction must be a number in [0, 1] (0 = threshold routing), got {value!r}")
+        keep = checked_keep_fraction(value)
         if self.routed is not None:
             self.routed.keep_fraction = keep
 
