@@ -189,19 +189,27 @@ def save_policy(out_dir: str | Path, state_dict: dict[str, torch.Tensor], card: 
     """Write ``model.safetensors`` + ``card.json`` as one directory ``out_dir``; returns it.
 
     ``write_extra(directory)`` adds what else the family needs to rebuild the model offline (an
-    hf_vla backbone's config and tokenizer, in ``backbone/``). Everything is written into a
-    temporary sibling directory that then replaces ``out_dir``, so a reader (or a crash) never
-    sees new weights beside an old card.
+    hf_vla backbone's config and tokenizer, in ``backbone/``). Written with ``write_directory``, so
+    a reader (or a crash) never sees new weights beside an old card.
     """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in state_dict.items()}
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
+
+    def write(staging: Path) -> None:
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         (staging / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2, sort_keys=True) + "\n")
         if write_extra is not None:
             write_extra(staging)
+
+    return write_directory(out_dir, write)
+
+
+def write_directory(out_dir: str | Path, write: Callable[[Path], None]) -> Path:
+    """``write(staging)`` fills a temporary sibling directory that then replaces ``out_dir`` whole."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        write(staging)
         if out_dir.exists():
             retired = staging.with_suffix(".old")
             os.replace(out_dir, retired)

@@ -28,9 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -50,14 +48,11 @@ from actdistill_ros.policies.actdistill import RouterConfig, num_kept_layers
 from actdistill_ros.policies.smolvla.configuration_smolvla import ACTION_KEY, IMAGE_PREFIX, STATE_KEY
 from actdistill_ros.policies.smolvla.modeling_smolvla import LEROBOT_PREFIXES, LM_HEAD, Prefix
 from actdistill_ros.policies.smolvla.policy_smolvla import CONFIG_FILE, WEIGHTS_FILE, SmolVLAPolicy
-from actdistill_ros.policies.smolvla.processor_smolvla import (POSTPROCESSOR_FILE, PREPROCESSOR_FILE, ProcessorError,
-                                                               resolve_vlm_dir, unnormalize_actions)
+from actdistill_ros.policies.smolvla.processor_smolvla import POSTPROCESSOR_FILE, PREPROCESSOR_FILE, resolve_vlm_dir
 from actdistill_ros.policies.smolvla.routing_smolvla import (CARD_FILE, CARD_FORMAT, KV_PROJECT, ROUTER_FILE,
                                                             VLM_PROCESSOR_DIR, RoutedSmolVLA, chunk_flops, gated_prefix,
                                                             is_smolvla_student_dir, prefix_observation)
-# Loading a student lives in routing_smolvla (no training imports); also importable from here.
-from actdistill_ros.policies.smolvla.routing_smolvla import RoutedSmolVLAPolicy, load_smolvla_student  # noqa: F401
-from actdistill_ros.weights import atomic_write
+from actdistill_ros.weights import atomic_write, write_directory
 
 log = logging.getLogger(__name__)
 
@@ -433,10 +428,7 @@ def export_student(student_dir: Path, student: RoutedSmolVLA, teacher: SmolVLAPo
     card = student_card(teacher, student, demos, metrics, {
         "distilled_by": "actdistill distill", "teacher": str(teacher_path), "data": [str(d) for d in data],
         "episodes": demos.bags, "distill_config": config.to_dict()})
-    student_dir = Path(student_dir)
-    student_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=student_dir.parent, prefix=f".{student_dir.name}.", suffix=".tmp"))
-    try:
+    def write(staging: Path) -> None:
         for name in (CONFIG_FILE, PREPROCESSOR_FILE, POSTPROCESSOR_FILE):
             shutil.copy2(teacher_path / name, staging / name)
         for pipeline in (PREPROCESSOR_FILE, POSTPROCESSOR_FILE):
@@ -450,16 +442,8 @@ def export_student(student_dir: Path, student: RoutedSmolVLA, teacher: SmolVLAPo
         vlm_dir = resolve_vlm_dir(teacher.config.vlm_model_name, _vlm_dir_of(teacher))
         copy_vlm_processor(vlm_dir, staging / VLM_PROCESSOR_DIR)
         (staging / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
-        if student_dir.exists():
-            retired = staging.with_suffix(".old")
-            os.replace(student_dir, retired)
-            os.replace(staging, student_dir)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, student_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    student_dir = write_directory(student_dir, write)
     if run_log is not None:
         atomic_write(run_log.path.parent / "summary.json", lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"))
     default = next((row for row in sweep if row.get("keep_fraction") == student.keep_fraction), None)

@@ -96,7 +96,7 @@ class SmolVLAServing:
         routed = None
         try:
             if data["kind"] == "student":
-                from actdistill_ros.policies.smolvla.distill_smolvla import load_smolvla_student
+                from actdistill_ros.policies.smolvla.routing_smolvla import load_smolvla_student
 
                 student = load_smolvla_student(directory, processor, device=torch_device)
                 policy, routed = student, student.routed
