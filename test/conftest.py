@@ -33,6 +33,7 @@ MULTIPROCESS_TESTS = frozenset({
     ("test_distill", "test_two_processes_agree_with_one_process"),
     ("test_hf_vla", "test_a_teacher_run_killed_with_sigkill_resumes_to_the_uninterrupted_result"),
     ("test_smolvla_distill", "test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result"),
+    ("test_smolvla_train", "test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result"),
 })
 
 

@@ -53,7 +53,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--train-vision", action="store_true",
                    help="--backbone: train the vision tower too (default: frozen; the projector trains)")
     p.add_argument("--max-text-tokens", type=int, help="--backbone: instruction length in tokens (default 16)")
-    p.add_argument("--size", choices=["tiny", "default", "bench"], help="reference VLA size preset (default: default)")
+    p.add_argument("--family", choices=["reference_vla", "smolvla"], default="reference_vla",
+                   help="smolvla: a SmolVLA-architecture policy trained from scratch with LeRobot's conventions, "
+                        "written as a LeRobot SmolVLA directory (policies/smolvla/train_smolvla.py)")
+    p.add_argument("--size", choices=["tiny", "default", "bench", "metaworld"],
+                   help="size preset: reference VLA tiny/default/bench (default: default); smolvla tiny/metaworld "
+                        "(default: metaworld)")
     p.add_argument("--image-size", type=int, help="input resolution (reference: override the preset's; --init-from: "
                                                   "fine-tune at this size, position embeddings resampled; --backbone: "
                                                   "default the vision tower's own)")
@@ -171,9 +176,15 @@ def _backbone_teacher(args, topics, ctx):
 
 
 def train_teacher(args: argparse.Namespace) -> Path:
+    topics = topics_from_args(args)
+    if args.family == "smolvla":
+        from actdistill_ros.policies.smolvla.train_smolvla import train_smolvla_teacher
+
+        return train_smolvla_teacher(args, topics)
+    if args.size == "metaworld":
+        raise ValueError("--size metaworld: a --family smolvla size; the reference VLA's are tiny, default, bench")
     ctx = init_distributed(args.device)
     torch.manual_seed(args.seed)
-    topics = topics_from_args(args)
     if args.init_from and args.backbone:
         raise ValueError("--init-from and --backbone both choose the starting model; give one")
     build = _teacher_from if args.init_from else _backbone_teacher if args.backbone else _reference_teacher

@@ -53,12 +53,15 @@ PUNCTUATION = list(",.!?;:'\"-()/")
 DIGITS = list("0123456789")
 
 
-def build_tokenizer():
-    """A word-level PreTrainedTokenizerFast with pad/unk/bos/eos/image tokens (BOS prepended)."""
+def build_tokenizer(extra_special_tokens: dict[str, str] | None = None):
+    """A word-level PreTrainedTokenizerFast with pad/unk/bos/eos/image tokens (BOS prepended), plus
+    ``extra_special_tokens`` (attribute name -> token, e.g. SmolVLM's processor tokens)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tokens = list(SPECIAL_TOKENS) + list(dict.fromkeys(VOCABULARY_WORDS)) + PUNCTUATION + DIGITS
+    extra = dict(extra_special_tokens or {})
+    tokens = list(dict.fromkeys([*SPECIAL_TOKENS, *extra.values()])) + list(dict.fromkeys(VOCABULARY_WORDS))
+    tokens += PUNCTUATION + DIGITS
     vocab = {token: index for index, token in enumerate(tokens)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
@@ -69,7 +72,7 @@ def build_tokenizer():
     tokenizer.decoder = decoders.WordPiece()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>",
                                    bos_token="<bos>", eos_token="<eos>",
-                                   extra_special_tokens={"image_token": "<image>"})
+                                   extra_special_tokens={"image_token": "<image>", **extra})
 
 
 # Sizes: "tiny" (~0.5M parameters: tests), "cpu" (~25M: CPU benchmarks, like the reference VLA's

@@ -146,6 +146,25 @@ def padded(actions: Tensor, width: int) -> Tensor:
     return torch.nn.functional.pad(actions, (0, width - actions.shape[-1]))
 
 
+def flow_matching_targets(seed: int, step: int, actions: Tensor, chunk_size: int, max_action_dim: int
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+    """LeRobot's flow-matching training pair for the normalised chunk a* (B, H, action_dim): the noisy
+    chunk x_t = t e + (1 - t) a* (padded to max_action_dim), its time t (B,) and the velocity target
+    u = e - a*; (e, t) from ``flow_noise_and_time`` (a pure function of seed and step)."""
+    noise, time = flow_noise_and_time(seed, step, actions.shape[0], chunk_size, max_action_dim, actions.device)
+    target = padded(actions, max_action_dim)
+    x_t = time[:, None, None] * noise + (1 - time[:, None, None]) * target
+    return x_t, time, noise - target
+
+
+def flow_matching_loss(model, prefix: Prefix, actions: Tensor, valid: Tensor, seed: int, step: int) -> Tensor:
+    """LeRobot's SmolVLA training loss MSE(v(x_t, t), u) over the real action columns and valid steps."""
+    config = model.config
+    x_t, time, u = flow_matching_targets(seed, step, actions, config.chunk_size, config.max_action_dim)
+    velocity = model.denoise_step(x_t, time, model.run_prefix(prefix))
+    return masked_mse(velocity[..., :config.action_dim], u[..., :config.action_dim], valid)
+
+
 # ---- stage 1 -------------------------------------------------------------------------------------
 def make_heads(model, config: DistillConfig) -> LayerHeads:
     return LayerHeads(model.num_vlm_layers - 1, model.width, config.graph_width, config.graph_top_k,
@@ -297,11 +316,8 @@ def distill_student(teacher: SmolVLAPolicy, teacher_heads: LayerHeads, batches: 
         prefix = batches.prefix(batch)  # the teacher's frozen embedding, shared with the student
         target = batches.target(batch)
         valid = batch["chunk_valid"]
-        noise, time = flow_noise_and_time(config.seed, step, target.shape[0], model_config.chunk_size,
-                                          model_config.max_action_dim, ctx.device)
-        actions = padded(target, model_config.max_action_dim)
-        x_t = time[:, None, None] * noise + (1 - time[:, None, None]) * actions
-        u = noise - actions
+        x_t, time, u = flow_matching_targets(config.seed, step, target, model_config.chunk_size,
+                                             model_config.max_action_dim)
         with torch.no_grad():
             teacher_cache, teacher_hiddens = gated_prefix(teacher.model, prefix, None)
             teacher_velocity = teacher.model.denoise_step(x_t, time, teacher_cache)
