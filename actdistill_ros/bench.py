@@ -80,6 +80,9 @@ def measure(teacher: Policy, student: Policy, iters: int = 50, warmup: int = 10,
         "teacher_backbone_gflops": round(t_gflops, 4), "student_backbone_gflops": round(s_gflops, 4),
         "flops_ratio": round(t_gflops / s_gflops, 3) if s_gflops > 0 else float("inf"),
         "executed_layer_fraction": round(s_layers, 4), "backbone_flops_fraction": round(s_gflops / t_gflops, 4),
+        # The image encoder runs once per observation whatever the route (reference VLA: patch embedding or
+        # MobileNetV2), the same for teacher and student; counted apart from the backbone.
+        **({"vision_gflops": round(teacher.vla.vision_flops() / 1e9, 4)} if hasattr(teacher.vla, "vision_flops") else {}),
         "iters": iters, "torch_threads": torch.get_num_threads(),
     }
 

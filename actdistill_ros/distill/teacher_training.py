@@ -13,6 +13,10 @@ first k layers: the fine-tuned truncated baseline ("train a smaller model") of t
 sweep. With ``--image-size`` it is fine-tuned at another resolution, same patch size: its position
 embeddings are resampled to the new patch grid (the ViT recipe for fine-tuning at higher resolution),
 which is far cheaper than training the larger input from scratch.
+
+``--image-encoder mobilenet_v2`` gives the reference VLA ImageNet MobileNetV2 features as its image
+tokens (frozen by default, ``--train-encoder`` fine-tunes them; the projection to the width always
+trains); with ``--init-from`` a patch teacher, only its patch embedding is replaced.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from actdistill_ros.distill.runtime import Checkpointer, RunLog, init_distribute
 from actdistill_ros.distill.training import train_stage, wrap_parallel
 from actdistill_ros.policies.hf_vla.configuration_hf_vla import HFVLAConfig
 from actdistill_ros.policies.vla import ReferenceVLA, VLAConfig
+from actdistill_ros.policies.vla.mobilenet_v2 import (DEFAULT_IMAGENET_WEIGHTS, TORCHVISION_FILE, encoder_geometry,
+                                                     read_imagenet_weights)
 from actdistill_ros.policies.vla.modeling_vla import resample_visual_positions
 from actdistill_ros.policy import make_card, save_model
 from actdistill_ros.weights import atomic_write, load_state_into, read_card, read_weights, resolve_weights_path
@@ -67,6 +73,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("--width", type=int, help="override the preset's model width")
     p.add_argument("--layers", type=int, help="override the preset's number of backbone layers")
     p.add_argument("--heads", type=int, help="override the preset's attention heads")
+    p.add_argument("--image-encoder", choices=["patch", "mobilenet_v2"],
+                   help="reference VLA image tokens: a patch embedding trained from scratch (default), or ImageNet "
+                        "MobileNetV2 features[:--encoder-blocks] (its stride is the patch size); with --init-from a "
+                        "patch teacher, its patch embedding is replaced and the rest kept")
+    p.add_argument("--encoder-blocks", type=int, default=14,
+                   help="MobileNetV2 blocks kept: 14 gives 96 x 8 x 8 at 128 px (stride 16), 7 gives 32 x 16 x 16")
+    p.add_argument("--encoder-weights", type=Path, default=DEFAULT_IMAGENET_WEIGHTS,
+                   help="the converted ImageNet MobileNetV2 safetensors (scripts/setup.sh writes the default)")
+    p.add_argument("--train-encoder", action="store_true",
+                   help="fine-tune the MobileNetV2 encoder too (default: frozen; its projection always trains)")
     p.add_argument("--init-from", type=Path, metavar="TEACHER",
                    help="start from these reference teacher weights: cut to their first --layers layers (the "
                    "fine-tuned truncated baseline of eval-sim --sweep-keep), at another --image-size, and/or, "
@@ -91,7 +107,7 @@ def _teacher_from(args, topics, ctx):
                                       ("--heads", args.heads)) if value]
     if other:
         raise ValueError(f"{', '.join(other)}: --init-from {args.init_from} brings its architecture; "
-                         "only --layers and --image-size are set")
+                         "only --layers, --image-size and --image-encoder are set")
     weights_file, card_file = resolve_weights_path(args.init_from)
     card = read_card(card_file)
     if card.family != "reference_vla" or card.is_student:
@@ -109,8 +125,17 @@ def _teacher_from(args, topics, ctx):
     if full.num_cameras != len(cameras) and full.num_cameras != 1:
         raise ValueError(f"--init-from {args.init_from}: its teacher takes {full.num_cameras} cameras, the demos give "
                          f"{len(cameras)}; only a one-camera teacher can be given more cameras")
+    encoder = _encoder_overrides(args)
+    if encoder and full.image_encoder == "mobilenet_v2" and encoder["image_encoder"] == "mobilenet_v2" \
+            and encoder["encoder_blocks"] != full.encoder_blocks:
+        raise ValueError(f"--encoder-blocks {args.encoder_blocks}: --init-from {args.init_from} has MobileNetV2 "
+                         f"features[:{full.encoder_blocks}]")
+    if encoder.get("image_encoder") == "patch" and full.image_encoder != "patch":
+        raise ValueError(f"--image-encoder patch: --init-from {args.init_from} has a {full.image_encoder} encoder")
+    new_encoder = encoder.get("image_encoder", full.image_encoder) != full.image_encoder
     config = VLAConfig.from_dict({**card.vla_config, "num_layers": layers, "image_size": image_size,
-                                  "num_cameras": len(cameras)})
+                                  "num_cameras": len(cameras), **(encoder if new_encoder else {})})
+    imagenet = read_imagenet_weights(args.encoder_weights, config.encoder_blocks) if new_encoder else None
     demos = load_demonstrations(args.data, topics, config.image_size, config.chunk_size, args.val_fraction, args.seed,
                                 progress=ctx.is_main)
     found = (len(demos.action_names), len(demos.state_names) if demos.stats.state_dim else 0)
@@ -120,8 +145,17 @@ def _teacher_from(args, topics, ctx):
     model = ReferenceVLA(config)
     dropped = tuple(f"layers.{index}." for index in range(layers, full.num_layers))
     tensors = {name: t for name, t in read_weights(weights_file).items() if not name.startswith(dropped)}
-    if image_size != full.image_size:
-        tensors["visual_pos"] = resample_visual_positions(tensors["visual_pos"], image_size // full.patch_size)
+    if new_encoder:
+        # The patch embedding gives way to ImageNet MobileNetV2 and a fresh projection; the backbone,
+        # the language/state/query tokens, the head and the position embeddings are kept.
+        del tensors["patch_embed.weight"], tensors["patch_embed.bias"]
+        tensors.update({f"image_encoder.{name}": t for name, t in imagenet.items()})
+        tensors.update({f"encoder_proj.{name}": t for name, t in model.encoder_proj.state_dict().items()})
+        log.info("--init-from %s: patch embedding replaced by ImageNet MobileNetV2 features[:%d]", args.init_from,
+                 config.encoder_blocks)
+    grid = image_size // config.patch_size
+    if grid * grid != tensors["visual_pos"].shape[1]:
+        tensors["visual_pos"] = resample_visual_positions(tensors["visual_pos"], grid)
         log.info("--init-from %s: position embeddings resampled from %d px to %d px (%d -> %d patches)",
                  args.init_from, full.image_size, image_size, full.num_patches, config.num_patches)
     if config.num_cameras > full.num_cameras:
@@ -134,19 +168,42 @@ def _teacher_from(args, topics, ctx):
     return model, demos
 
 
+def _encoder_overrides(args) -> dict:
+    """The VLAConfig fields --image-encoder sets (none without it)."""
+    if not args.image_encoder:
+        return {}
+    if args.image_encoder == "patch":
+        return {"image_encoder": "patch"}
+    try:
+        stride = encoder_geometry(args.encoder_blocks)[1]
+    except ValueError as error:
+        raise ValueError(f"--encoder-blocks {args.encoder_blocks}: {error}") from None
+    return {"image_encoder": "mobilenet_v2", "encoder_blocks": args.encoder_blocks, "patch_size": stride}
+
+
 def _reference_teacher(args, topics, ctx):
     """The reference VLA of --size and the architecture flags, and the demonstrations at its input size."""
     overrides = {k: v for k, v in (("image_size", args.image_size), ("chunk_size", args.chunk_size),
                                    ("patch_size", args.patch_size), ("width", args.width),
                                    ("num_layers", args.layers), ("num_heads", args.heads)) if v}
+    encoder = _encoder_overrides(args)
+    if args.patch_size and encoder.get("image_encoder") == "mobilenet_v2" and args.patch_size != encoder["patch_size"]:
+        raise ValueError(f"--patch-size {args.patch_size}: MobileNetV2 features[:{args.encoder_blocks}] has stride "
+                         f"{encoder['patch_size']}; leave --patch-size out")
+    overrides.update(encoder)
     size = args.size or "default"
     probe_config = VLAConfig.sized(size, **overrides)
+    imagenet = (read_imagenet_weights(args.encoder_weights, probe_config.encoder_blocks)
+                if probe_config.image_encoder == "mobilenet_v2" else None)
     demos = load_demonstrations(args.data, topics, probe_config.image_size, probe_config.chunk_size,
                                 args.val_fraction, args.seed, progress=ctx.is_main)
     config = VLAConfig.sized(size, **overrides, action_dim=len(demos.action_names),
                              state_dim=len(demos.state_names) if demos.stats.state_dim else 0,
                              num_cameras=len(demos.camera_names))
-    return ReferenceVLA(config), demos
+    model = ReferenceVLA(config)
+    if imagenet is not None:
+        load_state_into(model.image_encoder, imagenet, args.encoder_weights)
+    return model, demos
 
 
 def _backbone_teacher(args, topics, ctx):
@@ -156,7 +213,7 @@ def _backbone_teacher(args, topics, ctx):
 
     reference_only = [flag for flag, value in (("--size", args.size), ("--patch-size", args.patch_size),
                                                ("--width", args.width), ("--layers", args.layers),
-                                               ("--heads", args.heads)) if value]
+                                               ("--heads", args.heads), ("--image-encoder", args.image_encoder)) if value]
     if reference_only:
         raise ValueError(f"{', '.join(reference_only)}: set the reference VLA's architecture; "
                          f"--backbone {args.backbone} brings its own")
@@ -190,6 +247,8 @@ def train_teacher(args: argparse.Namespace) -> Path:
     build = _teacher_from if args.init_from else _backbone_teacher if args.backbone else _reference_teacher
     model, demos = build(args, topics, ctx)
     config = model.config
+    if getattr(model, "image_encoder", None) is not None and not args.train_encoder:
+        model.image_encoder.requires_grad_(False)  # frozen ImageNet features; the projection trains
     model.set_normalization(demos.stats.to_dict())
     model.to(ctx.device)
     train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
@@ -220,6 +279,10 @@ def train_teacher(args: argparse.Namespace) -> Path:
                          provenance={"trained_by": "actdistill train-teacher", "bags": demos.bags,
                                      "data": [str(d) for d in args.data],
                                      **({"init_from": str(args.init_from)} if args.init_from else {}),
+                                     **({"image_encoder": f"MobileNetV2 features[:{config.encoder_blocks}], ImageNet "
+                                                          f"({TORCHVISION_FILE}), "
+                                                          f"{'fine-tuned' if args.train_encoder else 'frozen'}"}
+                                        if getattr(config, "image_encoder", "patch") == "mobilenet_v2" else {}),
                                      "topics": topics.to_dict(), "train": vars(train_config),
                                      **({"backbone": str(args.backbone),
                                          "vision_tower": "trained" if args.train_vision else "frozen"}

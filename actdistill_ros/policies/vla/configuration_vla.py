@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+IMAGE_ENCODERS = ("patch", "mobilenet_v2")
+
 
 @dataclass
 class VLAConfig:
@@ -12,7 +14,11 @@ class VLAConfig:
 
     image_size: int = 64  # square input resolution; every camera image is resized to it
     num_cameras: int = 1  # images per observation, in the card's camera order
-    patch_size: int = 8
+    patch_size: int = 8  # with a MobileNetV2 encoder: its stride (8 for blocks 7, 16 for blocks 14)
+    # "patch": a linear patch embedding trained with the model; "mobilenet_v2": ImageNet MobileNetV2
+    # features[:encoder_blocks] (mobilenet_v2.py), a 1x1 projection to the width per output cell.
+    image_encoder: str = "patch"
+    encoder_blocks: int = 14
     width: int = 128
     num_layers: int = 6
     num_heads: int = 4
@@ -34,6 +40,13 @@ class VLAConfig:
                 raise ValueError(f"VLAConfig.{name} must be a positive integer, got {value!r}")
         if not isinstance(self.state_dim, int) or self.state_dim < 0:
             raise ValueError(f"VLAConfig.state_dim must be an integer >= 0, got {self.state_dim!r}")
+        if self.image_encoder not in IMAGE_ENCODERS:
+            raise ValueError(f"VLAConfig.image_encoder must be one of {IMAGE_ENCODERS}, got {self.image_encoder!r}")
+        if self.image_encoder == "mobilenet_v2":
+            stride = self.encoder_geometry[1]
+            if self.patch_size != stride:
+                raise ValueError(f"VLAConfig.patch_size ({self.patch_size}) must be the stride of MobileNetV2 "
+                                 f"features[:{self.encoder_blocks}], {stride}")
         if self.image_size % self.patch_size:
             raise ValueError(f"VLAConfig.image_size ({self.image_size}) must be a multiple of "
                              f"patch_size ({self.patch_size})")
@@ -45,8 +58,14 @@ class VLAConfig:
             raise ValueError(f"VLAConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
     @property
+    def encoder_geometry(self) -> tuple[int, int]:
+        """(channels, stride) of the MobileNetV2 encoder's output."""
+        from actdistill_ros.policies.vla.mobilenet_v2 import encoder_geometry
+        return encoder_geometry(self.encoder_blocks)
+
+    @property
     def num_patches(self) -> int:
-        """Patches of one camera image."""
+        """Image tokens of one camera: patches, or the MobileNetV2 encoder's output cells."""
         return (self.image_size // self.patch_size) ** 2
 
     @property

@@ -2,6 +2,11 @@
 query token, an L-layer pre-norm transformer backbone, and a regression head that reads the action
 query's final hidden state as an H x D action chunk.
 
+The image tokens come from a linear patch embedding trained with the model, or, with
+``image_encoder: mobilenet_v2``, from ImageNet MobileNetV2 features[:k] (one token per output cell,
+projected to the width): its convolutions run once per image, before and outside the routed
+backbone, and :meth:`ReferenceVLA.vision_flops` counts them apart from the backbone's FLOPs.
+
 With several cameras, each image is cut into patches by the same patch embedding and gets the same
 position embeddings, plus a learned embedding of its camera; the tokens of camera 0 come first.
 With one camera there is no camera embedding, so single-camera weights are unchanged.
@@ -20,6 +25,7 @@ from actdistill_ros.policies.common import NormalizationMixin, camera_batch, ful
 from actdistill_ros.policies.observation import (ACTION_QUERY, LANGUAGE, STATE, VISUAL, EncodedObservation,
                                                 segment_spans)
 from actdistill_ros.policies.vla.configuration_vla import VLAConfig
+from actdistill_ros.policies.vla.mobilenet_v2 import IMAGENET_MEAN, IMAGENET_STD, MobileNetV2Features
 from actdistill_ros.policies.vla.tokenizer import PAD_ID, tokenize_batch
 
 
@@ -75,7 +81,15 @@ class ReferenceVLA(NormalizationMixin, nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.patch_embed = nn.Conv2d(3, c.width, kernel_size=c.patch_size, stride=c.patch_size)
+        if c.image_encoder == "mobilenet_v2":
+            self.patch_embed = None
+            self.image_encoder = MobileNetV2Features(c.encoder_blocks)
+            self.encoder_proj = nn.Linear(self.image_encoder.out_channels, c.width)
+            self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        else:
+            self.patch_embed = nn.Conv2d(3, c.width, kernel_size=c.patch_size, stride=c.patch_size)
+            self.image_encoder = self.encoder_proj = None
         self.visual_pos = nn.Parameter(torch.zeros(1, c.num_patches, c.width))
         self.word_embed = nn.Embedding(c.text_vocab_size, c.width, padding_idx=PAD_ID)
         self.text_pos = nn.Parameter(torch.zeros(1, c.max_text_tokens, c.width))
@@ -113,9 +127,32 @@ class ReferenceVLA(NormalizationMixin, nn.Module):
         return self.config.num_layers
 
     def freeze_vision(self) -> None:
-        """Freeze the patch embedding and its position embeddings."""
-        self.patch_embed.requires_grad_(False)
+        """Freeze the image encoder (patch embedding, or MobileNetV2 and its projection) and its position
+        embeddings."""
+        for module in (self.patch_embed, self.image_encoder, self.encoder_proj):
+            if module is not None:
+                module.requires_grad_(False)
         self.visual_pos.requires_grad_(False)
+
+    def vision_flops(self) -> float:
+        """Matmul/convolution FLOPs of the image encoder for one sample (every camera): computed once per
+        observation whatever the route, so counted apart from :meth:`layer_flops`."""
+        c = self.config
+        if self.image_encoder is None:
+            per_camera = 2 * c.num_patches * (3 * c.patch_size ** 2) * c.width
+        else:
+            per_camera = self.image_encoder.flops(c.image_size) + 2 * c.num_patches * self.image_encoder.out_channels * c.width
+        return float(c.num_cameras * per_camera)
+
+    def image_tokens(self, images: Tensor) -> Tensor:
+        """uint8 RGB (B, C, S, S, 3) -> (B * C, P, W) image tokens, before position embeddings."""
+        if self.image_encoder is None:
+            weight = self.patch_embed.weight.flatten(1)  # (W, 3 * p * p), a view
+            return F.linear(self.patch_pixels(images), weight, self.patch_embed.bias)
+        frames = camera_batch(images, self.config.num_cameras, self.config.image_size).flatten(0, 1)
+        pixels = frames.permute(0, 3, 1, 2).to(self.action_query.dtype).div_(255.0)
+        features = self.image_encoder(pixels.sub_(self.pixel_mean).div_(self.pixel_std))  # ImageNet normalisation
+        return self.encoder_proj(features.flatten(2).transpose(1, 2))
 
     def patch_pixels(self, images: Tensor) -> Tensor:
         """uint8 RGB (B, C, S, S, 3) on any device -> (B * C, P, 3 * p * p) float in [-1, 1]: each
@@ -141,9 +178,8 @@ class ReferenceVLA(NormalizationMixin, nn.Module):
         batch, device, dtype = images.shape[0], self.action_query.device, self.action_query.dtype
         if len(instructions) != batch:
             raise ValueError(f"got {len(instructions)} instructions for {batch} images")
-        # (B * C, P, W): every camera through the same patch embedding and positions.
-        weight = self.patch_embed.weight.flatten(1)  # (W, 3 * p * p), a view
-        visual = F.linear(self.patch_pixels(images.to(device)), weight, self.patch_embed.bias) + self.visual_pos
+        # (B * C, P, W): every camera through the same image encoder and positions.
+        visual = self.image_tokens(images.to(device)) + self.visual_pos
         if self.camera_embed is not None:
             visual = visual.reshape(batch, c.num_cameras, c.num_patches, c.width) + self.camera_embed[None, :, None]
         visual = visual.reshape(batch, c.num_visual_tokens, c.width)
