@@ -143,3 +143,26 @@ def test_eval_sim_runs_the_teacher_through_the_serving_adapter(trained, tmp_path
     assert result["chunk_size"] == 4 and result["overall"]["execute_steps"] == 2
     assert episode["steps"] == 6 and episode["policy_calls"] == 3
     assert result["overall"]["executed_fraction"] == 1.0 and result["overall"]["backbone_gflops_per_call"] > 0
+
+
+@pytest.mark.sim
+def test_a_keep_sweep_evaluates_the_smolvla_teacher_whole_and_the_student_at_each_keep(trained, demos, tmp_path):
+    from sim_harness import require_simulator
+
+    require_simulator()
+    config = tmp_path / "distill.yaml"
+    config.write_text("graph_width: 32\nlog_every: 2\nprobe: {warmup_steps: 1}\ndistill: {warmup_steps: 1}\n")
+    assert cli(["distill", "--teacher", str(trained / "teacher"), "--data", str(demos), "--out", str(tmp_path / "d"),
+                "--config", str(config), "--probe-steps", "2", "--distill-steps", "2", "--batch-size", "4"]) == 0
+    out = tmp_path / "sweep"
+    assert cli(["eval-sim", "--policy", str(tmp_path / "d" / "student"), "--teacher", str(trained / "teacher"),
+                "--sweep-keep", "0.34", "1.0", "--tasks", "reach", "--episodes", "1", "--horizon", "4",
+                "--image-size", "32", "--out", str(out)]) == 0
+    methods = json.loads((out / "sweep_keep.json").read_text())["methods"]
+    assert list(methods) == ["student", "teacher"]  # no static-route baselines for a SmolVLA teacher
+    assert [(p["keep"], p["k"]) for p in methods["student"]] == [(0.34, 1), (1.0, 3)]  # of the 3 routed layers
+    assert [p["k"] for p in methods["teacher"]] == [3]
+    fractions = [p["overall"]["executed_fraction"] for p in methods["student"] + methods["teacher"]]
+    assert fractions == pytest.approx([1 / 3, 1.0, 1.0])
+    gflops = [p["overall"]["backbone_gflops_per_call"] for p in methods["student"] + methods["teacher"]]
+    assert gflops[0] < gflops[1] == pytest.approx(gflops[2])

@@ -340,7 +340,8 @@ def sweep_keep(
 
     At each keep the student runs its top k = max(1, round(keep * L)) layers per observation, and the
     teacher runs k layers on each ``BASELINE_ROUTES`` route (random ones drawn from ``route_seed``).
-    At k = L every route is the whole teacher, so one evaluation serves all of them.
+    At k = L every route is the whole teacher, so one evaluation serves all of them. A SmolVLA
+    teacher runs every layer (no static routes): then the teacher is evaluated once instead.
     ``finetuned_truncated``: the teacher's first k layers fine-tuned on the demos (``train-teacher
     --init-from``), evaluated once at its own k as the method "finetuned-truncated".
     With ``out_dir``: sweep_keep.json, sweep_keep.md and sweep_keep.png (one curve per method), and
@@ -370,7 +371,12 @@ def sweep_keep(
     check_camera_count(camera, int(_card_value(teacher, "num_cameras", 1)))
     original_keep, original_route = student.keep_fraction, teacher.static_route
     cache = _TaskCache(image_size, horizon, camera, student)
-    methods: dict[str, list[dict[str, Any]]] = {name: [] for name in ("student", *BASELINE_ROUTES)}
+    # A SmolVLA teacher takes no static routes (it runs every layer): the baselines are left out and
+    # the teacher itself is one point, at k = L, on the same seeds.
+    routes = () if getattr(teacher, "family", None) == "smolvla" else BASELINE_ROUTES
+    methods: dict[str, list[dict[str, Any]]] = {name: [] for name in ("student", *routes)}
+    if not routes:
+        methods["teacher"] = []
     if finetuned_truncated is not None:
         methods["finetuned-truncated"] = []
     result = {**_run_info(student, task_names, seeds, horizon, image_size, camera), "route_seed": route_seed,
@@ -398,13 +404,15 @@ def sweep_keep(
             write_json(partial, {"identity": identity, **result})
 
     try:
+        if not routes:
+            evaluate_point(teacher, "teacher", 1.0)
         for keep in keeps:
             student.keep_fraction = keep
             evaluate_point(student, "student", keep)
             whole_teacher = num_kept_layers(keep, teacher.num_layers) == teacher.num_layers
-            for route in BASELINE_ROUTES:
-                if whole_teacher and route != BASELINE_ROUTES[0]:  # every route is the whole teacher
-                    methods[route].append(dict(methods[BASELINE_ROUTES[0]][-1], keep=keep))
+            for route in routes:
+                if whole_teacher and route != routes[0]:  # every route is the whole teacher
+                    methods[route].append(dict(methods[routes[0]][-1], keep=keep))
                     continue
                 teacher.static_route = StaticRoute(route, keep, teacher.num_layers, seed=route_seed)
                 evaluate_point(teacher, route, keep)
@@ -489,7 +497,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--sweep-keep", nargs="*", default=None, metavar="KEEP",
                         help="compute dial sweep: the student (--policy) at these keep fractions and the training-free "
                         "baselines (first / even / random k layers) on --teacher at the same k "
-                        f"(no values: {' '.join(map(str, DEFAULT_KEEPS))})")
+                        f"(no values: {' '.join(map(str, DEFAULT_KEEPS))}); a SmolVLA teacher is evaluated whole instead "
+                        "of the baselines")
     parser.add_argument("--teacher", default=None, help="with --sweep-keep: the teacher weights directory")
     parser.add_argument("--finetuned-truncated", default=None, metavar="WEIGHTS",
                         help="with --sweep-keep: the teacher's first k layers fine-tuned on the demos "
