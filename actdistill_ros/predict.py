@@ -1,7 +1,7 @@
 """`actdistill predict`: one action chunk per observation of a saved batch, for checking a checkpoint.
 
-Takes a LeRobot SmolVLA policy directory (config.json with "type": "smolvla") or this project's own
-teacher/student weights (card.json). The batch is in LeRobot's conventions:
+Takes a LeRobot SmolVLA, pi0 or pi0.5 policy directory (config.json with "type": "smolvla", "pi0" or
+"pi05") or this project's own teacher/student weights (card.json). The batch is in LeRobot's conventions:
 ``observation.images.<camera>`` float32 [B, 3, H, W] in [0, 1] and ``observation.state`` float32
 [B, S]. The output holds ``action``: the un-normalised chunk [B, chunk, action_dim].
 """
@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("predict", help="predict action chunks for a saved batch (LeRobot conventions)",
                                    description=__doc__.splitlines()[0])
     parser.add_argument("--policy", required=True, type=Path,
-                        help="a LeRobot SmolVLA policy directory, or actdistill teacher/student weights")
+                        help="a LeRobot SmolVLA, pi0 or pi0.5 policy directory, or actdistill teacher/student weights")
     parser.add_argument("--batch", required=True, type=Path,
                         help="safetensors: observation.images.<camera> [B,3,H,W] in [0,1], observation.state [B,S]")
     parser.add_argument("--task", required=True, help="the instruction, used for every row of the batch")
@@ -38,10 +38,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output safetensors (key `action`)")
     parser.add_argument("--vlm-processor", type=Path, default=None,
                         help="SmolVLA: a directory with the VLM's config.json and tokenizer (default: the Hugging "
-                             "Face cache of the config's vlm_model_name, offline)")
+                             "Face cache of the config's vlm_model_name, offline); pi0/pi0.5: a directory with the "
+                             "PaliGemma tokenizer (default: the cache of the name its tokenizer step saved)")
     parser.add_argument("--float32", action="store_true",
                         help="SmolVLA: run every part in float32 (default: the dtypes LeRobot runs them in, e.g. "
-                             "a bfloat16 VLM for a policy saved with load_vlm_weights)")
+                             "a bfloat16 VLM for a policy saved with load_vlm_weights); pi0/pi0.5: required to run a "
+                             "dtype bfloat16 policy (in float32)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--keep-fraction", type=float, default=None,
                         help="SmolVLA student: keep routing at this fraction of the routed VLM layers (1.0 runs them "
@@ -68,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         if "noise" not in tensors:
             raise ValueError(f"--noise {args.noise}: no tensor named `noise` (has {sorted(tensors)})")
         noise = tensors["noise"]
+    from actdistill_ros.policies.pi0 import PI0Policy, is_pi0_dir
     from actdistill_ros.policies.smolvla import SmolVLAPolicy, is_smolvla_dir
     from actdistill_ros.policies.smolvla.routing_smolvla import is_smolvla_student_dir, load_smolvla_student
 
@@ -80,10 +83,11 @@ def run(args: argparse.Namespace) -> int:
             student.keep_fraction = args.keep_fraction
         if args.threshold is not None:
             student.threshold = args.threshold
-        actions = predict_smolvla(student, batch, args.task, noise, args.seed)
-    elif is_smolvla_dir(args.policy):
-        actions = predict_smolvla(SmolVLAPolicy.load(args.policy, args.vlm_processor, args.device, args.float32), batch,
-                                  args.task, noise, args.seed)
+        actions = predict_flow_matching(student, batch, args.task, noise, args.seed)
+    elif is_smolvla_dir(args.policy) or is_pi0_dir(args.policy):
+        family = SmolVLAPolicy if is_smolvla_dir(args.policy) else PI0Policy
+        actions = predict_flow_matching(family.load(args.policy, args.vlm_processor, args.device, args.float32), batch,
+                                        args.task, noise, args.seed)
     else:
         if noise is not None:
             raise ValueError(f"--noise: {args.policy} is not a flow-matching policy (its action head is "
@@ -95,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def predict_smolvla(policy, batch: dict[str, torch.Tensor], task: str, noise: torch.Tensor | None,
+def predict_flow_matching(policy, batch: dict[str, torch.Tensor], task: str, noise: torch.Tensor | None,
                     seed: int) -> torch.Tensor:
     if noise is None:
         size = batch[STATE_KEY].shape[0] if STATE_KEY in batch else 1

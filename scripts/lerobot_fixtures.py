@@ -1,4 +1,5 @@
-"""Tiny SmolVLA policies made, saved and run by LeRobot itself: the oracle for `actdistill predict`.
+"""Tiny SmolVLA (and, with --family pi0, pi0 and pi0.5) policies made, saved and run by LeRobot itself: the
+oracle for `actdistill predict`.
 
 Run by scripts/make_lerobot_fixtures.sh inside a throwaway environment that has lerobot 0.4.4 (never
 a dependency of this package), with HF_HOME pointing at an empty private cache and HF_HUB_OFFLINE=1.
@@ -235,11 +236,21 @@ def make_case(name: str, spec: dict, out: Path, seed: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--family", choices=("smolvla", "pi0"), default="smolvla",
+                        help="smolvla (transformers 4.57), or pi0 and pi0.5 into OUT/pi0 (transformers 4.53.2 with "
+                             "openpi's transformers_replace first on PYTHONPATH)")
     args = parser.parse_args()
     if "HF_HOME" not in os.environ or os.environ.get("HF_HUB_OFFLINE") != "1":
         raise SystemExit("run through scripts/make_lerobot_fixtures.sh (a private HF_HOME, HF_HUB_OFFLINE=1)")
-    if args.out.exists():
-        shutil.rmtree(args.out)
+    if args.family == "pi0":
+        from lerobot_fixtures_pi0 import make_pi0_fixtures  # needs the pi0 transformers on PYTHONPATH
+
+        make_pi0_fixtures(args.out / "pi0", randomize=randomize, stats_for=stats_for, cameras=CAMERAS,
+                          state_dim=STATE_DIM, action_dim=ACTION_DIM)
+        return
+    for directory in [*VLMS, *CASES]:  # SmolVLA's own directories: pi0/ is left alone
+        if (args.out / directory).exists():
+            shutil.rmtree(args.out / directory)
     for directory, (name, text_dtype) in VLMS.items():
         build_vlm_files(args.out / directory, text_dtype)
         install_in_cache(args.out / directory, name)

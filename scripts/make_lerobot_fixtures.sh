@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Regenerate test/fixtures/lerobot/: tiny SmolVLA policies made and run by LeRobot itself, the
-# oracle that `actdistill predict` is tested against (test/test_smolvla_parity.py).
+# Regenerate test/fixtures/lerobot/: tiny SmolVLA, pi0 and pi0.5 policies made and run by LeRobot
+# itself, the oracle that `actdistill predict` is tested against (test/test_smolvla_parity.py,
+# test/test_pi0_parity.py; pi0 and pi0.5 go to OUT/pi0).
 #
 # LeRobot is never a dependency of this package (0.4.x pins an older torch, 0.5 needs Python 3.12):
 # it goes into a throwaway virtual environment, installed without its dependency resolver, beside
@@ -12,6 +13,10 @@
 #                 it is reused when it already imports lerobot's SmolVLA
 #   PYTHON        the interpreter it is made from (default: python3.11)
 #   TORCH_SPEC    how torch is installed (default: torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu)
+#   FAMILIES      which fixtures to make (default: "smolvla pi0")
+#   OPENPI_DIR    a checkout of openpi (github.com/Physical-Intelligence/openpi) whose
+#                 src/openpi/models_pytorch/transformers_replace LeRobot's pi0 needs over transformers
+#                 4.53.2 (default: a clone of OPENPI_COMMIT into the environment)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,6 +24,11 @@ OUT="${1:-$ROOT/test/fixtures/lerobot}"
 VENV="${LEROBOT_VENV:-${TMPDIR:-/tmp}/actdistill-lerobot-venv}"
 PYTHON="${PYTHON:-python3.11}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu}"
+FAMILIES="${FAMILIES:-smolvla pi0}"
+OPENPI_COMMIT=15a9616a00943ada6c20a0f158e3adb39df2ccac
+# LeRobot's pi0/pi0.5 check for exactly this transformers, patched by openpi; it goes into its own
+# directory, first on PYTHONPATH for the pi0 run only (SmolVLA keeps transformers 4.57).
+PI0_TRANSFORMERS="$VENV/pi0-transformers"
 
 log() { echo "[lerobot-fixtures] $*"; }
 
@@ -85,10 +95,35 @@ else
     "$VENV/bin/python" -c "import lerobot.policies.smolvla.modeling_smolvla"; exit 1; }
 fi
 
-log "building fixtures in $OUT"
+pi0_transformers_ready() {
+  PYTHONPATH="$PI0_TRANSFORMERS" "$VENV/bin/python" -c \
+    "from transformers.models.siglip import check; assert check.check_whether_transformers_replace_is_installed_correctly()" \
+    >/dev/null 2>&1
+}
+
+install_pi0_transformers() {
+  local openpi="${OPENPI_DIR:-$VENV/openpi}"
+  if [ ! -d "$openpi/src/openpi/models_pytorch/transformers_replace" ]; then
+    git clone -q https://github.com/Physical-Intelligence/openpi "$openpi"
+    git -C "$openpi" checkout -q "$OPENPI_COMMIT"
+  fi
+  "$VENV/bin/pip" install -q --no-deps --target "$PI0_TRANSFORMERS" "transformers==4.53.2" "tokenizers==0.21.4"
+  cp -r "$openpi/src/openpi/models_pytorch/transformers_replace/." "$PI0_TRANSFORMERS/transformers/"
+  pi0_transformers_ready || { log "openpi's patched transformers 4.53.2 does not import from $PI0_TRANSFORMERS"; exit 1; }
+}
+
+log "building fixtures ($FAMILIES) in $OUT"
 HF_HOME_DIR="$(mktemp -d)"
 trap 'rm -rf "$HF_HOME_DIR"' EXIT
-# Nothing is downloaded: the tiny VLM is written into a private Hugging Face cache first.
-HF_HOME="$HF_HOME_DIR" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
-  "$VENV/bin/python" "$ROOT/scripts/lerobot_fixtures.py" --out "$OUT"
+# Nothing is downloaded: the tiny VLMs and tokenizers are written into a private Hugging Face cache first.
+for family in $FAMILIES; do
+  if [ "$family" = pi0 ]; then
+    pi0_transformers_ready || install_pi0_transformers
+    HF_HOME="$HF_HOME_DIR" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH="$PI0_TRANSFORMERS" \
+      "$VENV/bin/python" "$ROOT/scripts/lerobot_fixtures.py" --family pi0 --out "$OUT"
+  else
+    HF_HOME="$HF_HOME_DIR" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+      "$VENV/bin/python" "$ROOT/scripts/lerobot_fixtures.py" --family "$family" --out "$OUT"
+  fi
+done
 log "done: $(du -sh "$OUT" | cut -f1) in $OUT"

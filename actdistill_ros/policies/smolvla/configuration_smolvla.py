@@ -14,12 +14,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from actdistill_ros.policies.lerobot_processor import ACTION_KEY, NORMALIZATION_MODES  # noqa: F401 - re-exported
+
 FEATURE_TYPES = ("VISUAL", "STATE", "ACTION")
-NORMALIZATION_MODES = ("IDENTITY", "MEAN_STD", "MIN_MAX", "QUANTILES", "QUANTILE10")
 ATTENTION_MODES = ("cross_attn", "self_attn")
 PAD_LANGUAGE = ("longest", "max_length")
 STATE_KEY = "observation.state"
-ACTION_KEY = "action"
 IMAGE_PREFIX = "observation.images."
 
 # Fields that only steer training, hub upload or compilation: accepted, never used at inference.

@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
+from actdistill_ros.policies.lerobot_processor import tokenize
 from actdistill_ros.policies.smolvla.configuration_smolvla import (IMAGE_PREFIX, STATE_KEY, SmolVLAConfig,
                                                                    SmolVLAConfigError)
 from actdistill_ros.policies.smolvla.modeling_smolvla import Prefix, SmolVLAModel, lerobot_dtypes, resize_with_pad
@@ -96,9 +97,7 @@ class SmolVLAPolicy:
         settings = self.preprocessor.tokenizer
         if self.preprocessor.newline:
             tasks = [t if t.endswith("\n") else f"{t}\n" for t in tasks]
-        encoded = self.tokenizer(tasks, max_length=settings.max_length, truncation=settings.truncation,
-                                 padding=settings.padding, padding_side=settings.padding_side, return_tensors="pt")
-        return encoded["input_ids"].to(self.device), encoded["attention_mask"].to(self.device, torch.bool)
+        return tokenize(self.tokenizer, settings, tasks, self.device)
 
     def preprocess(self, batch: dict[str, Tensor], tasks: list[str] | str) -> tuple[Prefix, int]:
         """Raw LeRobot batch + task text(s) -> the embedded prefix and the batch size."""

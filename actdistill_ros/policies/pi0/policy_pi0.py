@@ -1,0 +1,165 @@
+"""A LeRobot pi0 / pi0.5 policy directory, loaded and run without lerobot.
+
+``PI0Policy.load(dir)`` reads config.json ("type": "pi0" or "pi05"), model.safetensors (safetensors
+only, never pickle), policy_preprocessor.json / policy_postprocessor.json with their normalizer
+state files, and the PaliGemma tokenizer (``vlm_processor`` or the Hugging Face cache of the name
+the tokenizer step saved, offline). ``predict_action_chunk`` reproduces LeRobot's
+``postprocessor(policy.predict_action_chunk(preprocessor(batch), noise=noise))``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
+
+from actdistill_ros.policies.lerobot_processor import (Postprocessor, ProcessorError, load_tokenizer,
+                                                       read_postprocessor, resolve_vlm_dir, tokenize,
+                                                       unnormalize_actions)
+from actdistill_ros.policies.pi0.configuration_pi0 import EMPTY_CAMERA_PREFIX, VARIANTS, PI0Config
+from actdistill_ros.policies.pi0.modeling_pi0 import PI0Model, Prefix, PrefixCache, infer_sizes, resize_with_pad
+from actdistill_ros.policies.pi0.processor_pi0 import PI0Preprocessor, read_preprocessor, run_preprocessor
+from actdistill_ros.policies.smolvla.configuration_smolvla import STATE_KEY
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def is_pi0_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a directory whose config.json says "type": "pi0" or "pi05"."""
+    config = Path(path) / CONFIG_FILE
+    try:
+        return Path(path).is_dir() and json.loads(config.read_text()).get("type") in VARIANTS
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class PI0Policy:
+    family = "pi0"
+
+    def __init__(self, model: PI0Model, config: PI0Config, preprocessor: PI0Preprocessor,
+                 postprocessor: Postprocessor, tokenizer, directory: Path | None = None):
+        self.model = model.eval()
+        self.config = config
+        self.preprocessor = preprocessor
+        self.postprocessor = postprocessor
+        self.tokenizer = tokenizer
+        self.directory = directory
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.action_in_proj.weight.device
+
+    def to(self, device: str | torch.device) -> "PI0Policy":
+        self.model.to(device)
+        return self
+
+    @classmethod
+    def load(cls, directory: str | Path, vlm_processor: str | Path | None = None,
+             device: str | torch.device = "cpu", float32: bool = False) -> "PI0Policy":
+        """Runs in float32 (a dtype "bfloat16" policy needs ``float32=True``, saying so)."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise ProcessorError(f"{directory}: not a directory (a LeRobot pi0 / pi0.5 policy directory is expected)")
+        config = PI0Config.from_file(directory / CONFIG_FILE)
+        config.check_dtype(float32)
+        preprocessor = read_preprocessor(directory, config.variant)
+        postprocessor = read_postprocessor(directory)
+        weights = directory / WEIGHTS_FILE
+        if not weights.is_file():
+            pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt*")]
+            hint = f" ({', '.join(pickled)} are pickle files, which are never loaded)" if pickled else ""
+            raise ProcessorError(f"{weights}: missing; {config.variant} weights are read from safetensors only{hint}")
+        tokenizer_name = preprocessor.tokenizer.tokenizer_name or "google/paligemma-3b-pt-224"
+        tokenizer = load_tokenizer(resolve_vlm_dir(tokenizer_name, vlm_processor, need_config=False))
+        try:
+            tensors = {k: v.to(torch.float32) for k, v in load_file(str(weights)).items()}
+        except (SafetensorError, OSError) as err:
+            raise ProcessorError(f"{weights}: not a readable safetensors file ({err})") from None
+        model = PI0Model(config, infer_sizes(tensors, config, str(weights)))
+        model.load_lerobot_state(tensors, str(weights))
+        if len(tokenizer) > model.sizes.vocab:
+            raise ProcessorError(f"{tokenizer_name}: the tokenizer has {len(tokenizer)} tokens, the model's embedding "
+                                 f"{model.sizes.vocab} rows (another tokenizer than the policy was trained with)")
+        return cls(model.to(device), config, preprocessor, postprocessor, tokenizer, directory)
+
+    # ---- LeRobot's preprocessing -----------------------------------------------------------------
+    def preprocess(self, batch: dict[str, Tensor], tasks: list[str] | str) -> tuple[Prefix, Tensor | None, int]:
+        """Raw LeRobot batch + task text(s) -> the embedded prefix, the padded state (pi0; None for
+        pi0.5, whose state is in the prompt) and the batch size."""
+        config = self.config
+        batch = {k: torch.as_tensor(v).to(self.device) for k, v in batch.items()}
+        state = batch.get(STATE_KEY)
+        if state is None:
+            raise ProcessorError(f"the batch has no {STATE_KEY!r} (the policy takes {config.state_dim} values)")
+        size = state.shape[0] if state.ndim == 2 else 1
+        if state.ndim not in (1, 2) or state.shape[-1] != config.state_dim:
+            raise ProcessorError(f"{STATE_KEY}: expected [B, {config.state_dim}], got {list(state.shape)}")
+        tasks = [tasks] * size if isinstance(tasks, str) else list(tasks)
+        if len(tasks) != size:
+            raise ProcessorError(f"got {len(tasks)} task strings for a batch of {size}")
+        batch[STATE_KEY] = state.to(torch.float32)
+        batch, tokens, masks = run_preprocessor(
+            self.preprocessor, batch, tasks, lambda settings, texts: tokenize(self.tokenizer, settings, texts, self.device))
+        images, image_masks = self._prepare_images(batch, size)
+        prefix = self.model.embed_prefix(images, image_masks, tokens, masks)
+        if config.is_pi05:
+            return prefix, None, size
+        state = batch[STATE_KEY].to(torch.float32)
+        return prefix, torch.nn.functional.pad(state, (0, config.max_state_dim - state.shape[-1])), size
+
+    def _prepare_images(self, batch: dict[str, Tensor], size: int) -> tuple[list[Tensor], list[Tensor]]:
+        """Present cameras in config order, resized with padding and mapped to [-1, 1]; then one
+        all -1, masked-out image per missing camera (LeRobot's empty_camera_<i> placeholders)."""
+        resolution = self.config.image_resolution[0]
+        images, masks, missing = [], [], []
+        for key in self.config.image_features:
+            if key not in batch:
+                missing.append(key)
+                continue
+            if not batch[key].is_floating_point():
+                raise ProcessorError(f"{key}: expected float pixels in [0, 1] (LeRobot's convention), got "
+                                     f"{str(batch[key].dtype).removeprefix('torch.')}")
+            image = batch[key].to(torch.float32)
+            if image.ndim != 4 or image.shape[:2] != (size, 3):
+                raise ProcessorError(f"{key}: expected float [B={size}, 3, H, W] in [0, 1], got {list(image.shape)}")
+            if tuple(image.shape[2:]) != (resolution, resolution):
+                image = resize_with_pad(image, resolution)
+            images.append(image * 2.0 - 1.0)
+            masks.append(torch.ones(size, dtype=torch.bool, device=image.device))
+        real_missing = [k for k in missing if not k.startswith(EMPTY_CAMERA_PREFIX)]
+        if real_missing:
+            raise ProcessorError(f"the batch lacks camera(s) {real_missing}; the policy takes "
+                                 f"{[k for k in self.config.image_features if not k.startswith(EMPTY_CAMERA_PREFIX)]}")
+        for _ in missing:
+            images.append(torch.full_like(images[-1], -1.0))
+            masks.append(torch.zeros_like(masks[-1]))
+        return images, masks
+
+    # ---- inference -------------------------------------------------------------------------------
+    def start_noise(self, size: int, generator: torch.Generator | None = None) -> Tensor:
+        shape = (size, self.config.chunk_size, self.config.max_action_dim)
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+
+    def check_noise(self, noise: Tensor, size: int) -> Tensor:
+        shape = (size, self.config.chunk_size, self.config.max_action_dim)
+        if tuple(noise.shape) != shape:
+            raise ProcessorError(f"noise: expected shape {list(shape)} [B, chunk_size, max_action_dim], "
+                                 f"got {list(noise.shape)}")
+        return noise.to(self.device, torch.float32)
+
+    def prefix_cache(self, prefix: Prefix) -> PrefixCache:
+        return self.model.run_prefix(prefix)
+
+    @torch.inference_mode()
+    def predict_action_chunk(self, batch: dict[str, Tensor], tasks: list[str] | str,
+                             noise: Tensor | None = None) -> Tensor:
+        """Un-normalised action chunk (B, chunk_size, action_dim), float32 on the CPU."""
+        prefix, state, size = self.preprocess(batch, tasks)
+        noise = self.start_noise(size) if noise is None else self.check_noise(noise, size)
+        actions = self.model.sample_actions(self.prefix_cache(prefix), state, noise)[:, :, :self.config.action_dim]
+        return unnormalize_actions(self.postprocessor, actions).float().cpu()
