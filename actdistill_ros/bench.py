@@ -122,7 +122,9 @@ def run(args: argparse.Namespace) -> int:
         teacher_dir = args.teacher or create_untrained_policy(Path(tmp, "teacher"), args.size, student=False,
                                                               backbone=args.backbone)
         teacher = Policy.load(teacher_dir, args.device, args.dtype)
-        if getattr(teacher, "family", None) == "smolvla":  # a LeRobot SmolVLA directory: vision/prefix/expert
+        # A LeRobot SmolVLA directory alone: vision/prefix/expert per keep fraction; with --student, the
+        # two end to end through the serving adapter (router included), interleaved, as below.
+        if getattr(teacher, "family", None) == "smolvla" and not args.student:
             args.smolvla, args.smolvla_model = "loaded", teacher.model
             result = run_smolvla(args)
             print(json.dumps(result) if args.json else json.dumps(result, indent=1))

@@ -146,7 +146,8 @@ def test_eval_sim_runs_the_teacher_through_the_serving_adapter(trained, tmp_path
 
 
 @pytest.mark.sim
-def test_a_keep_sweep_evaluates_the_smolvla_teacher_whole_and_the_student_at_each_keep(trained, demos, tmp_path):
+def test_a_keep_sweep_evaluates_the_smolvla_teacher_whole_and_the_student_at_each_keep(trained, demos, tmp_path,
+                                                                                         capsys):
     from sim_harness import require_simulator
 
     require_simulator()
@@ -166,3 +167,10 @@ def test_a_keep_sweep_evaluates_the_smolvla_teacher_whole_and_the_student_at_eac
     assert fractions == pytest.approx([1 / 3, 1.0, 1.0])
     gflops = [p["overall"]["backbone_gflops_per_call"] for p in methods["student"] + methods["teacher"]]
     assert gflops[0] < gflops[1] == pytest.approx(gflops[2])
+    # bench with --student: teacher and student end to end through the serving adapter, interleaved.
+    capsys.readouterr()
+    assert cli(["bench", "--teacher", str(trained / "teacher"), "--student", str(tmp_path / "d" / "student"),
+                "--keep-fraction", "0.34", "--iters", "2", "--warmup", "1", "--json"]) == 0
+    bench = json.loads(capsys.readouterr().out)
+    assert bench["executed_layer_fraction"] == pytest.approx(1 / 3, abs=1e-4) and bench["end_to_end_speedup"] > 0
+    assert bench["student_backbone_gflops"] < bench["teacher_backbone_gflops"]
