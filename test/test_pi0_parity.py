@@ -108,7 +108,7 @@ def test_skipped_vlm_layer_still_gives_its_keys_values():
     batch, noise, expected = inputs("pi0")
     model = policy.model
     with torch.inference_mode():
-        prefix, state, _ = policy.preprocess(batch, case_task("pi0"))
+        prefix, _ = policy.preprocess(batch, case_task("pi0"))
         full = model.run_prefix(prefix)
         skipped = model.run_prefix(prefix, skip=frozenset({1}))
         assert torch.equal(full.layers[1].key, skipped.layers[1].key)  # layer 1 sees the same input
@@ -116,8 +116,8 @@ def test_skipped_vlm_layer_still_gives_its_keys_values():
         context = prefix.context(model.sizes.vlm.head_dim)
         _, layer2 = model.vlm_layer(2, model.vlm_layer(0, prefix.embeddings, context)[0], context)
         assert torch.equal(layer2.key, skipped.layers[2].key)
-        unrouted = model.sample_actions(full, state, noise.clone())[:, :, :policy.config.action_dim]
-        routed = model.sample_actions(skipped, state, noise.clone())[:, :, :policy.config.action_dim]
+        unrouted = model.sample_actions(prefix, noise.clone(), cache=full)[:, :, :policy.config.action_dim]
+        routed = model.sample_actions(prefix, noise.clone(), cache=skipped)[:, :, :policy.config.action_dim]
     from actdistill_ros.policies.lerobot_processor import unnormalize_actions
 
     assert (unnormalize_actions(policy.postprocessor, unrouted) - expected).abs().max() < TOLERANCE

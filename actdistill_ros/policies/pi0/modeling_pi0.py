@@ -247,6 +247,7 @@ class Prefix:
     embeddings: Tensor  # (B, P, W)
     pad_masks: Tensor  # (B, P) bool: real tokens
     num_image_tokens: int  # the first positions are image tokens, the rest the prompt
+    state: Tensor | None = None  # pi0: the normalised state padded to max_state_dim (the expert's first token)
 
     def context(self, head_dim: int) -> "PrefixContext":
         # Every prefix token starts the same block: bidirectional among valid tokens.
@@ -266,6 +267,17 @@ class PrefixCache:
 
     layers: list[LayerKV]
     pad_masks: Tensor  # (B, P)
+    state: Tensor | None = None  # pi0's padded state (B, max_state_dim); None for pi0.5
+
+
+@dataclass
+class SuffixContext:
+    """What every denoising step of one chunk shares: the suffix's attention mask over prefix and
+    suffix, its rotary positions, and pi0's state token."""
+
+    mask: Tensor  # (B, S, P + S) bool
+    rotary: Rotary
+    state_token: Tensor | None  # (B, 1, expert width)
 
 
 def resize_with_pad(images: Tensor, size: int) -> Tensor:
@@ -341,21 +353,22 @@ class PI0Model(nn.Module):
         self.load_state_dict(state, strict=True)
 
     # ---- the prefix ------------------------------------------------------------------------------
-    def embed_images(self, images: Tensor) -> Tensor:
+    def embed_image(self, images: Tensor) -> Tensor:
         """(B, 3, S, S) in [-1, 1] -> (B, tokens, VLM width): SigLIP's last hidden state, projected."""
         return self.projector(self.vision_tower(pixel_values=images).last_hidden_state)
 
-    def embed_prefix(self, images: list[Tensor], image_masks: list[Tensor], tokens: Tensor, token_masks: Tensor) -> Prefix:
+    def embed_prefix(self, images: list[Tensor], image_masks: list[Tensor], tokens: Tensor, token_masks: Tensor,
+                     state: Tensor | None = None) -> Prefix:
         embeddings, pads = [], []
         for image, mask in zip(images, image_masks):
-            embedded = self.embed_images(image)
+            embedded = self.embed_image(image)
             embeddings.append(embedded)
             pads.append(mask[:, None].expand(embedded.shape[0], embedded.shape[1]))
         num_image_tokens = sum(e.shape[1] for e in embeddings)
         language = self.vlm.embed_tokens(tokens)
         embeddings.append(language * math.sqrt(language.shape[-1]))
         pads.append(token_masks)
-        return Prefix(torch.cat(embeddings, dim=1), torch.cat(pads, dim=1), num_image_tokens)
+        return Prefix(torch.cat(embeddings, dim=1), torch.cat(pads, dim=1), num_image_tokens, state)
 
     def vlm_layer(self, index: int, hidden: Tensor, context: PrefixContext,
                   need_output: bool = True) -> tuple[Tensor | None, LayerKV]:
@@ -379,55 +392,66 @@ class PI0Model(nn.Module):
             output, kv = self.vlm_layer(index, hidden, context, need_output=need)
             layers.append(kv)
             hidden = output if output is not None else hidden
-        return PrefixCache(layers, prefix.pad_masks)
+        return PrefixCache(layers, prefix.pad_masks, prefix.state)
 
     # ---- the suffix ------------------------------------------------------------------------------
-    def embed_suffix(self, state: Tensor | None, noisy_actions: Tensor,
-                     time: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Suffix embeddings (B, S, W), their block-start flags (B, S) and pi0.5's norm condition."""
+    def suffix_context(self, cache: PrefixCache) -> SuffixContext:
+        """pi0's suffix is [state, actions]: the state token starts a block (it sees the prefix and
+        itself), the actions start the next (they see everything before and each other). pi0.5's is
+        the action block alone. Positions continue after the prefix's valid tokens."""
+        chunk, pads = self.config.chunk_size, cache.pad_masks
+        starts = [True] + [False] * (chunk - 1)
+        state_token = None
+        if not self.config.is_pi05:
+            if cache.state is None:
+                raise ValueError("pi0 needs the state (embed_prefix(..., state=...))")
+            state_token = self.state_proj(cache.state.to(torch.float32))[:, None, :]
+            starts = [True, *starts]
+        size, length = pads.shape[0], len(starts)
+        suffix_pads = torch.ones(size, length, dtype=torch.bool, device=pads.device)
+        blocks = torch.tensor(starts, device=pads.device).expand(size, -1)
+        mask = torch.cat([pads[:, None, :].expand(size, length, -1), make_att_2d_masks(suffix_pads, blocks)], dim=2)
+        positions = pads.sum(dim=-1)[:, None] + torch.cumsum(suffix_pads, dim=1) - 1
+        return SuffixContext(mask, Rotary.at(positions, self.sizes.expert.head_dim), state_token)
+
+    def embed_suffix(self, noisy_actions: Tensor, time: Tensor, context: SuffixContext) -> tuple[Tensor, Tensor | None]:
+        """The expert's input (B, S, W) and pi0.5's norm condition (None for pi0)."""
         config, width = self.config, self.sizes.expert.width
         time_embedding = sinusoidal_time_embedding(time, width, config.min_period, config.max_period).to(time.dtype)
         actions = self.action_in_proj(noisy_actions)
-        size = actions.shape[0]
-        starts = [True] + [False] * (config.chunk_size - 1)
         if config.is_pi05:
-            cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(time_embedding))))
-            return actions, torch.tensor(starts, device=actions.device).expand(size, -1), cond
+            return actions, F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(time_embedding))))
         fused = torch.cat([actions, time_embedding[:, None, :].expand_as(actions)], dim=2)
         fused = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(fused)))
-        embeddings = torch.cat([self.state_proj(state.to(torch.float32))[:, None, :], fused], dim=1)
-        return embeddings, torch.tensor([True, *starts], device=actions.device).expand(size, -1), None
+        return torch.cat([context.state_token, fused], dim=1), None
 
-    def expert_layer(self, index: int, hidden: Tensor, prefix_kv: LayerKV, mask: Tensor, rotary: Rotary,
-                     cond: Tensor | None) -> Tensor:
+    def expert_layer(self, index: int, hidden: Tensor, cache: PrefixCache, context: SuffixContext,
+                     cond: Tensor | None = None) -> Tensor:
         """Expert layer ``index``: attends over VLM layer ``index``'s prefix keys/values and its own."""
-        layer, sizes = self.expert.layers[index], self.sizes.expert
-        query, kv, gate = layer.project(hidden, rotary, cond)
+        layer, sizes, prefix_kv = self.expert.layers[index], self.sizes.expert, cache.layers[index]
+        query, kv, gate = layer.project(hidden, context.rotary, cond)
         key = torch.cat([prefix_kv.key, kv.key], dim=1)
         value = torch.cat([prefix_kv.value, kv.value], dim=1)
-        attention = attend(query, key, value, mask, sizes.num_heads, sizes.num_kv_heads)
+        attention = attend(query, key, value, context.mask, sizes.num_heads, sizes.num_kv_heads)
         return layer.finish(attention, hidden, gate, cond)
 
-    def denoise_step(self, cache: PrefixCache, state: Tensor | None, x_t: Tensor, time: Tensor) -> Tensor:
+    def denoise_step(self, noisy_actions: Tensor, time: Tensor, cache: PrefixCache, context: SuffixContext) -> Tensor:
         """The velocity v(x_t, t), (B, chunk_size, max_action_dim)."""
-        hidden, starts, cond = self.embed_suffix(state, x_t, time)
-        size, length = starts.shape
-        suffix_pads = torch.ones_like(starts)
-        mask = torch.cat([cache.pad_masks[:, None, :].expand(size, length, -1),
-                          make_att_2d_masks(suffix_pads, starts)], dim=2)
-        positions = cache.pad_masks.sum(dim=-1)[:, None] + torch.cumsum(suffix_pads, dim=1) - 1
-        rotary = Rotary.at(positions, self.sizes.expert.head_dim)
+        hidden, cond = self.embed_suffix(noisy_actions, time, context)
         for index in range(self.sizes.expert.depth):
-            hidden = self.expert_layer(index, hidden, cache.layers[index], mask, rotary, cond)
+            hidden = self.expert_layer(index, hidden, cache, context, cond)
         hidden, _ = self.expert.norm(hidden, cond)
         return self.action_out_proj(hidden[:, -self.config.chunk_size:].to(torch.float32))
 
-    def sample_actions(self, cache: PrefixCache, state: Tensor | None, noise: Tensor) -> Tensor:
-        """Euler integration from the noise (t = 1) to the normalised chunk (B, chunk, max_action_dim)."""
+    def sample_actions(self, prefix: Prefix, noise: Tensor, cache: PrefixCache | None = None) -> Tensor:
+        """Euler integration from the noise (t = 1) to the normalised chunk (B, chunk, max_action_dim);
+        ``cache`` (e.g. a routed run_prefix) replaces the full prefix pass."""
+        cache = self.run_prefix(prefix) if cache is None else cache
+        context = self.suffix_context(cache)
         steps = self.config.num_inference_steps
         dt = -1.0 / steps
         x_t = noise
         for step in range(steps):
             time = torch.tensor(1.0 + step * dt, dtype=torch.float32, device=noise.device).expand(noise.shape[0])
-            x_t = x_t + dt * self.denoise_step(cache, state, x_t, time)
+            x_t = x_t + dt * self.denoise_step(x_t, time, cache, context)
         return x_t

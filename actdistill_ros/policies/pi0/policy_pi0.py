@@ -21,7 +21,7 @@ from actdistill_ros.policies.lerobot_processor import (Postprocessor, ProcessorE
                                                        read_postprocessor, resolve_vlm_dir, tokenize,
                                                        unnormalize_actions)
 from actdistill_ros.policies.pi0.configuration_pi0 import EMPTY_CAMERA_PREFIX, VARIANTS, PI0Config
-from actdistill_ros.policies.pi0.modeling_pi0 import PI0Model, Prefix, PrefixCache, infer_sizes, resize_with_pad
+from actdistill_ros.policies.pi0.modeling_pi0 import PI0Model, Prefix, infer_sizes, resize_with_pad
 from actdistill_ros.policies.pi0.processor_pi0 import PI0Preprocessor, read_preprocessor, run_preprocessor
 from actdistill_ros.policies.smolvla.configuration_smolvla import STATE_KEY
 
@@ -88,9 +88,9 @@ class PI0Policy:
         return cls(model.to(device), config, preprocessor, postprocessor, tokenizer, directory)
 
     # ---- LeRobot's preprocessing -----------------------------------------------------------------
-    def preprocess(self, batch: dict[str, Tensor], tasks: list[str] | str) -> tuple[Prefix, Tensor | None, int]:
-        """Raw LeRobot batch + task text(s) -> the embedded prefix, the padded state (pi0; None for
-        pi0.5, whose state is in the prompt) and the batch size."""
+    def preprocess(self, batch: dict[str, Tensor], tasks: list[str] | str) -> tuple[Prefix, int]:
+        """Raw LeRobot batch + task text(s) -> the embedded prefix (with pi0's padded state; pi0.5's
+        state is in the prompt) and the batch size."""
         config = self.config
         batch = {k: torch.as_tensor(v).to(self.device) for k, v in batch.items()}
         state = batch.get(STATE_KEY)
@@ -106,11 +106,11 @@ class PI0Policy:
         batch, tokens, masks = run_preprocessor(
             self.preprocessor, batch, tasks, lambda settings, texts: tokenize(self.tokenizer, settings, texts, self.device))
         images, image_masks = self._prepare_images(batch, size)
-        prefix = self.model.embed_prefix(images, image_masks, tokens, masks)
-        if config.is_pi05:
-            return prefix, None, size
-        state = batch[STATE_KEY].to(torch.float32)
-        return prefix, torch.nn.functional.pad(state, (0, config.max_state_dim - state.shape[-1])), size
+        state = None
+        if not config.is_pi05:
+            state = batch[STATE_KEY].to(torch.float32)
+            state = torch.nn.functional.pad(state, (0, config.max_state_dim - state.shape[-1]))
+        return self.model.embed_prefix(images, image_masks, tokens, masks, state), size
 
     def _prepare_images(self, batch: dict[str, Tensor], size: int) -> tuple[list[Tensor], list[Tensor]]:
         """Present cameras in config order, resized with padding and mapped to [-1, 1]; then one
@@ -152,14 +152,11 @@ class PI0Policy:
                                  f"got {list(noise.shape)}")
         return noise.to(self.device, torch.float32)
 
-    def prefix_cache(self, prefix: Prefix) -> PrefixCache:
-        return self.model.run_prefix(prefix)
-
     @torch.inference_mode()
     def predict_action_chunk(self, batch: dict[str, Tensor], tasks: list[str] | str,
                              noise: Tensor | None = None) -> Tensor:
         """Un-normalised action chunk (B, chunk_size, action_dim), float32 on the CPU."""
-        prefix, state, size = self.preprocess(batch, tasks)
+        prefix, size = self.preprocess(batch, tasks)
         noise = self.start_noise(size) if noise is None else self.check_noise(noise, size)
-        actions = self.model.sample_actions(self.prefix_cache(prefix), state, noise)[:, :, :self.config.action_dim]
+        actions = self.model.sample_actions(prefix, noise)[:, :, :self.config.action_dim]
         return unnormalize_actions(self.postprocessor, actions).float().cpu()
