@@ -235,3 +235,32 @@ def test_wrong_noise_shape_is_one_line(tmp_path, capsys):
     save_file({"noise": torch.zeros(2, 8, 32)}, str(noise))
     err = one_line_error(tmp_path, capsys, FIXTURES / "pi0" / "policy", "--noise", str(noise))
     assert "noise" in err and "[2, 8, 10]" in err
+
+
+def test_published_sizes_come_from_the_shapes():
+    """A published pi0 checkpoint (PaliGemma 3B: gemma_2b + SigLIP So400m at 224, gemma_300m expert)
+    is sized from its tensor shapes alone, as the tiny fixtures are (shapes only: meta tensors)."""
+    from actdistill_ros.policies.pi0 import PI0Config
+    from actdistill_ros.policies.pi0.modeling_pi0 import ROOT, GemmaSizes, infer_sizes
+    from actdistill_ros.policies.smolvla.configuration_smolvla import Feature
+
+    def meta(*shape):
+        return torch.empty(shape, device="meta")
+
+    tensors = {ROOT + "paligemma.lm_head.weight": meta(257152, 2048)}
+    for stack, width, mlp in (("paligemma.model.language_model.", 2048, 16384), ("gemma_expert.model.", 1024, 4096)):
+        for layer in range(18):
+            prefix = f"{ROOT}{stack}layers.{layer}."
+            tensors |= {prefix + "self_attn.q_proj.weight": meta(8 * 256, width),
+                        prefix + "self_attn.k_proj.weight": meta(256, width), prefix + "mlp.gate_proj.weight": meta(mlp, width)}
+    vision = ROOT + "paligemma.model.vision_tower.vision_model."
+    tensors |= {vision + "embeddings.patch_embedding.weight": meta(1152, 3, 14, 14),
+                vision + "embeddings.position_embedding.weight": meta(256, 1152)}
+    tensors |= {f"{vision}encoder.layers.{i}.mlp.fc1.weight": meta(4304, 1152) for i in range(27)}
+    config = PI0Config(input_features={"observation.images.top": Feature("VISUAL", (3, 224, 224)),
+                                       "observation.state": Feature("STATE", (7,))},
+                       output_features={"action": Feature("ACTION", (7,))})
+    sizes = infer_sizes(tensors, config, "model.safetensors")
+    assert sizes.vlm == GemmaSizes(2048, 18, 16384, 8, 1, 256) and sizes.expert == GemmaSizes(1024, 18, 4096, 8, 1, 256)
+    assert (sizes.vocab, sizes.vision_width, sizes.vision_depth, sizes.vision_mlp_dim, sizes.image_size) == (
+        257152, 1152, 27, 4304, 224)
