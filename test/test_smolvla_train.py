@@ -63,6 +63,11 @@ def test_the_teacher_is_a_lerobot_smolvla_directory(trained):
     sidecar = json.loads((teacher / "card.json").read_text())
     assert sidecar["state_names"] == STATE_NAMES and sidecar["action_space"]["names"][:1] == ["delta_x"]
     assert (teacher / "vlm_processor" / "tokenizer.json").is_file()
+    # Readable by transformers 4.x, which LeRobot 0.4.x runs on (checked: LeRobot 0.4.4 loads such a
+    # directory and predicts the same actions as actdistill predict).
+    settings = json.loads((teacher / "vlm_processor" / "tokenizer_config.json").read_text())
+    assert settings["tokenizer_class"] == "PreTrainedTokenizerFast" and "backend" not in settings
+    assert settings["extra_special_tokens"]["fake_image_token"] == "<fake_token_around_image>"
     assert not list((trained / "vlm").glob("*.safetensors"))  # the VLM's weights are the policy's
 
 

@@ -104,6 +104,14 @@ def write_vlm_dir(directory: Path, size: str, layers: int | None = None, image_s
     image_processor = SmolVLMImageProcessor(do_image_splitting=False, size={"longest_edge": image_size},
                                             max_image_size={"longest_edge": image_size})
     tokenizer.save_pretrained(directory)
+    # The tokenizer settings in the layout transformers 4.x reads too (LeRobot 0.4.x runs on 4.x):
+    # its fast-tokenizer class and the special tokens by attribute.
+    settings_file = directory / "tokenizer_config.json"
+    settings = json.loads(settings_file.read_text())
+    settings.pop("backend", None)
+    settings.update(tokenizer_class="PreTrainedTokenizerFast", processor_class="SmolVLMProcessor",
+                    extra_special_tokens={"image_token": "<image>", **SMOLVLM_TOKENS})
+    settings_file.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     image_processor.save_pretrained(directory)
     # SmolVLMProcessor's own file, written directly: building the processor object needs torchvision
     # (its video processor), which nothing here uses.
