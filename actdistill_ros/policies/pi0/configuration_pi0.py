@@ -77,7 +77,8 @@ class PI0Config:
             self.tokenizer_max_length = TOKENIZER_MAX_LENGTH[self.variant]
         for name in ("paligemma_variant", "action_expert_variant"):
             if getattr(self, name) not in GEMMA_VARIANTS:
-                raise PI0ConfigError(f"{where}: {name} must be one of {list(GEMMA_VARIANTS)}, got {getattr(self, name)!r}")
+                raise PI0ConfigError(f"{where}: {name} must be one of {list(GEMMA_VARIANTS)}, "
+                                     f"got {getattr(self, name)!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise PI0ConfigError(f"{where}: dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.n_obs_steps != 1:
@@ -117,7 +118,8 @@ class PI0Config:
             raise PI0ConfigError(f"{where}: input_features has no VISUAL feature (observation.images.<camera>)")
         for key, feature in self.image_features.items():
             if len(feature.shape) != 3 or feature.shape[0] != 3:
-                raise PI0ConfigError(f"{where}: input_features[{key!r}] shape {list(feature.shape)}: expected [3, H, W]")
+                raise PI0ConfigError(f"{where}: input_features[{key!r}] shape {list(feature.shape)}: "
+                                     f"expected [3, H, W]")
         state = self.input_features.get(STATE_KEY)
         if state is None or state.type != "STATE" or len(state.shape) != 1:
             raise PI0ConfigError(f"{where}: input_features needs {STATE_KEY!r} of type STATE with shape [S]")

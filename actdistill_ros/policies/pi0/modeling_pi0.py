@@ -93,7 +93,8 @@ def _gemma_sizes(tensors: dict[str, Tensor], prefix: str, what: str, source: str
     names = set(tensors)
     depth = _count_layers(names, prefix + "layers.")
     try:
-        q, k = tensors[f"{prefix}layers.0.self_attn.q_proj.weight"], tensors[f"{prefix}layers.0.self_attn.k_proj.weight"]
+        q = tensors[f"{prefix}layers.0.self_attn.q_proj.weight"]
+        k = tensors[f"{prefix}layers.0.self_attn.k_proj.weight"]
         mlp = tensors[f"{prefix}layers.0.mlp.gate_proj.weight"]
     except KeyError as err:
         raise WeightsMismatch(f"{source}: no tensor {err.args[0]!r} (the {what} of a LeRobot pi0 checkpoint)") from None
@@ -113,8 +114,8 @@ def infer_sizes(tensors: dict[str, Tensor], config: PI0Config, source: str) -> P
     vlm = _gemma_sizes(tensors, ROOT + "paligemma.model.language_model.", "PaliGemma language model", source)
     expert = _gemma_sizes(tensors, ROOT + "gemma_expert.model.", "action expert", source)
     if (vlm.head_dim, vlm.depth) != (expert.head_dim, expert.depth) or vlm.width != width:
-        raise WeightsMismatch(f"{source}: the expert (head_dim {expert.head_dim}, {expert.depth} layers) must match the "
-                              f"VLM (head_dim {vlm.head_dim}, {vlm.depth} layers) it attends jointly with")
+        raise WeightsMismatch(f"{source}: the expert (head_dim {expert.head_dim}, {expert.depth} layers) must match "
+                              f"the VLM (head_dim {vlm.head_dim}, {vlm.depth} layers) it attends jointly with")
     vision = ROOT + "paligemma.model.vision_tower.vision_model."
     try:
         patch = tensors[vision + "embeddings.patch_embedding.weight"]
@@ -231,7 +232,8 @@ class Rotary:
     def at(cls, positions: Tensor, head_dim: int) -> "Rotary":
         exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
         inv_freq = 1.0 / (ROPE_BASE ** exponents)
-        freqs = (inv_freq[None, :, None].expand(positions.shape[0], -1, 1) @ positions[:, None, :].float()).transpose(1, 2)
+        inv_freq = inv_freq[None, :, None].expand(positions.shape[0], -1, 1)
+        freqs = (inv_freq @ positions[:, None, :].float()).transpose(1, 2)
         angles = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
         return cls(angles.cos(), angles.sin())
 

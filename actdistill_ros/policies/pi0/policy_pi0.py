@@ -17,8 +17,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from actdistill_ros.policies.lerobot_processor import (Postprocessor, ProcessorError, load_tokenizer,
-                                                       read_postprocessor, resolve_vlm_dir, tokenize,
+from actdistill_ros.policies.lerobot_processor import (Postprocessor, ProcessorError, TokenizerSettings,
+                                                       load_tokenizer, read_postprocessor, resolve_vlm_dir, tokenize,
                                                        unnormalize_actions)
 from actdistill_ros.policies.pi0.configuration_pi0 import EMPTY_CAMERA_PREFIX, VARIANTS, PI0Config
 from actdistill_ros.policies.pi0.modeling_pi0 import PI0Model, Prefix, infer_sizes, resize_with_pad
@@ -88,6 +88,10 @@ class PI0Policy:
         return cls(model.to(device), config, preprocessor, postprocessor, tokenizer, directory)
 
     # ---- LeRobot's preprocessing -----------------------------------------------------------------
+    def tokenize(self, settings: TokenizerSettings, tasks: list[str]) -> tuple[Tensor, Tensor]:
+        """The tokenizer step: token ids and bool mask (B, L)."""
+        return tokenize(self.tokenizer, settings, tasks, self.device)
+
     def preprocess(self, batch: dict[str, Tensor], tasks: list[str] | str) -> tuple[Prefix, int]:
         """Raw LeRobot batch + task text(s) -> the embedded prefix (with pi0's padded state; pi0.5's
         state is in the prompt) and the batch size."""
@@ -103,8 +107,7 @@ class PI0Policy:
         if len(tasks) != size:
             raise ProcessorError(f"got {len(tasks)} task strings for a batch of {size}")
         batch[STATE_KEY] = state.to(torch.float32)
-        batch, tokens, masks = run_preprocessor(
-            self.preprocessor, batch, tasks, lambda settings, texts: tokenize(self.tokenizer, settings, texts, self.device))
+        batch, tokens, masks = run_preprocessor(self.preprocessor, batch, tasks, self.tokenize)
         images, image_masks = self._prepare_images(batch, size)
         state = None
         if not config.is_pi05:

@@ -76,7 +76,8 @@ def read_preprocessor(directory: Path, variant: str) -> PI0Preprocessor:
             unknown = sorted(set(config) - {"max_state_dim", "task_key"})
             if unknown:
                 raise ProcessorError(f"{path}: step {index} ({name}): unsupported field(s) {unknown}")
-            value = StatePrompt(int(config.get("max_state_dim", STATE_PROMPT_DIM)), str(config.get("task_key", TASK_KEY)))
+            value = StatePrompt(int(config.get("max_state_dim", STATE_PROMPT_DIM)),
+                                str(config.get("task_key", TASK_KEY)))
         elif name == "tokenizer_processor":
             value = read_tokenizer_step(config, path, index, name)
         elif name == "normalizer_processor":
