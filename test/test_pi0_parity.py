@@ -100,6 +100,15 @@ def test_pi05_state_is_read_through_the_prompt_only():
     assert (policy.predict_action_chunk(moved, case_task("pi05"), noise) - expected).abs().max() > 1e-2
 
 
+def test_single_observation_gains_a_batch_axis():
+    """LeRobot's to_batch_processor: [3, H, W] images and an [S] state are one observation."""
+    policy = load("pi05")
+    batch, noise, expected = inputs("pi05")
+    single = {key: value[1] for key, value in batch.items()}
+    actions = policy.predict_action_chunk(single, case_task("pi05"), noise[1:2])
+    assert actions.shape == expected[1:2].shape and (actions - expected[1:2]).abs().max() < TOLERANCE
+
+
 def test_skipped_vlm_layer_still_gives_its_keys_values():
     """The per-layer path a router uses: run_prefix is vlm_layer in order; a skipped layer passes
     its input on and hands the expert the keys/values of that input."""
