@@ -109,6 +109,10 @@ def run_smolvla(args: argparse.Namespace) -> dict:
         model = tiny_smolvla_model()
     iters = 2 if args.iters == 50 else args.iters  # the reference VLA's default would take an hour here
     warmup = 1 if args.warmup == 10 else args.warmup
+    if getattr(args, "family", "smolvla") != "smolvla":  # a loaded pi0 / pi0.5: its family's compute model
+        from actdistill_ros.policies.flow_family import family_named
+        return family_named(args.family).hooks().bench_keep_fractions(model, args.keep_fractions, iters, warmup,
+                                                                       resolve_device(args.device))
     return bench_keep_fractions(model, args.keep_fractions, iters=iters, warmup=warmup,
                                 device=resolve_device(args.device))
 
@@ -122,10 +126,10 @@ def run(args: argparse.Namespace) -> int:
         teacher_dir = args.teacher or create_untrained_policy(Path(tmp, "teacher"), args.size, student=False,
                                                               backbone=args.backbone)
         teacher = Policy.load(teacher_dir, args.device, args.dtype)
-        # A LeRobot SmolVLA directory alone: vision/prefix/expert per keep fraction; with --student, the
+        # A LeRobot SmolVLA / pi0 directory alone: vision/prefix/expert per keep fraction; with --student, the
         # two end to end through the serving adapter (router included), interleaved, as below.
-        if getattr(teacher, "family", None) == "smolvla" and not args.student:
-            args.smolvla, args.smolvla_model = "loaded", teacher.model
+        if getattr(teacher, "family", None) in ("smolvla", "pi0") and not args.student:
+            args.smolvla, args.smolvla_model, args.family = "loaded", teacher.model, teacher.family
             result = run_smolvla(args)
             print(json.dumps(result) if args.json else json.dumps(result, indent=1))
             return 0

@@ -1,6 +1,7 @@
-"""The model card of a LeRobot SmolVLA policy directory, and the camera topic of a LeRobot camera key.
+"""The model card of a LeRobot SmolVLA, pi0 or pi0.5 policy directory, and the camera topic of a
+LeRobot camera key.
 
-A LeRobot policy directory (config.json with "type": "smolvla") has no card.json, yet the policy
+A LeRobot policy directory (config.json with "type": "smolvla", "pi0" or "pi05") has no card.json, yet the policy
 node, ``ros2 launch`` and the replay tools read a card: which cameras in which order, how many
 state values, what the actions mean. This module makes one from the directory's own files, with
 ``json`` and ``safetensors.numpy`` only, so that the launch process can read it without torch:
@@ -18,7 +19,7 @@ state values, what the actions mean. This module makes one from the directory's 
   then give the only bounds).
 
 A ``card.json`` beside config.json is either a whole card (it has "format": a routed student
-written by ``actdistill distill``, family smolvla) or a sidecar that overrides only ``action_space`` fields and
+written by ``actdistill distill``, family smolvla or pi0) or a sidecar that overrides only ``action_space`` fields and
 ``state_names``, e.g. ``{"action_space": {"names": [...], "units": ["rad", ...]}, "state_names": [...]}``.
 """
 
@@ -28,6 +29,8 @@ import json
 import math
 import re
 from pathlib import Path
+
+from actdistill_ros.policies.flow_family import family_of_dir  # neither torch nor a family imported
 
 CONFIG_FILE = "config.json"
 CARD_FILE = "card.json"
@@ -73,13 +76,6 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
-def is_lerobot_smolvla_dir(path: str | Path) -> bool:
-    """A directory whose config.json says "type": "smolvla"."""
-    config = Path(path).expanduser() / CONFIG_FILE
-    try:
-        return config.is_file() and json.loads(config.read_text()).get("type") == "smolvla"
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def _card_json(directory: Path) -> dict | None:
@@ -87,31 +83,31 @@ def _card_json(directory: Path) -> dict | None:
     return _read_json(path, "card.json") if path.is_file() else None
 
 
-def is_smolvla_student_card(data: dict | None) -> bool:
-    """The card a SmolVLA student directory carries (distill_smolvla's: family smolvla, kind student,
-    the router's settings; no action space)."""
-    return isinstance(data, dict) and "format" in data and data.get("family") == "smolvla" \
+def is_student_card(data: dict | None, family: str) -> bool:
+    """A student's router settings without an action space (family ``family``, kind student)."""
+    return isinstance(data, dict) and "format" in data and data.get("family") == family \
         and data.get("kind") == "student" and "vla_config" not in data
 
 
-def smolvla_card_json(path: str | Path) -> dict | None:
-    """The card (card.json's layout, as a dict) of a LeRobot SmolVLA directory: a teacher as LeRobot
-    saved it (with or without a sidecar card.json), or a routed SmolVLA student (its own whole card
-    of family smolvla). None for anything else, including a SmolVLA directory holding a whole card
-    of another family."""
+def lerobot_card_json(path: str | Path) -> dict | None:
+    """The card (card.json's layout, as a dict) of a LeRobot SmolVLA / pi0 / pi0.5 directory: a
+    teacher as LeRobot saved it (with or without a sidecar card.json), or a routed student of its
+    family (its own whole card). None for anything else, including such a directory holding a whole
+    card of another family."""
     directory = Path(path).expanduser()
-    if not directory.is_dir() or not is_lerobot_smolvla_dir(directory):
+    family = family_of_dir(directory) if directory.is_dir() else None
+    if family is None:
         return None
     data = _card_json(directory)
     if data is not None and "format" in data:
-        if data.get("family") != "smolvla":
+        if data.get("family") != family.name:
             return None
         if "vla_config" in data:
             return data  # a whole card written for this directory (distill's student)
-    card = synthesize_card(directory)
+    card = synthesize_card(directory, family)
     if data is None:
         return card
-    if is_smolvla_student_card(data):
+    if is_student_card(data, family.name):
         _apply_student_card(card, data, directory / CARD_FILE)
     else:
         _apply_sidecar(card, data, directory / CARD_FILE)
@@ -125,9 +121,13 @@ def _routed_layers(config: dict) -> int | None:
     return value - 1 if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-def synthesize_card(directory: Path) -> dict:
+def synthesize_card(directory: Path, family=None) -> dict:
+    """The card of a LeRobot directory of ``family`` (a flow_family.FlowFamily; None: by its config.json)."""
+    family = family or family_of_dir(directory)
     config_path = directory / CONFIG_FILE
-    config = _read_json(config_path, "the SmolVLA config")
+    if family is None:
+        raise LeRobotCardError(f"{config_path}: \"type\" is not a LeRobot smolvla, pi0 or pi05 policy")
+    config = _read_json(config_path, f"the {family.label} config")
     features = config.get("input_features") or {}
     outputs = config.get("output_features") or {}
     try:
@@ -140,8 +140,9 @@ def synthesize_card(directory: Path) -> dict:
                                f"(observation.images.<camera>, observation.state, action)") from None
     if not cameras:
         raise LeRobotCardError(f"{config_path}: input_features has no VISUAL feature (observation.images.<camera>)")
-    resize = config.get("resize_imgs_with_padding")
     # The square size the model's images are resized (with padding) to; a camera of any size works.
+    resize = config.get("resize_imgs_with_padding" if family.name == "smolvla" else "image_resolution",
+                        None if family.name == "smolvla" else [224, 224])
     image_size = max(resize) if isinstance(resize, list) and len(resize) == 2 else max(
         max(shape[1:]) for shape in camera_shapes.values())
     low, high = _action_bounds(directory, action_dim)
@@ -150,15 +151,18 @@ def synthesize_card(directory: Path) -> dict:
              "units": [UNKNOWN_UNIT] * action_dim, "low": low, "high": high, "gripper_index": None}
     chunk = config.get("chunk_size", 50)
     card = {
-        "format": 1, "kind": "teacher", "family": "smolvla",
+        "format": 1, "kind": "teacher", "family": family.name,
         "vla_config": {"image_size": int(image_size), "num_cameras": len(cameras),
                        # what one chunk executes: LeRobot runs the first n_action_steps of chunk_size
                        "chunk_size": int(config.get("n_action_steps", chunk)), "predicted_chunk_size": int(chunk),
                        "action_dim": action_dim, "state_dim": state_dim,
-                       "num_layers": _routed_layers(config), "image_features": camera_shapes},
+                       # pi0's depth is in its tensor shapes only: the serving adapter fills it in
+                       "num_layers": _routed_layers(config) if family.name == "smolvla" else None,
+                       "image_features": camera_shapes},
         "action_space": space, "norm_stats": {}, "router_config": None, "default_threshold": 0.5,
         "default_keep_fraction": 0.0, "state_names": state_names, "camera_names": cameras,
-        "provenance": {"source": f"LeRobot SmolVLA policy directory {directory.name} (card made from its files)"},
+        "provenance": {"source": f"LeRobot {config.get('type')} policy directory {directory.name} "
+                                 f"(card made from its files)"},
         "metrics": {},
     }
     return card
@@ -235,7 +239,7 @@ def _apply_sidecar(card: dict, sidecar: dict, path: Path) -> None:
 
 
 def _apply_student_card(card: dict, student: dict, path: Path) -> None:
-    """The routing settings of a SmolVLA student's own card."""
+    """The routing settings of a student's own card."""
     names = student.get("camera_names") or card["camera_names"]
     if sorted(names) != sorted(card["camera_names"]):
         raise LeRobotCardError(f"{path}: camera_names {names} are not the cameras of config.json "

@@ -59,8 +59,8 @@ def build_model(card: ModelCard, weights_dir: str | Path | None = None,
     and tokenizer (read offline). ``trust_remote_code`` allows a backbone whose code ships in that
     directory (never on by default).
     """
-    if card.family == "smolvla":
-        raise ValueError("a smolvla card is served from its LeRobot SmolVLA directory (config.json, "
+    if card.family in ("smolvla", "pi0"):
+        raise ValueError(f"a {card.family} card is served from its LeRobot policy directory (config.json, "
                          "model.safetensors, the processor files): load that directory")
     if card.family == "hf_vla":
         from actdistill_ros.policies.hf_vla import HFVLA, HFVLAConfig  # transformers only when needed
@@ -143,16 +143,16 @@ class Policy:
     @classmethod
     def load(cls, weights_path: str | Path, device: str = "auto", dtype: str = "float32",
              trust_remote_code: bool = False) -> "Policy":
-        from actdistill_ros.lerobot_card import LeRobotCardError, smolvla_card_json
+        from actdistill_ros.lerobot_card import LeRobotCardError, lerobot_card_json
 
         try:
-            smolvla = smolvla_card_json(weights_path) is not None
+            lerobot = lerobot_card_json(weights_path) is not None
         except LeRobotCardError as err:
             raise WeightsError(str(err)) from None
-        if smolvla:  # a LeRobot SmolVLA teacher or a SmolVLA student
-            from actdistill_ros.policies.smolvla.serving_smolvla import SmolVLAServing
+        if lerobot:  # a LeRobot SmolVLA / pi0 / pi0.5 teacher or a student of one
+            from actdistill_ros.policies.smolvla.serving_smolvla import FlowServing
 
-            return SmolVLAServing.load(weights_path, device, dtype)
+            return FlowServing.load(weights_path, device, dtype)
         weights_file, card_file = resolve_weights_path(weights_path)
         card = read_card(card_file)
         try:

@@ -46,10 +46,10 @@ def add_parser(subparsers) -> None:
                              "dtype bfloat16 policy (in float32)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--keep-fraction", type=float, default=None,
-                        help="SmolVLA student: keep routing at this fraction of the routed VLM layers (1.0 runs them "
-                             "all; 0 selects threshold routing); default: the card's")
+                        help="SmolVLA / pi0 student: keep routing at this fraction of the routed VLM layers (1.0 runs "
+                             "them all; 0 selects threshold routing); default: the card's")
     parser.add_argument("--threshold", type=float, default=None,
-                        help="SmolVLA student: the router threshold of threshold routing; default: the card's")
+                        help="SmolVLA / pi0 student: the router threshold of threshold routing; default: the card's")
     parser.set_defaults(func=run)
 
 
@@ -70,24 +70,25 @@ def run(args: argparse.Namespace) -> int:
         if "noise" not in tensors:
             raise ValueError(f"--noise {args.noise}: no tensor named `noise` (has {sorted(tensors)})")
         noise = tensors["noise"]
-    from actdistill_ros.policies.pi0 import PI0Policy, is_pi0_dir
-    from actdistill_ros.policies.smolvla import SmolVLAPolicy, is_smolvla_dir
-    from actdistill_ros.policies.smolvla.routing_smolvla import is_smolvla_student_dir, load_smolvla_student
+    from actdistill_ros.policies.flow_family import family_of_dir
+    from actdistill_ros.policies.smolvla.routing_smolvla import load_student, student_family
 
     routing = [f"--{n.replace('_', '-')}" for n in ("keep_fraction", "threshold") if getattr(args, n) is not None]
-    if routing and not is_smolvla_student_dir(args.policy):
-        raise ValueError(f"{' and '.join(routing)}: {args.policy} is not a SmolVLA student (no routed layers)")
-    if is_smolvla_student_dir(args.policy):  # routed at its card's default keep fraction / threshold
-        student = load_smolvla_student(args.policy, args.vlm_processor, args.device, args.float32)
+    is_student = student_family(args.policy) is not None
+    if routing and not is_student:
+        raise ValueError(f"{' and '.join(routing)}: {args.policy} is not a SmolVLA student nor a pi0 / pi0.5 one "
+                         f"(no routed layers)")
+    if is_student:  # routed at its card's default keep fraction / threshold
+        student = load_student(args.policy, args.vlm_processor, args.device, args.float32)
         if args.keep_fraction is not None:
             student.keep_fraction = args.keep_fraction
         if args.threshold is not None:
             student.threshold = args.threshold
         actions = predict_flow_matching(student, batch, args.task, noise, args.seed)
-    elif is_smolvla_dir(args.policy) or is_pi0_dir(args.policy):
-        family = SmolVLAPolicy if is_smolvla_dir(args.policy) else PI0Policy
-        actions = predict_flow_matching(family.load(args.policy, args.vlm_processor, args.device, args.float32), batch,
-                                        args.task, noise, args.seed)
+    elif family_of_dir(args.policy) is not None:  # a LeRobot SmolVLA / pi0 / pi0.5 teacher
+        policy = family_of_dir(args.policy).hooks().policy.load(args.policy, args.vlm_processor, args.device,
+                                                                args.float32)
+        actions = predict_flow_matching(policy, batch, args.task, noise, args.seed)
     else:
         if noise is not None:
             raise ValueError(f"--noise: {args.policy} is not a flow-matching policy (its action head is "

@@ -30,7 +30,7 @@ PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin"}
 # Teacher families a card can describe (policy.build_model rebuilds each): our reference VLA, and a
 # Hugging Face image-text-to-text backbone whose config and tokenizer live in the weights directory;
 # a LeRobot SmolVLA directory (its card made from its files: actdistill_ros.lerobot_card).
-FAMILIES = ("reference_vla", "hf_vla", "smolvla")
+FAMILIES = ("reference_vla", "hf_vla", "smolvla", "pi0")
 
 
 class WeightsError(ValueError):

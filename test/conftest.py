@@ -25,7 +25,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 SLOW_ROS_MODULES = frozenset({
     "test_demo", "test_hf_end_to_end", "test_launch_file", "test_node_faults", "test_policy_lifecycle_node",
     "test_policy_node", "test_policy_node_modes", "test_replay_dataset", "test_replay_eval", "test_sim_arm_node",
-    "test_smolvla_end_to_end", "test_smolvla_serving", "test_soak",
+    "test_pi0_end_to_end", "test_smolvla_end_to_end", "test_smolvla_serving", "test_soak",
 })
 SIM_MODULES = frozenset({"test_demo", "test_sim_arm_node", "test_sim_metaworld"})
 MULTIPROCESS_TESTS = frozenset({

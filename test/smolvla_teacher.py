@@ -1,8 +1,9 @@
-"""Test helper: a tiny LeRobot SmolVLA teacher directory for a generated LeRobotDataset.
+"""Test helper: a tiny LeRobot SmolVLA (or pi0: case "pi0/pi0") teacher directory for a generated
+LeRobotDataset.
 
 Takes a LeRobot-made fixture policy (test/fixtures/lerobot/) and points its features at the
-dataset's (cameras, state and action widths): SmolVLA's weights do not depend on them (state and
-actions are padded to max_state_dim / max_action_dim), only config.json and the normalizer
+dataset's (cameras, state and action widths): SmolVLA's and pi0's weights do not depend on them
+(state and actions are padded to max_state_dim / max_action_dim), only config.json and the normalizer
 statistics do, which are rewritten from the dataset's meta/stats.json in LeRobot's layout.
 """
 

@@ -280,9 +280,10 @@ def run_distillation(teacher_path: Path, data: list[Path], out_dir: Path, config
                      topics: TopicConfig | None = None, stage: str = "all", resume: bool = False,
                      device: str = "auto", vlm_processor: Path | None = None) -> Path | None:
     """Run stage 1 and/or 2; returns the student weights directory when stage 2 ran. A LeRobot
-    SmolVLA teacher directory (config.json "type": "smolvla") goes to policies/smolvla/distill_smolvla.py."""
-    from actdistill_ros.policies.smolvla import is_smolvla_dir
-    if is_smolvla_dir(teacher_path):
+    SmolVLA, pi0 or pi0.5 teacher directory (config.json "type": "smolvla", "pi0", "pi05") goes to the
+    flow-matching driver, policies/smolvla/distill_smolvla.py."""
+    from actdistill_ros.policies.flow_family import family_of_dir
+    if family_of_dir(teacher_path) is not None:
         from actdistill_ros.policies.smolvla.distill_smolvla import run_smolvla_distillation
         return run_smolvla_distillation(teacher_path, data, out_dir, config, topics, stage, resume, device,
                                         vlm_processor)
@@ -397,8 +398,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue a killed run in --out")
     p.add_argument("--device", default="auto")
     p.add_argument("--vlm-processor", type=Path, default=None,
-                   help="SmolVLA teacher: a directory with the VLM's config.json and tokenizer (default: the "
-                        "Hugging Face cache of the config's vlm_model_name, offline)")
+                   help="SmolVLA / pi0 teacher: a directory with the VLM's tokenizer (SmolVLA: and config.json; "
+                        "default: the Hugging Face cache of the name the policy gives, offline)")
     p.add_argument("--probe-steps", type=int)
     p.add_argument("--distill-steps", type=int)
     p.add_argument("--batch-size", type=int, help="global batch for both stages")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from actdistill_ros.lerobot_card import LeRobotCardError, camera_topics_of, smolvla_card_json
+from actdistill_ros.lerobot_card import LeRobotCardError, camera_topics_of, lerobot_card_json
 
 CARD_FILE = "card.json"  # actdistill_ros.weights.CARD_FILE (that module imports torch)
 TRANSPORTS = ("raw", "compressed")  # the policy node's camera.transports values
@@ -50,7 +50,7 @@ def read_card_json(weights: str | Path) -> dict:
     """The card.json of a weights directory (or of the .safetensors file in one), as a dict."""
     path = Path(weights).expanduser()
     try:  # a LeRobot SmolVLA directory: its card is made from its own files (json + numpy only)
-        synthesized = smolvla_card_json(path)
+        synthesized = lerobot_card_json(path)
     except LeRobotCardError as err:
         raise ValueError(f"launch argument weights {str(weights)!r}: {err}") from None
     if synthesized is not None:

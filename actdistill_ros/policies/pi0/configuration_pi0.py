@@ -149,6 +149,11 @@ class PI0Config:
         return {k: f for k, f in self.input_features.items() if f.type == "VISUAL"}
 
     @property
+    def num_steps(self) -> int:
+        """SmolVLA's name for the denoising steps, so the shared flow-matching code reads either."""
+        return self.num_inference_steps
+
+    @property
     def state_dim(self) -> int:
         return self.input_features[STATE_KEY].shape[0]
 

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+from actdistill_ros.policies.observation import LANGUAGE, VISUAL
 from actdistill_ros.policies.pi0.configuration_pi0 import PI0Config, PI0ConfigError
 from actdistill_ros.policies.smolvla.modeling_smolvla import (LayerKV, WeightsMismatch, attend, make_att_2d_masks,
                                                               sinusoidal_time_embedding)
@@ -251,6 +252,12 @@ class Prefix:
     num_image_tokens: int  # the first positions are image tokens, the rest the prompt
     state: Tensor | None = None  # pi0: the normalised state padded to max_state_dim (the expert's first token)
 
+    @property
+    def segments(self) -> tuple[int, ...]:
+        """Host-side modality of each position (observation.py's), as a router reads the prefix."""
+        length = self.embeddings.shape[1]
+        return (VISUAL,) * self.num_image_tokens + (LANGUAGE,) * (length - self.num_image_tokens)
+
     def context(self, head_dim: int) -> "PrefixContext":
         # Every prefix token starts the same block: bidirectional among valid tokens.
         mask = make_att_2d_masks(self.pad_masks, torch.zeros_like(self.pad_masks))
@@ -324,6 +331,11 @@ class PI0Model(nn.Module):
     @property
     def num_vlm_layers(self) -> int:
         return self.sizes.vlm.depth
+
+    @property
+    def width(self) -> int:
+        """The VLM's width (what a router over its layers reads)."""
+        return self.sizes.vlm.width
 
     # ---- weights ---------------------------------------------------------------------------------
     def load_lerobot_state(self, tensors: dict[str, Tensor], source: str) -> None:
@@ -437,8 +449,11 @@ class PI0Model(nn.Module):
         attention = attend(query, key, value, context.mask, sizes.num_heads, sizes.num_kv_heads)
         return layer.finish(attention, hidden, gate, cond)
 
-    def denoise_step(self, noisy_actions: Tensor, time: Tensor, cache: PrefixCache, context: SuffixContext) -> Tensor:
-        """The velocity v(x_t, t), (B, chunk_size, max_action_dim)."""
+    def denoise_step(self, noisy_actions: Tensor, time: Tensor, cache: PrefixCache,
+                     context: SuffixContext | None = None) -> Tensor:
+        """The velocity v(x_t, t), (B, chunk_size, max_action_dim); ``context`` is made from the cache
+        when not given (sampling makes it once per chunk)."""
+        context = self.suffix_context(cache) if context is None else context
         hidden, cond = self.embed_suffix(noisy_actions, time, context)
         for index in range(self.sizes.expert.depth):
             hidden = self.expert_layer(index, hidden, cache, context, cond)

@@ -1,5 +1,6 @@
-"""ActDistill of a LeRobot SmolVLA teacher into a routed SmolVLA student (METHOD.md, "Flow-matching
-teachers"), and the student directory it writes.
+"""ActDistill of a LeRobot flow-matching teacher (SmolVLA; pi0 and pi0.5, the same driver through
+their family hooks, policies/flow_family.py) into a routed student of its own family (METHOD.md,
+"Flow-matching teachers"), and the student directory it writes.
 
 Stage 1 probes the frozen teacher: one graph-informed head per routed VLM layer reads the
 normalised action chunk out of that layer's prefix hidden states. Stage 2 derives the student (the
@@ -11,16 +12,17 @@ teacher's weights plus a router over the VLM text layers) and trains it in float
 - the project's per-layer semantic and triple action-probe terms on the routed layers, router
   balance and compute budget, and its training across keep budgets (distill/distillation.py).
 
-The prefix embedding (vision tower, connector, token embeddings, state projection) stays frozen,
-as LeRobot's SmolVLA fine-tuning keeps the vision encoder, so teacher and student share one
+The prefix embedding (vision tower, connector, token embeddings; SmolVLA's state projection) stays
+frozen, as LeRobot's SmolVLA fine-tuning keeps the vision encoder, so teacher and student share one
 prefix embedding per step; the VLM text layers, the expert, the action projections, the router and
 the heads train. (e, t) of a step are a pure function of (seed, step), like the data order, so a
 resumed run is the uninterrupted one.
 
 The student directory holds LeRobot's files (config.json, the processor pipelines and their
 statistics, model.safetensors with the student's weights under LeRobot's names, so LeRobot loads
-it as a plain SmolVLA), the router (router.safetensors), card.json (family "smolvla", kind
-"student") and vlm_processor/ (the VLM's config and tokenizer, so it loads offline).
+it as a plain SmolVLA / pi0 / pi0.5), the router (router.safetensors), card.json (family "smolvla"
+or "pi0", kind "student") and vlm_processor/ (the VLM's tokenizer, and SmolVLA's VLM config, so it
+loads offline).
 """
 
 from __future__ import annotations
@@ -45,13 +47,14 @@ from actdistill_ros.distill.losses import (balance_loss, budget_loss, depth_weig
 from actdistill_ros.distill.runtime import Checkpointer, DistContext, RunLog, init_distributed
 from actdistill_ros.distill.training import to_device, train_stage
 from actdistill_ros.policies.actdistill import RouterConfig, num_kept_layers
+from actdistill_ros.policies.flow_family import FamilyHooks, family_named, family_of_dir
 from actdistill_ros.policies.smolvla.configuration_smolvla import ACTION_KEY, IMAGE_PREFIX, STATE_KEY
 from actdistill_ros.policies.smolvla.modeling_smolvla import LEROBOT_PREFIXES, LM_HEAD, Prefix
-from actdistill_ros.policies.smolvla.policy_smolvla import CONFIG_FILE, WEIGHTS_FILE, SmolVLAPolicy
-from actdistill_ros.policies.smolvla.processor_smolvla import POSTPROCESSOR_FILE, PREPROCESSOR_FILE, resolve_vlm_dir
+from actdistill_ros.policies.smolvla.policy_smolvla import CONFIG_FILE, WEIGHTS_FILE
+from actdistill_ros.policies.smolvla.processor_smolvla import POSTPROCESSOR_FILE, PREPROCESSOR_FILE
 from actdistill_ros.policies.smolvla.routing_smolvla import (CARD_FILE, CARD_FORMAT, KV_PROJECT, ROUTER_FILE,
-                                                            VLM_PROCESSOR_DIR, RoutedSmolVLA, chunk_flops, gated_prefix,
-                                                            is_smolvla_student_dir, prefix_observation)
+                                                            VLM_PROCESSOR_DIR, RoutedFlowStudent, prefix_observation,
+                                                            student_family)
 from actdistill_ros.weights import atomic_write, write_directory
 
 log = logging.getLogger(__name__)
@@ -72,15 +75,19 @@ VLM_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack
 # vla_config, action_space, router_config, default_threshold, default_keep_fraction, camera_names,
 # metrics, ...), so the tools that read a card read a SmolVLA student's too. What routing needs
 # beyond the router's own config sits in vla_config["routing"].
-def student_card(teacher: SmolVLAPolicy, student: RoutedSmolVLA, demos: Demonstrations, metrics: dict,
+def hooks_of(policy) -> FamilyHooks:
+    """The family hooks of a loaded LeRobot policy (its ``family``)."""
+    return family_named(policy.family).hooks()
+
+
+def student_card(teacher, student: RoutedFlowStudent, demos: Demonstrations, metrics: dict,
                  provenance: dict) -> dict:
     config = teacher.config
     cameras = [k for k in config.image_features if not k.startswith(IMAGE_PREFIX + "empty_camera_")]
-    resize = config.resize_imgs_with_padding
-    image_size = max(resize) if resize else max(max(config.image_features[k].shape[1:]) for k in cameras)
+    image_size = hooks_of(teacher).image_size(config)
     low, high = demos.stats.action_min, demos.stats.action_max
     return {
-        "format": CARD_FORMAT, "kind": "student", "family": "smolvla",
+        "format": CARD_FORMAT, "kind": "student", "family": teacher.family,
         "vla_config": {"image_size": int(image_size), "num_cameras": len(cameras),
                        "chunk_size": config.n_action_steps, "predicted_chunk_size": config.chunk_size,
                        "action_dim": config.action_dim, "state_dim": config.state_dim,
@@ -102,7 +109,7 @@ def student_card(teacher: SmolVLAPolicy, student: RoutedSmolVLA, demos: Demonstr
 class DemoBatches:
     """Demo batches (distill/demos.py items) in LeRobot's raw conventions for one policy."""
 
-    def __init__(self, policy: SmolVLAPolicy, camera_names: list[str]):
+    def __init__(self, policy, camera_names: list[str]):
         self.policy = policy
         self.cameras = [name if name.startswith(IMAGE_PREFIX) else None for name in camera_names]
         real = [k for k in policy.config.image_features if not k.startswith(IMAGE_PREFIX + "empty_camera_")]
@@ -158,7 +165,7 @@ def flow_matching_targets(seed: int, step: int, actions: Tensor, chunk_size: int
 
 
 def flow_matching_loss(model, prefix: Prefix, actions: Tensor, valid: Tensor, seed: int, step: int) -> Tensor:
-    """LeRobot's SmolVLA training loss MSE(v(x_t, t), u) over the real action columns and valid steps."""
+    """LeRobot's SmolVLA / pi0 training loss MSE(v(x_t, t), u) over the real action columns and valid steps."""
     config = model.config
     x_t, time, u = flow_matching_targets(seed, step, actions, config.chunk_size, config.max_action_dim)
     velocity = model.denoise_step(x_t, time, model.run_prefix(prefix))
@@ -171,12 +178,13 @@ def make_heads(model, config: DistillConfig) -> LayerHeads:
                       config.graph_heads, config.graph_dropout, model.config.chunk_size, model.config.action_dim)
 
 
-class ProbedSmolVLA(nn.Module):
+class ProbedTeacher(nn.Module):
     """The frozen teacher with trainable heads on its routed layers' prefix hidden states."""
 
-    def __init__(self, teacher: SmolVLAPolicy, heads: LayerHeads):
+    def __init__(self, teacher, heads: LayerHeads):
         super().__init__()
         self.teacher_model = teacher.model.eval().requires_grad_(False)
+        self.gated_prefix = hooks_of(teacher).gated_prefix
         self.heads = heads
 
     def train(self, mode: bool = True):
@@ -186,12 +194,12 @@ class ProbedSmolVLA(nn.Module):
 
     def forward(self, prefix: Prefix) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
-            _, hiddens = gated_prefix(self.teacher_model, prefix, None)
+            _, hiddens = self.gated_prefix(self.teacher_model, prefix, None)
         return self.heads(hiddens, prefix.pad_masks)
 
 
 class StudentWithHeads(nn.Module):
-    def __init__(self, student: RoutedSmolVLA, heads: LayerHeads):
+    def __init__(self, student: RoutedFlowStudent, heads: LayerHeads):
         super().__init__()
         self.student, self.heads = student, heads
 
@@ -205,7 +213,7 @@ class StudentWithHeads(nn.Module):
 
 
 def freeze_prefix_embedding(model) -> None:
-    """The parts that embed the prefix stay the teacher's (see the module docstring)."""
+    """SmolVLA's parts that embed the prefix stay the teacher's (see the module docstring)."""
     for module in (model.vlm.vision_model, model.vlm.connector, model.vlm.text_model.get_input_embeddings(),
                    model.state_proj):
         module.requires_grad_(False)
@@ -215,19 +223,24 @@ def freeze_prefix_embedding(model) -> None:
 def run_smolvla_distillation(teacher_path: Path, data: list[Path], out_dir: Path, config: DistillConfig,
                              topics=None, stage: str = "all", resume: bool = False, device: str = "auto",
                              vlm_processor: Path | None = None) -> Path | None:
-    """Stage 1 and/or 2 on a LeRobot SmolVLA teacher directory; returns the student directory."""
+    """Stage 1 and/or 2 on a LeRobot SmolVLA, pi0 or pi0.5 teacher directory; returns the student
+    directory."""
     from actdistill_ros.data import TopicConfig
 
+    family = family_of_dir(teacher_path)
+    if family is None:
+        raise ValueError(f"{teacher_path}: not a LeRobot SmolVLA, pi0 or pi0.5 directory (config.json \"type\")")
+    hooks = family.hooks()
     ctx = init_distributed(device)
     if ctx.distributed:
-        raise ValueError(f"{teacher_path}: SmolVLA distillation runs in one process (torchrun with several "
+        raise ValueError(f"{teacher_path}: {family.label} distillation runs in one process (torchrun with several "
                          f"processes is supported for the project's own teachers only)")
-    if (Path(teacher_path) / CARD_FILE).is_file() and is_smolvla_student_dir(teacher_path):
+    if (Path(teacher_path) / CARD_FILE).is_file() and student_family(teacher_path) is not None:
         raise ValueError(f"{teacher_path}: is a student; distil from a teacher's weights")
     out_dir = Path(out_dir)
-    teacher = SmolVLAPolicy.load(teacher_path, vlm_processor, device="cpu", float32=True)
+    teacher = hooks.policy.load(teacher_path, vlm_processor, device="cpu", float32=True)
     teacher.to(ctx.device)
-    teacher.vlm_dir = resolve_vlm_dir(teacher.config.vlm_model_name, vlm_processor)  # copied into the student
+    teacher.vlm_dir = hooks.vlm_dir(teacher, vlm_processor)  # copied into the student
     c = teacher.config
     topics = topics or TopicConfig()
     cameras = [k for k in c.image_features if not k.startswith(IMAGE_PREFIX + "empty_camera_")]
@@ -240,7 +253,7 @@ def run_smolvla_distillation(teacher_path: Path, data: list[Path], out_dir: Path
         raise ValueError(f"demonstrations have {len(demos.action_names)} action dims, the teacher predicts {c.action_dim}")
     batches = DemoBatches(teacher, demos.camera_names)
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = json.dumps({**config.to_dict(), "teacher_family": "smolvla"}, indent=2) + "\n"
+    text = json.dumps({**config.to_dict(), "teacher_family": family.name}, indent=2) + "\n"
     atomic_write(out_dir / "distill_config.json", lambda p: p.write_text(text))
     run_log = RunLog(out_dir, ctx.is_main)
     config.amp_bf16 = False  # float32 training: the teacher's velocities are the targets
@@ -273,11 +286,11 @@ def run_smolvla_distillation(teacher_path: Path, data: list[Path], out_dir: Path
     return student_dir
 
 
-def probe_teacher(teacher: SmolVLAPolicy, batches: DemoBatches, demos: Demonstrations, config: DistillConfig,
+def probe_teacher(teacher, batches: DemoBatches, demos: Demonstrations, config: DistillConfig,
                   ctx: DistContext, out_dir: Path, run_log: RunLog, resume: bool) -> LayerHeads:
     torch.manual_seed(config.seed)
     heads = make_heads(teacher.model, config).to(ctx.device)
-    probed = ProbedSmolVLA(teacher, heads)
+    probed = ProbedTeacher(teacher, heads)
 
     def loss_fn(model, batch, step):
         _, probes = model(batches.prefix(batch))
@@ -292,17 +305,18 @@ def probe_teacher(teacher: SmolVLAPolicy, batches: DemoBatches, demos: Demonstra
     return heads
 
 
-def distill_student(teacher: SmolVLAPolicy, teacher_heads: LayerHeads, batches: DemoBatches, demos: Demonstrations,
+def distill_student(teacher, teacher_heads: LayerHeads, batches: DemoBatches, demos: Demonstrations,
                     config: DistillConfig, ctx: DistContext, out_dir: Path, run_log: RunLog, resume: bool
-                    ) -> RoutedSmolVLA:
+                    ) -> RoutedFlowStudent:
     torch.manual_seed(config.seed + 1)
     router_config = RouterConfig(default_threshold=config.threshold, dropout=config.router_dropout,
                                  budget_conditioned=config.keep_range is not None, threshold_keep=config.target_keep)
-    student = RoutedSmolVLA.derive_from(teacher.model, router_config, KV_PROJECT)
-    freeze_prefix_embedding(student.model)
+    hooks = hooks_of(teacher)
+    student = hooks.routed.derive_from(teacher.model, router_config, KV_PROJECT)
+    hooks.freeze_prefix_embedding(student.model)
     student_heads = copy.deepcopy(teacher_heads).requires_grad_(True)
     combined = StudentWithHeads(student, student_heads)
-    probed_teacher = ProbedSmolVLA(teacher, teacher_heads.requires_grad_(False)).eval()
+    probed_teacher = ProbedTeacher(teacher, teacher_heads.requires_grad_(False)).eval()
     num_layers = student.num_routed_layers
     weights = depth_weights(num_layers, config.gamma).to(ctx.device)
     soft_steps = int(config.soft_gate_fraction * config.distill.steps)
@@ -319,7 +333,7 @@ def distill_student(teacher: SmolVLAPolicy, teacher_heads: LayerHeads, batches: 
         x_t, time, u = flow_matching_targets(config.seed, step, target, model_config.chunk_size,
                                              model_config.max_action_dim)
         with torch.no_grad():
-            teacher_cache, teacher_hiddens = gated_prefix(teacher.model, prefix, None)
+            teacher_cache, teacher_hiddens = hooks.gated_prefix(teacher.model, prefix, None)
             teacher_velocity = teacher.model.denoise_step(x_t, time, teacher_cache)
             teacher_semantic, teacher_probes = probed_teacher.heads(teacher_hiddens, prefix.pad_masks)
         out = model(prefix, x_t, time, gate_mode, keep if keep_routes else 0.0)
@@ -349,7 +363,7 @@ def distill_student(teacher: SmolVLAPolicy, teacher_heads: LayerHeads, batches: 
 
 # ---- evaluation ----------------------------------------------------------------------------------
 @torch.no_grad()
-def action_error_vs_teacher(teacher: SmolVLAPolicy, student: RoutedSmolVLA, batches: DemoBatches, dataset,
+def action_error_vs_teacher(teacher, student: RoutedFlowStudent, batches: DemoBatches, dataset,
                             keep_fractions=KEEP_SWEEP, threshold_too: bool = True, seed: int = 0,
                             max_samples: int = MAX_EVAL_SAMPLES) -> list[dict]:
     """Per routing: MSE of the student's normalised chunk against the teacher's from the same start
@@ -383,18 +397,20 @@ def action_error_vs_teacher(teacher: SmolVLAPolicy, student: RoutedSmolVLA, batc
              "executed_layer_fraction": sums[(kind, value)][1] / count} for kind, value in settings]
 
 
-def flops_summary(student: RoutedSmolVLA, batches: DemoBatches, sample: dict) -> dict:
+def flops_summary(student: RoutedFlowStudent, batches: DemoBatches, sample: dict) -> dict:
     """Per-chunk FLOPs of one observation: the teacher (every layer) and the student at the card's
-    keep fractions, vision per camera, prefix and expert counted apart."""
+    keep fractions, vision per camera, prefix and expert counted apart (the family's route costs,
+    counted on what runs)."""
     prefix = batches.prefix(sample)
     # The vision tower's cost depends only on the resized image shape, so the raw pixels do.
     images = batches.policy._prepare_images(batches.raw(sample)[0], 1)[0]
     model, layers = student.model, student.num_routed_layers
-    rows = {"teacher": chunk_flops(model, prefix, images, None)}
+    costs = hooks_of(batches.policy).route_costs(model, prefix, images)
+    rows = {"teacher": costs.total(None)}
     for keep in KEEP_SWEEP:
         kept = num_kept_layers(keep, layers)
         plan = [i >= layers - kept for i in range(layers)]  # which k layers run does not change the count
-        rows[f"keep_{keep:g}"] = chunk_flops(model, prefix, images, plan, student.kv_mode)
+        rows[f"keep_{keep:g}"] = costs.total(plan, student.kv_mode)
     return rows
 
 
@@ -426,7 +442,7 @@ def copy_vlm_processor(source: Path, target: Path) -> None:
             shutil.copy2(path, target / path.name)
 
 
-def export_student(student_dir: Path, student: RoutedSmolVLA, teacher: SmolVLAPolicy, demos: Demonstrations,
+def export_student(student_dir: Path, student: RoutedFlowStudent, teacher, demos: Demonstrations,
                    config: DistillConfig, teacher_path: Path, data: list[Path], run_log: RunLog | None = None) -> Path:
     """Write the student directory atomically (a staging sibling that replaces it)."""
     from actdistill_ros.data.dataset import collate_samples
@@ -451,24 +467,25 @@ def export_student(student_dir: Path, student: RoutedSmolVLA, teacher: SmolVLAPo
             for step in json.loads((teacher_path / pipeline).read_text()).get("steps", []):
                 if step.get("state_file"):
                     shutil.copy2(teacher_path / step["state_file"], staging / step["state_file"])
-        save_file(lerobot_state(student.model, teacher_path / WEIGHTS_FILE), str(staging / WEIGHTS_FILE),
-                  metadata={"format": "pt"})
+        save_file(hooks_of(teacher).lerobot_state(student.model, teacher_path / WEIGHTS_FILE),
+                  str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         save_file({k: v.detach().cpu().contiguous() for k, v in student.router.state_dict().items()},
                   str(staging / ROUTER_FILE))
-        vlm_dir = resolve_vlm_dir(teacher.config.vlm_model_name, _vlm_dir_of(teacher))
-        copy_vlm_processor(vlm_dir, staging / VLM_PROCESSOR_DIR)
+        copy_vlm_processor(_vlm_dir_of(teacher), staging / VLM_PROCESSOR_DIR)
         (staging / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
 
     student_dir = write_directory(student_dir, write)
     if run_log is not None:
         atomic_write(run_log.path.parent / "summary.json", lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"))
     default = next((row for row in sweep if row.get("keep_fraction") == student.keep_fraction), None)
-    log.info("SmolVLA student written to %s%s", student_dir,
+    log.info("%s student written to %s%s", family_named(teacher.family).label, student_dir,
              f": at keep {student.keep_fraction:g}, action MSE vs the teacher {default['action_mse_vs_teacher']:.4g}"
              if default else "")
     return student_dir
 
 
-def _vlm_dir_of(policy: SmolVLAPolicy) -> Path | None:
-    """The VLM directory the teacher was loaded with (run_smolvla_distillation records it), else None."""
-    return getattr(policy, "vlm_dir", None)
+def _vlm_dir_of(policy) -> Path:
+    """The VLM directory the teacher was loaded with (run_smolvla_distillation records it), else the
+    one its family resolves offline."""
+    recorded = getattr(policy, "vlm_dir", None)
+    return recorded if recorded is not None else hooks_of(policy).vlm_dir(policy, None)

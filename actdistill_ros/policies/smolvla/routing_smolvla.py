@@ -25,13 +25,18 @@ layer only for the rows whose route includes it, so skipped layers cost what the
 says and nothing else.
 
 A student directory written by ``actdistill distill`` (distill_smolvla.py) loads with
-``load_smolvla_student``: a :class:`RoutedSmolVLAPolicy`, LeRobot's pre/post-processing around the
-routed model, at the card's default keep fraction / threshold (the run-time dial).
+``load_student``: a :class:`RoutedSmolVLAPolicy`, LeRobot's pre/post-processing around the routed
+model, at the card's default keep fraction / threshold (the run-time dial).
+
+Shared with pi0 / pi0.5 (policies/pi0/routing_pi0.py; the family interface is
+policies/flow_family.py): :class:`RoutedFlowStudent` (the router and dial over any family's
+per-layer ``ops``), :class:`RoutedPolicyMixin`, the student card and ``load_student``.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,8 +46,9 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from actdistill_ros.policies.actdistill import RouterConfig, RoutedStudent
+from actdistill_ros.policies.flow_family import FamilyHooks
 from actdistill_ros.policies.observation import LANGUAGE, VISUAL, EncodedObservation, segment_spans
-from actdistill_ros.policies.smolvla.configuration_smolvla import SmolVLAConfigError
+from actdistill_ros.policies.smolvla.configuration_smolvla import IMAGE_PREFIX, SmolVLAConfigError
 from actdistill_ros.policies.smolvla.modeling_smolvla import (LayerKV, Prefix, PrefixCache, PrefixContext, Rotary,
                                                               SmolVLAModel, SuffixContext)
 from actdistill_ros.policies.smolvla.policy_smolvla import CONFIG_FILE, SmolVLAPolicy
@@ -89,10 +95,11 @@ def _merge(full: Tensor | None, part: Tensor, rows: Tensor | None, batch: int) -
     return full.index_copy(0, rows, part)
 
 
-class SmolVLABackbone(nn.Module):
-    """A SmolVLAModel as the router sees a backbone: its width and the number of routed layers."""
+class FlowBackbone(nn.Module):
+    """A flow-matching VLA's model as the router sees a backbone: its VLM width and the number of
+    routed layers (all VLM layers but the last, which only gives keys/values)."""
 
-    def __init__(self, model: SmolVLAModel):
+    def __init__(self, model: nn.Module):
         super().__init__()
         if model.num_vlm_layers < 2:
             raise SmolVLAConfigError(f"{model.config.source}: routing needs at least 2 VLM layers "
@@ -105,21 +112,25 @@ class SmolVLABackbone(nn.Module):
         return self.model.num_vlm_layers - 1
 
 
-class RoutedSmolVLA(RoutedStudent):
-    """A SmolVLAModel plus a router over its first L - 1 VLM text layers.
+class RoutedFlowStudent(RoutedStudent):
+    """A flow-matching VLA's model plus a router over its first L - 1 VLM layers; the family's
+    per-layer functions are its ``ops`` (gated_prefix, routed_prefix, routed_denoise_step,
+    sample_routed, integrate, each taking the model first).
 
     ``keep_fraction`` > 0 selects keep routing (the top-k layers by gate per observation), 0
     threshold routing at ``threshold``; ``execute_mask`` and ``train_routes`` are the project's.
     """
 
-    def __init__(self, model: SmolVLAModel, router_config: RouterConfig, kv_mode: str = KV_PROJECT):
-        super().__init__(SmolVLABackbone(model), router_config)
+    ops: SimpleNamespace
+
+    def __init__(self, model: nn.Module, router_config: RouterConfig, kv_mode: str = KV_PROJECT):
+        super().__init__(FlowBackbone(model), router_config)
         if kv_mode not in KV_MODES:
             raise ValueError(f"kv_mode must be one of {list(KV_MODES)}, got {kv_mode!r}")
         self.kv_mode = kv_mode
 
     @property
-    def model(self) -> SmolVLAModel:
+    def model(self):
         return self.vla.model
 
     @property
@@ -127,51 +138,54 @@ class RoutedSmolVLA(RoutedStudent):
         return self.vla.num_layers
 
     @classmethod
-    def derive_from(cls, teacher: SmolVLAModel, router_config: RouterConfig, kv_mode: str = KV_PROJECT
-                    ) -> "RoutedSmolVLA":
+    def derive_from(cls, teacher: nn.Module, router_config: RouterConfig, kv_mode: str = KV_PROJECT):
         """Self-derived: a copy of the teacher's weights, all trainable, plus a fresh router."""
         model = copy.deepcopy(teacher)
         for param in model.parameters():
             param.requires_grad_(True)
-        return cls(model, router_config, kv_mode).to(teacher.state_proj.weight.device)
+        return cls(model, router_config, kv_mode).to(next(teacher.parameters()).device)
 
     def forward(self, *args, **kwargs):  # RoutedStudent.forward takes reference-VLA inputs
-        raise TypeError("RoutedSmolVLA: use sample_actions(prefix, noise) or gated_prefix(prefix, masks)")
+        raise TypeError(f"{type(self).__name__}: use sample_actions(prefix, noise) or gated_prefix(prefix, masks)")
 
     # ---- training: every layer computed, gated residually -------------------------------------
-    def gated_prefix(self, prefix: Prefix, masks: Tensor | None) -> tuple[PrefixCache, list[Tensor]]:
+    def gated_prefix(self, prefix, masks: Tensor | None):
         """The prefix cache and the hidden state after each routed layer, with h <- h + m (F(h) - h)
         (``masks`` (B, L - 1); None runs every layer, the teacher's function). Keys/values of every
         layer come from its input, as in ``project`` mode (the mode trained here)."""
         if self.kv_mode != KV_PROJECT and masks is not None:
             raise ValueError(f"kv_mode {self.kv_mode!r} is an inference-time comparison; students are trained "
                              f"with kv_mode 'project'")
-        return gated_prefix(self.model, prefix, masks)
+        return self.ops.gated_prefix(self.model, prefix, masks)
 
     # ---- inference: skipped layers not run -----------------------------------------------------
-    def route(self, prefix: Prefix, threshold: float | None = None, keep_fraction: float | None = None
+    def route(self, prefix, threshold: float | None = None, keep_fraction: float | None = None
               ) -> tuple[Tensor, list[list[bool]]]:
         """Gates (B, L - 1) and the route as host booleans (the one device read of routing)."""
         gates, execute = self.execute_mask(prefix_observation(prefix), threshold, keep_fraction)
         return gates, execute.to("cpu").tolist()
 
-    def run_prefix(self, prefix: Prefix, plan: list[list[bool]] | None) -> tuple[PrefixCache, list[list[bool]] | None]:
+    def run_prefix(self, prefix, plan: list[list[bool]] | None):
         """The prefix cache with routed layer i run only for the rows whose ``plan[row][i]`` is
         True (None: all layers, as the teacher). Returns the cache and, for ``skip_expert``, which
         rows skip which expert layer (per VLM layer index, None otherwise)."""
-        return routed_prefix(self.model, prefix, plan, self.kv_mode)
+        return self.ops.routed_prefix(self.model, prefix, plan, self.kv_mode)
 
-    def denoise_step(self, noisy_actions: Tensor, time: Tensor, cache: PrefixCache, context: SuffixContext,
+    def denoise_step(self, noisy_actions: Tensor, time: Tensor, cache, context,
                      expert_skip: list[list[bool]] | None) -> Tensor:
-        return routed_denoise_step(self.model, noisy_actions, time, cache, context, expert_skip)
+        return self.ops.routed_denoise_step(self.model, noisy_actions, time, cache, context, expert_skip)
 
-    def sample_actions(self, prefix: Prefix, noise: Tensor, plan: list[list[bool]] | None = None,
+    def sample_actions(self, prefix, noise: Tensor, plan: list[list[bool]] | None = None,
                        routed: bool = True) -> Tensor:
         """Normalised chunk (B, chunk, max_action_dim): the router's route (or ``plan``), then the
         expert's Euler steps. ``routed=False`` runs every layer (the teacher's computation)."""
         if plan is None and routed:
             _, plan = self.route(prefix)
-        return sample_routed(self.model, prefix, noise, plan, self.kv_mode)
+        return self.ops.sample_routed(self.model, prefix, noise, plan, self.kv_mode)
+
+
+class RoutedSmolVLA(RoutedFlowStudent):
+    """A SmolVLAModel plus a router over its first L - 1 VLM text layers (ops: this module's functions)."""
 
 
 # ---- the functions, usable on a teacher's SmolVLAModel too -------------------------------------
@@ -269,6 +283,11 @@ def routed_denoise_step(model: SmolVLAModel, noisy_actions: Tensor, time: Tensor
 def sample_routed(model: SmolVLAModel, prefix: Prefix, noise: Tensor, plan: list[list[bool]] | None,
                   kv_mode: str = KV_PROJECT) -> Tensor:
     cache, expert_skip = routed_prefix(model, prefix, plan, kv_mode)
+    return integrate(model, cache, noise, expert_skip)
+
+
+def integrate(model: SmolVLAModel, cache: PrefixCache, noise: Tensor, expert_skip: list[list[bool]] | None) -> Tensor:
+    """The expert's Euler steps from the start noise over a (routed) prefix cache (SmolVLAModel.sample_actions')."""
     batch, steps = noise.shape[0], model.config.num_steps
     dt = -1.0 / steps
     context = model.suffix_context(cache, model.config.chunk_size)
@@ -370,19 +389,22 @@ class RouteCosts:
                 expert_layers += self.expert[index]
         step = self.step_base + expert_layers
         vision = sum(self.vision)
-        return {"vision": vision, "prefix": prefix, "expert_per_step": step, "expert": step * self.steps,
-                "total": vision + prefix + step * self.steps}
+        return {"vision_per_camera": list(self.vision), "vision": vision, "prefix": prefix, "expert_per_step": step,
+                "steps": self.steps, "expert": step * self.steps, "total": vision + prefix + step * self.steps}
 
 
 # ---- a student directory, loaded -------------------------------------------------------------
-def read_student_card(path: Path) -> dict:
-    """card.json of a SmolVLA student; one line naming the file when it is not one."""
+def read_student_card(path: Path, family: str = "smolvla") -> dict:
+    """card.json of a student of ``family``; one line naming the file when it is not one."""
+    from actdistill_ros.policies.flow_family import family_named
+
+    label = family_named(family).label
     try:
         card = json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
         raise ProcessorError(f"{path}: not a readable JSON card ({err})") from None
-    if not isinstance(card, dict) or card.get("family") != "smolvla" or card.get("kind") != "student":
-        raise ProcessorError(f"{path}: not a SmolVLA student card (expected family \"smolvla\", kind \"student\")")
+    if not isinstance(card, dict) or card.get("family") != family or card.get("kind") != "student":
+        raise ProcessorError(f"{path}: not a {label} student card (expected family \"{family}\", kind \"student\")")
     if card.get("format") != CARD_FORMAT:
         raise ProcessorError(f"{path}: card format {card.get('format')!r} is not supported (expected {CARD_FORMAT})")
     routing = (card.get("vla_config") or {}).get("routing") or {}
@@ -397,24 +419,34 @@ def read_student_card(path: Path) -> dict:
     return card
 
 
+def student_family(path: str | Path):
+    """The FlowFamily of a student directory written by ``actdistill distill`` (a LeRobot config.json
+    of the family and a card.json of that family, kind student), else None."""
+    from actdistill_ros.policies.flow_family import family_of_dir
+
+    family = family_of_dir(path)
+    try:
+        data = json.loads((Path(path) / CARD_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = family is not None and isinstance(data, dict) and data.get("family") == family.name \
+        and data.get("kind") == "student"
+    return family if ok else None
+
+
 def is_smolvla_student_dir(path: str | Path) -> bool:
     """A directory with a LeRobot SmolVLA config.json and a card.json of family smolvla, kind student."""
-    card = Path(path) / CARD_FILE
-    try:
-        data = json.loads(card.read_text())
-        return (Path(path) / CONFIG_FILE).is_file() and data.get("family") == "smolvla" and data.get("kind") == "student"
-    except (OSError, ValueError, AttributeError):
-        return False
+    family = student_family(path)
+    return family is not None and family.name == "smolvla"
 
 
 # ---- the routed policy ---------------------------------------------------------------------------
-class RoutedSmolVLAPolicy(SmolVLAPolicy):
-    """A SmolVLA student: LeRobot's pre/post-processing around a :class:`RoutedSmolVLA`.
-    ``keep_fraction`` (> 0: keep routing) and ``threshold`` are the run-time dial."""
+class RoutedPolicyMixin:
+    """A student: the family's LeRobot pre/post-processing (the policy class it is mixed into)
+    around a :class:`RoutedFlowStudent`. ``keep_fraction`` (> 0: keep routing) and ``threshold``
+    are the run-time dial."""
 
-    family = "smolvla"
-
-    def __init__(self, routed: RoutedSmolVLA, base: SmolVLAPolicy, card: dict | None = None):
+    def __init__(self, routed: RoutedFlowStudent, base, card: dict | None = None):
         super().__init__(routed.model, base.config, base.preprocessor, base.postprocessor, base.tokenizer,
                          base.directory)
         self.routed = routed.eval()
@@ -440,7 +472,7 @@ class RoutedSmolVLAPolicy(SmolVLAPolicy):
             raise ValueError(f"threshold must be in [0, 1], got {value!r}")
         self.routed.threshold = float(value)
 
-    def to(self, device) -> "RoutedSmolVLAPolicy":
+    def to(self, device):
         self.routed.to(device)
         return self
 
@@ -457,21 +489,32 @@ class RoutedSmolVLAPolicy(SmolVLAPolicy):
         return unnormalize_actions(self.postprocessor, actions).float().cpu()
 
 
-def load_smolvla_student(directory: str | Path, vlm_processor: str | Path | None = None, device="cpu",
-                         float32: bool = False) -> RoutedSmolVLAPolicy:
-    """A student directory written by ``actdistill distill``, with routing at its card's default.
-    The VLM's tokenizer and config come from its own vlm_processor/ unless ``vlm_processor`` is given."""
+class RoutedSmolVLAPolicy(RoutedPolicyMixin, SmolVLAPolicy):
+    """A SmolVLA student: LeRobot's pre/post-processing around a :class:`RoutedSmolVLA`."""
+
+
+def load_student(directory: str | Path, vlm_processor: str | Path | None = None, device="cpu",
+                 float32: bool = False):
+    """A student directory written by ``actdistill distill`` (any flow-matching family), with routing
+    at its card's default. The VLM's tokenizer (and SmolVLA's VLM config) come from its own
+    vlm_processor/ unless ``vlm_processor`` is given."""
+    from actdistill_ros.policies.flow_family import family_of_dir
+
     directory = Path(directory)
-    card = read_student_card(directory / CARD_FILE)
+    family = family_of_dir(directory)
+    if family is None:
+        raise ProcessorError(f"{directory / CONFIG_FILE}: not a LeRobot SmolVLA, pi0 or pi0.5 config.json")
+    hooks = family.hooks()
+    card = read_student_card(directory / CARD_FILE, family.name)
     routing = card["vla_config"]["routing"]
     own = directory / VLM_PROCESSOR_DIR
-    base = SmolVLAPolicy.load(directory, vlm_processor if vlm_processor is not None else (own if own.is_dir() else None),
-                              device="cpu", float32=float32)
+    base = hooks.policy.load(directory, vlm_processor if vlm_processor is not None else (own if own.is_dir() else None),
+                             device="cpu", float32=float32)
     try:
         router_config = RouterConfig.from_dict(card["router_config"])
     except (TypeError, ValueError) as err:
         raise ProcessorError(f"{directory / CARD_FILE}: router_config: {err}") from None
-    routed = RoutedSmolVLA(base.model, router_config, routing["kv_mode"])
+    routed = hooks.routed(base.model, router_config, routing["kv_mode"])
     if routed.num_routed_layers != routing["routed_layers"]:
         raise ProcessorError(f"{directory / CARD_FILE}: vla_config.routing.routed_layers is {routing['routed_layers']}, "
                              f"the model routes {routed.num_routed_layers} VLM layers")
@@ -479,9 +522,54 @@ def load_smolvla_student(directory: str | Path, vlm_processor: str | Path | None
     try:
         routed.router.load_state_dict(load_file(str(router_path)))
     except FileNotFoundError:
-        raise ProcessorError(f"{router_path}: missing (a SmolVLA student's router weights)") from None
+        raise ProcessorError(f"{router_path}: missing (a {family.label} student's router weights)") from None
     except RuntimeError as err:
         raise ProcessorError(f"{router_path}: does not match the card's router_config "
                              f"({str(err).splitlines()[0]})") from None
     routed.keep_fraction, routed.threshold = float(card["default_keep_fraction"]), float(card["default_threshold"])
-    return RoutedSmolVLAPolicy(routed.to(device), base, card)
+    return hooks.routed_policy(routed.to(device), base, card)
+
+
+def load_smolvla_student(directory: str | Path, vlm_processor: str | Path | None = None, device="cpu",
+                         float32: bool = False) -> RoutedSmolVLAPolicy:
+    """A SmolVLA student directory (``load_student`` checks the family from its files)."""
+    if not is_smolvla_student_dir(directory) and student_family(directory) is not None:
+        raise ProcessorError(f"{directory}: not a SmolVLA student (a {student_family(directory).label} one)")
+    return load_student(directory, vlm_processor, device, float32)
+
+
+# ---- the family's hooks (flow_family.FamilyHooks) ----------------------------------------------
+RoutedSmolVLA.ops = SimpleNamespace(gated_prefix=gated_prefix, routed_prefix=routed_prefix,
+                                    routed_denoise_step=routed_denoise_step, sample_routed=sample_routed,
+                                    integrate=integrate)
+
+
+def _lazy(module: str, name: str):
+    """A function of a module imported only when called (the training and bench code stay out of
+    what serving imports)."""
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+    return call
+
+
+def _smolvla_image_size(config) -> int:
+    resize = config.resize_imgs_with_padding
+    cameras = [k for k in config.image_features if not k.startswith(IMAGE_PREFIX + "empty_camera_")]
+    return int(max(resize) if resize else max(max(config.image_features[k].shape[1:]) for k in cameras))
+
+
+def _smolvla_bench(model, keep_fractions, iters, warmup, device):
+    from actdistill_ros.policies.smolvla.compute_smolvla import bench_keep_fractions
+    return bench_keep_fractions(model, keep_fractions, iters=iters, warmup=warmup, device=device)
+
+
+def _smolvla_vlm_dir(policy, vlm_processor):
+    from actdistill_ros.policies.smolvla.processor_smolvla import resolve_vlm_dir
+    return resolve_vlm_dir(policy.config.vlm_model_name, vlm_processor)
+
+
+_DISTILL = "actdistill_ros.policies.smolvla.distill_smolvla"
+HOOKS = FamilyHooks(policy=SmolVLAPolicy, routed=RoutedSmolVLA, routed_policy=RoutedSmolVLAPolicy,
+                    gated_prefix=gated_prefix, freeze_prefix_embedding=_lazy(_DISTILL, "freeze_prefix_embedding"),
+                    lerobot_state=_lazy(_DISTILL, "lerobot_state"), vlm_dir=_smolvla_vlm_dir,
+                    image_size=_smolvla_image_size, route_costs=RouteCosts, bench_keep_fractions=_smolvla_bench)

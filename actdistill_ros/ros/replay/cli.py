@@ -68,7 +68,7 @@ import numpy as np
 
 from actdistill_ros.data import TopicConfig, list_bags
 from actdistill_ros.data.lerobot_dataset import is_lerobot_dataset
-from actdistill_ros.lerobot_card import camera_topic, smolvla_card_json
+from actdistill_ros.lerobot_card import camera_topic, lerobot_card_json
 from actdistill_ros.replay_report import PolicyReplay, write_report
 from actdistill_ros.ros.env import built_messages_path, fastdds_profile_path, reserve_domain_id, ros_environment
 from actdistill_ros.ros.replay import log
@@ -212,7 +212,7 @@ def _reexec_with_ros_env(command: list[str]) -> int:
 def policy_card(weights: Path) -> ModelCard:
     """The card of a weights directory, or of a LeRobot SmolVLA policy directory (made from its files, as
     Policy.load and the launch files make it: lerobot_card); one line naming the path if neither."""
-    data = smolvla_card_json(weights)  # LeRobotCardError (a ValueError) names the file
+    data = lerobot_card_json(weights)  # LeRobotCardError (a ValueError) names the file
     return ModelCard.from_dict(data) if data is not None else load_card(weights)
 
 
