@@ -57,16 +57,19 @@ KEEPS = (0.25, 0.5, 0.75)
 
 
 def lerobot_policy_dir(out: Path, camera_shapes: dict[str, list[int]], state_dim: int, action_dim: int,
-                       stats: dict[str, dict[str, list[float]]], num_vlm_layers: int, chunk_size: int) -> Path:
-    """A LeRobot SmolVLA directory laid out as the fixture's (pipelines, config fields), with these
-    features, statistics and VLM depth; its weights are written by the caller."""
-    shutil.copytree(FIXTURES / "cross_attn" / "policy", out)
+                       stats: dict[str, dict[str, list[float]]], num_vlm_layers: int | None, chunk_size: int,
+                       source: Path = FIXTURES / "cross_attn" / "policy") -> Path:
+    """A LeRobot directory laid out as the fixture ``source``'s (pipelines, config fields), with these
+    features, statistics and (SmolVLA) VLM depth; its weights are written by the caller."""
+    shutil.copytree(source, out)
     (out / "model.safetensors").unlink()
     config = json.loads((out / "config.json").read_text())
     config["input_features"] = {k: {"type": "VISUAL", "shape": s} for k, s in camera_shapes.items()}
     config["input_features"]["observation.state"] = {"type": "STATE", "shape": [state_dim]}
     config["output_features"] = {"action": {"type": "ACTION", "shape": [action_dim]}}
-    config.update(num_vlm_layers=num_vlm_layers, chunk_size=chunk_size, n_action_steps=chunk_size)
+    config.update(chunk_size=chunk_size, n_action_steps=chunk_size)
+    if num_vlm_layers is not None:
+        config.update(num_vlm_layers=num_vlm_layers)
     (out / "config.json").write_text(json.dumps(config, indent=4))
     for pipeline, keys in (("policy_preprocessor.json", ["observation.state", "action"]),
                            ("policy_postprocessor.json", ["action"])):
@@ -204,22 +207,28 @@ def published_costs(small: RouteCosts) -> RouteCosts:
     return priced
 
 
+def smolvla_cost_models(policy: SmolVLAPolicy, one, images) -> dict:
+    counted = RouteCosts(policy.model, one, images)
+    counted.self_attention = [policy.config.is_self_attention_layer(i) for i in range(policy.model.num_vlm_layers)]
+    return {"counted": counted, "published_ratios": published_costs(counted)}
+
+
 @torch.no_grad()
-def candidate_table(policy: SmolVLAPolicy, prefix, noise, one, images) -> dict:
+def candidate_table(policy, prefix, noise, one, images, cost_models=smolvla_cost_models,
+                    sample=sample_routed) -> dict:
     """Every route of every size under each candidate: error against the teacher; then, per budget
-    and cost model, the best error each candidate reaches within the budget."""
+    and cost model (``cost_models(policy, one, images)``: name -> .total(plan, mode)), the best
+    error each candidate reaches within the budget. ``sample`` is the family's sample_routed."""
     model, dim = policy.model, policy.config.action_dim
     layers = model.num_vlm_layers - 1
     reference = model.sample_actions(prefix, noise)[..., :dim]
-    counted = RouteCosts(model, one, images)
-    counted.self_attention = [policy.config.is_self_attention_layer(i) for i in range(model.num_vlm_layers)]
-    cost_models = {"counted": counted, "published_ratios": published_costs(counted)}
+    cost_models = cost_models(policy, one, images)
     routes = []
     for kept in range(1, layers + 1):
         for chosen in itertools.combinations(range(layers), kept):
             plan = [i in chosen for i in range(layers)]
             for mode in KV_MODES:
-                actions = sample_routed(model, prefix, noise, [plan] * noise.shape[0], mode)[..., :dim]
+                actions = sample(model, prefix, noise, [plan] * noise.shape[0], mode)[..., :dim]
                 routes.append({"mode": mode, "kept": kept, "plan": plan,
                                "evenly_spaced": plan == evenly_spaced_plan(layers, kept),
                                "mse": float(((actions - reference) ** 2).mean()),
