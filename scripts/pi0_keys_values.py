@@ -11,9 +11,12 @@ from the same start noise as the teacher, on held-out observations. Reported per
 budget: the action MSE against the teacher's chunk (normalised units) of the evenly spaced route
 and of the best route among the routes whose FLOPs per chunk (vision per camera + prefix once +
 every expert step) are at most the budget, the FLOPs of ``project`` at keep 0.25 / 0.5 / 0.75; FLOPs
-as counted on the measured model and at pi0's published size's per-layer prices.
+as counted on the measured model and at pi0's published size's per-layer prices. Then the trained
+teacher is distilled (``actdistill distill``, keys/values projected) and the student's routes are
+measured the same way.
 
     python scripts/pi0_keys_values.py --out DIR [--train-steps 300] [--samples 32] [--batch-size 16]
+        [--distill-steps 120]
 
 Minutes on two CPU cores. Prints one JSON object (also written to OUT/kv_candidates.json).
 """
@@ -50,7 +53,7 @@ from actdistill_ros.policies.pi0.modeling_pi0 import GemmaSizes, PI0Model, Prefi
 from actdistill_ros.policies.pi0.routing_pi0 import lerobot_state, sample_routed  # noqa: E402
 from actdistill_ros.policies.smolvla.distill_smolvla import DemoBatches, flow_matching_loss  # noqa: E402
 from smolvla_keys_values import CAMERAS, FIXTURES, candidate_table, held_out, init_weights  # noqa: E402
-from smolvla_keys_values import lerobot_policy_dir  # noqa: E402
+from smolvla_keys_values import lerobot_policy_dir, student_table  # noqa: E402
 
 PI0_FIXTURES = FIXTURES / "pi0"
 TOKENIZER = PI0_FIXTURES / "paligemma_tokenizer"
@@ -169,6 +172,7 @@ def main() -> int:
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--distill-steps", type=int, default=120, help="then distil the trained teacher (0: no)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     result, started = {}, time.time()
@@ -195,6 +199,19 @@ def main() -> int:
         result["trained"]["teacher_vs_itself_other_noise_mse"] = float(
             ((teacher.model.sample_actions(prefix, other) - teacher.model.sample_actions(prefix, noise))[..., :dim] ** 2
              ).mean())
+    if args.distill_steps > 0:
+        from actdistill_ros.cli import main as cli
+        run = args.out / "distill"
+        if not (run / "student" / "card.json").is_file():
+            shutil.rmtree(run, ignore_errors=True)
+            code = cli(["distill", "--teacher", str(teacher_dir), "--data", str(bags), "--out", str(run),
+                        "--vlm-processor", str(TOKENIZER), "--camera-topic", CAMERAS[0], "--camera-topic", CAMERAS[1],
+                        "--probe-steps", str(max(50, args.distill_steps // 4)), "--distill-steps",
+                        str(args.distill_steps), "--batch-size", str(args.batch_size)])
+            if code:
+                return code
+        result["student"] = student_table(run / "student", teacher, prefix, noise, one, images,
+                                          cost_models=pi0_cost_models, processor=TOKENIZER)
     model, big_prefix, big_images = published_model()
     with torch.device("meta"):
         big = PI0RouteCosts(model, big_prefix, big_images).total(None)

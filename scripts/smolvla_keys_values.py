@@ -48,7 +48,7 @@ from actdistill_ros.policies.smolvla import SmolVLAPolicy  # noqa: E402
 from actdistill_ros.policies.smolvla.distill_smolvla import (DemoBatches, flow_noise_and_time, lerobot_state,  # noqa: E402
                                                             padded)
 from actdistill_ros.policies.smolvla.routing_smolvla import (KV_MODES, RouteCosts, evenly_spaced_plan,  # noqa: E402
-                                                            load_smolvla_student, sample_routed)
+                                                            load_student, sample_routed)
 
 FIXTURES = REPO / "test" / "fixtures" / "lerobot"
 PROCESSOR = FIXTURES / "processor"
@@ -256,14 +256,14 @@ def candidate_table(policy, prefix, noise, one, images, cost_models=smolvla_cost
 
 
 @torch.no_grad()
-def student_table(student_dir: Path, teacher: SmolVLAPolicy, prefix, noise, one, images) -> dict:
-    """The distilled student's routes (its router, per observation) against the teacher."""
-    student = load_smolvla_student(student_dir, PROCESSOR, float32=True)
+def student_table(student_dir: Path, teacher, prefix, noise, one, images, cost_models=smolvla_cost_models,
+                  processor: Path = PROCESSOR) -> dict:
+    """The distilled student's routes (its router, per observation) against the teacher; FLOPs by
+    ``cost_models`` (the teacher's: the student has its shapes)."""
+    student = load_student(student_dir, processor, float32=True)
     routed, dim = student.routed, teacher.config.action_dim
     reference = teacher.model.sample_actions(prefix, noise)[..., :dim]
-    counted = RouteCosts(routed.model, one, images)
-    counted.self_attention = [teacher.config.is_self_attention_layer(i) for i in range(routed.model.num_vlm_layers)]
-    cost_models = {"counted": counted, "published_ratios": published_costs(counted)}
+    cost_models = cost_models(teacher, one, images)
     rows = {}
     for keep in (*KEEPS, 1.0):
         routed.keep_fraction = keep
