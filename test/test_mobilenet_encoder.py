@@ -168,3 +168,24 @@ def test_bad_weights_files_are_one_line(tmp_path, imagenet_weights, capsys):
         VLAConfig(image_encoder="mobilenet_v2", encoder_blocks=14, patch_size=8, image_size=64)
     with pytest.raises(ValueError, match="image_encoder"):
         ReferenceVLA(VLAConfig(image_encoder="resnet"))
+
+
+def test_distill_takes_a_mobilenet_teacher(tmp_path, imagenet_weights):
+    """The encoder is part of the teacher's weights: the student copies it and routes the backbone."""
+    from actdistill_ros.cli import main as cli
+
+    demos, teacher_dir = _train_mobilenet_teacher(tmp_path, imagenet_weights)
+    out, config = tmp_path / "distill", tmp_path / "distill.yaml"
+    config.write_text("freeze_vision: true\n")  # the encoder and its projection stay the teacher's
+    assert cli(["distill", "--teacher", str(teacher_dir), "--data", str(demos), "--out", str(out), "--config",
+                str(config), "--probe-steps", "2", "--distill-steps", "4", "--batch-size", "4", "--checkpoint-every",
+                "2", "--device", "cpu"]) == 0
+    student = Policy.load(out / "student", device="cpu")
+    assert student.card.is_student and student.vla.config.image_encoder == "mobilenet_v2"
+    teacher_weights = load_file(str(teacher_dir / "model.safetensors"))
+    student_weights = load_file(str(out / "student" / "model.safetensors"))
+    for name in ("image_encoder.features.3.conv.1.0.weight", "encoder_proj.weight", "visual_pos"):
+        torch.testing.assert_close(student_weights[f"vla.{name}"], teacher_weights[name], rtol=0, atol=0)
+    assert not torch.equal(student_weights["vla.layers.0.fc1.weight"], teacher_weights["layers.0.fc1.weight"])
+    output = student.predict(np.zeros((32, 32, 3), np.uint8), "push", np.zeros(4, np.float32))
+    assert len(output.executed_layers) == 2 and np.isfinite(output.actions).all()  # keep 0.5 of 4 layers
