@@ -41,6 +41,7 @@ EMPTY_CAMERA_PREFIX = IMAGE_PREFIX + "empty_camera_"
 SIDECAR_KEYS = ("action_space", "state_names")
 ACTION_SPACE_KEYS = ("kind", "names", "units", "low", "high", "gripper_index")
 UNKNOWN_UNIT = "unknown"
+PI0_VLM_LAYERS = "model.paligemma_with_expert.paligemma.model.language_model.layers."
 
 
 class LeRobotCardError(ValueError):
@@ -156,8 +157,8 @@ def synthesize_card(directory: Path, family=None) -> dict:
                        # what one chunk executes: LeRobot runs the first n_action_steps of chunk_size
                        "chunk_size": int(config.get("n_action_steps", chunk)), "predicted_chunk_size": int(chunk),
                        "action_dim": action_dim, "state_dim": state_dim,
-                       # pi0's depth is in its tensor shapes only: the serving adapter fills it in
-                       "num_layers": _routed_layers(config) if family.name == "smolvla" else None,
+                       "num_layers": _routed_layers(config) if family.name == "smolvla" else _pi0_routed_layers(
+                           directory),
                        "image_features": camera_shapes},
         "action_space": space, "norm_stats": {}, "router_config": None, "default_threshold": 0.5,
         "default_keep_fraction": 0.0, "state_names": state_names, "camera_names": cameras,
@@ -166,6 +167,24 @@ def synthesize_card(directory: Path, family=None) -> dict:
         "metrics": {},
     }
     return card
+
+
+def _pi0_routed_layers(directory: Path) -> int | None:
+    """pi0's VLM layers a router gates (all but the last): its depth is in the tensor names only
+    (config.json names a Gemma variant), read from model.safetensors' header without loading it."""
+    weights = directory / "model.safetensors"
+    if not weights.is_file():
+        return None
+    from safetensors import safe_open  # the header only: no torch, no tensor read
+
+    try:
+        with safe_open(str(weights), framework="numpy") as handle:
+            names = list(handle.keys())
+    except Exception as err:  # noqa: BLE001 - any unreadable file reads the same to the user
+        raise LeRobotCardError(f"{weights}: not a readable safetensors file ({err})") from None
+    pattern = re.compile(re.escape(PI0_VLM_LAYERS) + r"(\d+)\.")
+    layers = {int(m.group(1)) for name in names if (m := pattern.match(name))}
+    return max(layers) if layers else None  # depth - 1
 
 
 def _action_bounds(directory: Path, action_dim: int) -> tuple[list[float], list[float]]:

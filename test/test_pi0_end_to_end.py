@@ -6,6 +6,7 @@ The rig is the SmolVLA end-to-end test's (test/smolvla_teacher.py, test/lerobot_
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,9 @@ def student(tmp_path_factory) -> tuple[Path, Path, Path]:
                       "probe: {lr: 3.0e-3, warmup_steps: 2}\ndistill: {lr: 3.0e-4, warmup_steps: 2}\n")
     assert cli(["distill", "--teacher", str(teacher), "--data", str(root), "--out", str(work / "run"),
                 "--vlm-processor", str(TOKENIZER), "--config", str(config), *FAST]) == 0
+    shutil.copytree(TOKENIZER, teacher / "vlm_processor")  # where the node reads a LeRobot directory's tokenizer
+    # The dataset's joint names, as the student's card has them (a LeRobot directory's card sidecar).
+    (teacher / "card.json").write_text(json.dumps({"action_space": {"names": JOINTS}, "state_names": JOINTS[:3]}))
     return root, teacher, work / "run" / "student"
 
 
@@ -80,11 +84,12 @@ def test_distill_predict_bench_and_replay_of_a_dataset_episode_through_the_node(
     assert half["prefix_gflops"] < full["prefix_gflops"] and half["expert_gflops"] == full["expert_gflops"]
     assert all(row["vision_ms"] > 0 and row["expert_ms"] > 0 for row in bench["by_keep_fraction"])
 
-    # replay-eval of a dataset episode: the node serves the student, one chunk per frame.
+    # replay-eval of a dataset episode: the node serves the student, then the teacher, one chunk per frame.
     out = tmp_path / "report"
     env = node_environment(reserve_domain(), tmp_path / "ros_log")
     result = subprocess.run([sys.executable, "-m", "actdistill_ros.cli", "replay-eval", str(root), "--episode", "1",
-                             "--weights", str(student_dir), "--rate", "max", "--out", str(out), "--device", "cpu"],
+                             "--weights", str(student_dir), "--teacher", str(teacher_dir), "--rate", "max",
+                             "--out", str(out), "--device", "cpu"],
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((out / "report.json").read_text())
@@ -93,3 +98,6 @@ def test_distill_predict_bench_and_replay_of_a_dataset_episode_through_the_node(
     assert all(camera["frames_used"] == LENGTHS[1] for camera in section["cameras"].values())
     assert 0.0 < section["executed_fraction"]["mean"] < 1.0  # the router skipped layers, at the card's default
     assert section["action_error"]["frames_compared"] == LENGTHS[1]
+    teacher = report["policies"]["teacher"]
+    assert teacher["chunks_received"] == LENGTHS[1] and teacher["executed_fraction"]["mean"] == 1.0
+    assert report["student_vs_teacher"]["frames_compared"] == LENGTHS[1]
