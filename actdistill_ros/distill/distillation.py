@@ -390,7 +390,8 @@ def _export(teacher, student, teacher_policy, demos, config, ctx, out_dir, stude
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("distill", help="ActDistill: teacher probing (stage 1) + student distillation (stage 2)")
-    p.add_argument("--teacher", type=Path, required=True, help="teacher weights directory, or a LeRobot SmolVLA / pi0 / pi0.5 policy directory")
+    p.add_argument("--teacher", type=Path, required=True,
+                   help="teacher weights directory, or a LeRobot SmolVLA / pi0 / pi0.5 policy directory")
     add_data_arguments(p)
     p.add_argument("--out", type=Path, required=True, help="output directory (student/ is the weights)")
     p.add_argument("--config", type=Path, help="distillation YAML (see config/distill.yaml)")
