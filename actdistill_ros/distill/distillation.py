@@ -284,8 +284,8 @@ def run_distillation(teacher_path: Path, data: list[Path], out_dir: Path, config
     flow-matching driver, policies/smolvla/distill_smolvla.py."""
     from actdistill_ros.policies.flow_family import family_of_dir
     if family_of_dir(teacher_path) is not None:
-        from actdistill_ros.policies.smolvla.distill_smolvla import run_smolvla_distillation
-        return run_smolvla_distillation(teacher_path, data, out_dir, config, topics, stage, resume, device,
+        from actdistill_ros.policies.smolvla.distill_smolvla import run_flow_distillation
+        return run_flow_distillation(teacher_path, data, out_dir, config, topics, stage, resume, device,
                                         vlm_processor)
     ctx = init_distributed(device)
     out_dir = Path(out_dir)

@@ -220,7 +220,7 @@ def freeze_prefix_embedding(model) -> None:
 
 
 # ---- the run -------------------------------------------------------------------------------------
-def run_smolvla_distillation(teacher_path: Path, data: list[Path], out_dir: Path, config: DistillConfig,
+def run_flow_distillation(teacher_path: Path, data: list[Path], out_dir: Path, config: DistillConfig,
                              topics=None, stage: str = "all", resume: bool = False, device: str = "auto",
                              vlm_processor: Path | None = None) -> Path | None:
     """Stage 1 and/or 2 on a LeRobot SmolVLA, pi0 or pi0.5 teacher directory; returns the student
@@ -485,7 +485,7 @@ def export_student(student_dir: Path, student: RoutedFlowStudent, teacher, demos
 
 
 def _vlm_dir_of(policy) -> Path:
-    """The VLM directory the teacher was loaded with (run_smolvla_distillation records it), else the
+    """The VLM directory the teacher was loaded with (run_flow_distillation records it), else the
     one its family resolves offline."""
     recorded = getattr(policy, "vlm_dir", None)
     return recorded if recorded is not None else hooks_of(policy).vlm_dir(policy, None)
