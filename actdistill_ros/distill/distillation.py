@@ -286,7 +286,7 @@ def run_distillation(teacher_path: Path, data: list[Path], out_dir: Path, config
     if family_of_dir(teacher_path) is not None:
         from actdistill_ros.policies.smolvla.distill_smolvla import run_flow_distillation
         return run_flow_distillation(teacher_path, data, out_dir, config, topics, stage, resume, device,
-                                        vlm_processor)
+                                     vlm_processor)
     ctx = init_distributed(device)
     out_dir = Path(out_dir)
     teacher_policy = Policy.load(teacher_path, device="cpu")

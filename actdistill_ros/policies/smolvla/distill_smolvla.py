@@ -221,8 +221,8 @@ def freeze_prefix_embedding(model) -> None:
 
 # ---- the run -------------------------------------------------------------------------------------
 def run_flow_distillation(teacher_path: Path, data: list[Path], out_dir: Path, config: DistillConfig,
-                             topics=None, stage: str = "all", resume: bool = False, device: str = "auto",
-                             vlm_processor: Path | None = None) -> Path | None:
+                          topics=None, stage: str = "all", resume: bool = False, device: str = "auto",
+                          vlm_processor: Path | None = None) -> Path | None:
     """Stage 1 and/or 2 on a LeRobot SmolVLA, pi0 or pi0.5 teacher directory; returns the student
     directory."""
     from actdistill_ros.data import TopicConfig
