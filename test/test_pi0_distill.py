@@ -168,3 +168,21 @@ def test_a_pi05_teacher_distils_into_a_student_that_serves(tmp_path):
     out = served.predict(frames, "open the drawer", np.zeros(3, np.float32))
     assert out.actions.shape == (config["n_action_steps"], 4) and np.isfinite(out.actions).all()
     assert 0 < len(out.executed_layers) < 3 and out.chunk_gflops > 0  # the card's default keep 0.5: 2 of 3
+
+
+def test_a_bfloat16_pi0_is_served_in_float32_saying_so(tmp_path, caplog):
+    from actdistill_ros.policy import Policy
+
+    directory = tmp_path / "pi0_bf16"
+    shutil.copytree(FIXTURES / "pi0" / "policy", directory)
+    shutil.copytree(TOKENIZER, directory / "vlm_processor")
+    reference = Policy.load(directory, "cpu")
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    with caplog.at_level("WARNING"):
+        served = Policy.load(directory, "cpu")
+    assert any("bfloat16" in r.getMessage() and "float32" in r.getMessage() for r in caplog.records)
+    frames = [np.full((24, 40, 3), 70, np.uint8), np.full((72, 50, 3), 200, np.uint8)]
+    state = np.linspace(-1, 1, 5).astype(np.float32)
+    np.testing.assert_array_equal(served.predict(frames, "pick", state).actions,
+                                  reference.predict(frames, "pick", state).actions)

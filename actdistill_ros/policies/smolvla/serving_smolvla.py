@@ -103,14 +103,21 @@ class FlowServing:
         own = directory / VLM_PROCESSOR_DIR
         processor = vlm_processor if vlm_processor is not None else (own if own.is_dir() else None)
         routed = None
+        # SmolVLA runs each part in LeRobot's dtype; pi0 runs in float32 (a dtype bfloat16 pi0's
+        # bfloat16 run is not reproduced: predict needs --float32 for it, the node says so below).
+        float32 = data["family"] == "pi0"
         try:
             if data["kind"] == "student":
                 from actdistill_ros.policies.smolvla.routing_smolvla import load_student
 
-                student = load_student(directory, processor, device=torch_device)
+                student = load_student(directory, processor, device=torch_device, float32=float32)
                 policy, routed = student, student.routed
             else:
-                policy = family_named(data["family"]).hooks().policy.load(directory, processor, device=torch_device)
+                policy = family_named(data["family"]).hooks().policy.load(directory, processor, device=torch_device,
+                                                                          float32=float32)
+            if float32 and policy.config.dtype != "float32":
+                log.warning("%s: dtype %s: LeRobot runs its VLM and expert in that dtype; served here in float32",
+                            directory, policy.config.dtype)
         except (ProcessorError, SmolVLAConfigError, PI0ConfigError, WeightsMismatch) as err:  # one line (the node's)
             hint = (f" (the node and Policy.load also read them from {own}/)"
                     if processor is None and "--vlm-processor" in str(err) else "")
