@@ -59,12 +59,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--train-vision", action="store_true",
                    help="--backbone: train the vision tower too (default: frozen; the projector trains)")
     p.add_argument("--max-text-tokens", type=int, help="--backbone: instruction length in tokens (default 16)")
-    p.add_argument("--family", choices=["reference_vla", "smolvla"], default="reference_vla",
-                   help="smolvla: a SmolVLA-architecture policy trained from scratch with LeRobot's conventions, "
-                        "written as a LeRobot SmolVLA directory (policies/smolvla/train_smolvla.py)")
+    p.add_argument("--family", choices=["reference_vla", "smolvla", "pi0"], default="reference_vla",
+                   help="smolvla / pi0: a SmolVLA- / pi0-architecture policy trained from scratch with LeRobot's "
+                        "conventions, written as a LeRobot SmolVLA / pi0 directory (policies/smolvla/train_smolvla.py, "
+                        "policies/pi0/train_pi0.py)")
     p.add_argument("--size", choices=["tiny", "default", "bench", "metaworld"],
-                   help="size preset: reference VLA tiny/default/bench (default: default); smolvla tiny/metaworld "
-                        "(default: metaworld)")
+                   help="size preset: reference VLA tiny/default/bench (default: default); smolvla / pi0 "
+                        "tiny/metaworld (default: metaworld)")
     p.add_argument("--image-size", type=int, help="input resolution (reference: override the preset's; --init-from: "
                                                   "fine-tune at this size, position embeddings resampled; --backbone: "
                                                   "default the vision tower's own)")
@@ -238,8 +239,12 @@ def train_teacher(args: argparse.Namespace) -> Path:
         from actdistill_ros.policies.smolvla.train_smolvla import train_smolvla_teacher
 
         return train_smolvla_teacher(args, topics)
+    if args.family == "pi0":
+        from actdistill_ros.policies.pi0.train_pi0 import train_pi0_teacher
+
+        return train_pi0_teacher(args, topics)
     if args.size == "metaworld":
-        raise ValueError("--size metaworld: a --family smolvla size; the reference VLA's are tiny, default, bench")
+        raise ValueError("--size metaworld: a --family smolvla / pi0 size; the reference VLA's are tiny, default, bench")
     ctx = init_distributed(args.device)
     torch.manual_seed(args.seed)
     if args.init_from and args.backbone:

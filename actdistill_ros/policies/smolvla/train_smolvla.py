@@ -16,6 +16,9 @@ of it execute; the loss is SmolVLA's flow-matching loss (distill_smolvla.flow_ma
 one the distillation trains with). The vision tower trains too (``freeze_vision_encoder: false``,
 ``train_expert_only: false``): from scratch it has nothing to keep.
 
+The loop, statistics, held-out error and directory writing (``train_flow_teacher``) serve every
+flow-matching family through a :class:`TeacherRecipe` (SmolVLA's here, pi0's in pi0/train_pi0.py).
+
 OUT/teacher/ is the policy directory: config.json ("type": "smolvla"), model.safetensors under
 LeRobot's names, policy_preprocessor.json / policy_postprocessor.json with their statistics,
 vlm_processor/ (a copy of OUT/vlm, so the directory loads offline wherever it is moved), and a
@@ -27,7 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -163,17 +168,20 @@ def demo_statistics(demos: Demonstrations) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_processors(directory: Path, config: dict, stats: dict[str, torch.Tensor]) -> None:
+def write_processors(directory: Path, config: dict, stats: dict[str, torch.Tensor],
+                     new_line_step: str = "smolvla_new_line_processor", tokenizer_name: str | None = None,
+                     padding: str | None = None) -> None:
     """policy_preprocessor.json / policy_postprocessor.json and their normalizer state files, the
-    steps LeRobot's SmolVLA factory writes."""
+    steps LeRobot's SmolVLA (and, with pi0's new-line step and tokenizer, pi0's) factory writes."""
     features = {**config["input_features"], **config["output_features"]}
     pre = {"name": "policy_preprocessor", "steps": [
         {"registry_name": "rename_observations_processor", "config": {"rename_map": {}}},
         {"registry_name": "to_batch_processor", "config": {}},
-        {"registry_name": "smolvla_new_line_processor", "config": {}},
+        {"registry_name": new_line_step, "config": {}},
         {"registry_name": "tokenizer_processor", "config": {
             "max_length": config["tokenizer_max_length"], "task_key": "task", "padding_side": "right",
-            "padding": config["pad_language_to"], "truncation": True, "tokenizer_name": config["vlm_model_name"]}},
+            "padding": padding or config["pad_language_to"], "truncation": True,
+            "tokenizer_name": tokenizer_name or config["vlm_model_name"]}},
         {"registry_name": "device_processor", "config": {"device": "cpu", "float_dtype": None}},
         {"registry_name": "normalizer_processor", "config": {"eps": 1e-8, "features": features, "norm_map": NORM_MAP},
          "state_file": PREPROCESSOR_STATE}]}
@@ -230,52 +238,92 @@ def held_out_action_mse(policy: SmolVLAPolicy, batches: DemoBatches, dataset, se
     return total / max(count, 1)
 
 
+@dataclass(frozen=True)
+class TeacherRecipe:
+    """What train-teacher needs of a flow-matching family to train one from scratch (the loop, the
+    statistics, the held-out error and the directory writing are shared)."""
+
+    label: str  # "SmolVLA", "pi0": for messages
+    flag: str  # "--family smolvla"
+    sizes: dict  # size name -> preset (its "layers" / "image_size" / "chunk_size" the defaults)
+    default_size: str
+    policy: type  # .load(directory, vlm_dir, float32=True)
+    write_vlm_dir: Callable  # (directory, size, layers, image_size) -> the VLM's config / tokenizer files
+    policy_config: Callable  # (demos, vlm_dir, size, layers, image_size, chunk_size, train) -> config.json dict
+    write_processors: Callable  # (directory, config, stats, vlm_dir) -> the pipelines and their statistics
+    build_model: Callable  # (config file, vlm_dir, size, layers, seed) -> the model with LeRobot's initialisation
+    lerobot_weights: Callable  # (model) -> tensors under LeRobot's names
+    preset_layers: Callable  # (preset) -> its number of VLM layers
+
+
+def _smolvla_model(config_file: Path, vlm_dir: Path, size: str, layers: int, seed: int) -> SmolVLAModel:
+    vlm_config, _ = load_vlm_config_and_tokenizer(vlm_dir)
+    model = SmolVLAModel(SmolVLAConfig.from_file(config_file), vlm_config)
+    initialize_like_lerobot(model, seed)
+    return model
+
+
+def _smolvla_config(demos, vlm_dir, size, layers, image_size, chunk_size, train) -> dict:
+    return policy_config(demos, vlm_dir, image_size, chunk_size, layers, train)
+
+
+SMOLVLA_RECIPE = TeacherRecipe(
+    label="SmolVLA", flag="--family smolvla", sizes=SIZES, default_size="metaworld", policy=SmolVLAPolicy,
+    write_vlm_dir=write_vlm_dir, policy_config=_smolvla_config,
+    write_processors=lambda directory, config, stats, vlm_dir: write_processors(directory, config, stats),
+    build_model=_smolvla_model, lerobot_weights=lerobot_weights,
+    preset_layers=lambda preset: preset["text"]["num_hidden_layers"])
+
+
 def train_smolvla_teacher(args: argparse.Namespace, topics) -> Path:
+    return train_flow_teacher(args, topics, SMOLVLA_RECIPE)
+
+
+def train_flow_teacher(args: argparse.Namespace, topics, recipe: TeacherRecipe) -> Path:
     """Train and write OUT/teacher/ (see the module docstring); resumable with --resume."""
     not_here = [flag for flag, value in (("--backbone", args.backbone), ("--init-from", args.init_from),
                                          ("--patch-size", args.patch_size), ("--width", args.width),
                                          ("--heads", args.heads), ("--train-vision", args.train_vision),
                                          ("--max-text-tokens", args.max_text_tokens)) if value]
     if not_here:
-        raise ValueError(f"{', '.join(not_here)}: not taken by --family smolvla (its sizes are --size "
-                         f"{'/'.join(SIZES)}, --layers, --image-size, --chunk-size; the vision tower always trains)")
-    size = args.size or "metaworld"
-    if size not in SIZES:
-        raise ValueError(f"--size {size}: --family smolvla has the sizes {', '.join(SIZES)}")
-    preset = SIZES[size]
-    layers = args.layers or preset["text"]["num_hidden_layers"]
+        raise ValueError(f"{', '.join(not_here)}: not taken by {recipe.flag} (its sizes are --size "
+                         f"{'/'.join(recipe.sizes)}, --layers, --image-size, --chunk-size; the vision tower always "
+                         "trains)")
+    size = args.size or recipe.default_size
+    if size not in recipe.sizes:
+        raise ValueError(f"--size {size}: {recipe.flag} has the sizes {', '.join(recipe.sizes)}")
+    preset = recipe.sizes[size]
+    layers = args.layers or recipe.preset_layers(preset)
     if layers < 2:
-        raise ValueError(f"--layers {layers}: a SmolVLA needs at least 2 VLM layers (the last one only gives "
+        raise ValueError(f"--layers {layers}: a {recipe.label} needs at least 2 VLM layers (the last one only gives "
                          "keys/values to the expert)")
     image_size = args.image_size or preset["image_size"]
     chunk_size = args.chunk_size or preset["chunk_size"]
     ctx = init_distributed(args.device)
     if ctx.distributed:
-        raise ValueError("--family smolvla trains in one process")
+        raise ValueError(f"{recipe.flag} trains in one process")
     torch.manual_seed(args.seed)
     out = Path(args.out)
-    vlm_dir = write_vlm_dir(out / VLM_DIR, size, layers, image_size)
+    vlm_dir = recipe.write_vlm_dir(out / VLM_DIR, size, layers, image_size)
     demos = load_demonstrations(args.data, topics, None, chunk_size, args.val_fraction, args.seed, progress=True)
     if not demos.state_names:
-        raise ValueError(f"--data {args.data[0]}: the demonstrations carry no robot state; SmolVLA takes "
+        raise ValueError(f"--data {args.data[0]}: the demonstrations carry no robot state; {recipe.label} takes "
                          "observation.state")
     train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                warmup_steps=min(200, args.steps // 10))
-    config = policy_config(demos, vlm_dir, image_size, chunk_size, layers, train_config)
+    config = recipe.policy_config(demos, vlm_dir, size, layers, image_size, chunk_size, train_config)
     stats = demo_statistics(demos)
     staging = out / "policy_init"  # the untrained policy directory the training loads, as a user's loads
     staging.mkdir(parents=True, exist_ok=True)
     (staging / CONFIG_FILE).write_text(json.dumps(config, indent=4) + "\n")
-    write_processors(staging, config, stats)
-    vlm_config, _ = load_vlm_config_and_tokenizer(vlm_dir)
-    model = SmolVLAModel(SmolVLAConfig.from_file(staging / CONFIG_FILE), vlm_config)
-    initialize_like_lerobot(model, args.seed)
-    save_file(lerobot_weights(model), str(staging / WEIGHTS_FILE))
-    policy = SmolVLAPolicy.load(staging, vlm_dir, float32=True).to(ctx.device)
+    recipe.write_processors(staging, config, stats, vlm_dir)
+    model = recipe.build_model(staging / CONFIG_FILE, vlm_dir, size, layers, args.seed)
+    save_file(recipe.lerobot_weights(model), str(staging / WEIGHTS_FILE))
+    policy = recipe.policy.load(staging, vlm_dir, float32=True).to(ctx.device)
     batches = DemoBatches(policy, demos.camera_names)
     count = sum(p.numel() for p in policy.model.parameters())
-    log.info("SmolVLA %s: %d VLM layers, %d px, chunk %d, %.2fM parameters; %d training frames", size, layers,
-             image_size, chunk_size, count / 1e6, len(demos.train))
+    log.info("%s %s: %d VLM layers, %d px, chunk %d, %.2fM parameters; %d training frames", recipe.label, size,
+             layers, image_size, chunk_size, count / 1e6, len(demos.train))
 
     def loss_fn(model, batch, step):
         raw, tasks = batches.raw(batch)
@@ -297,12 +345,12 @@ def train_smolvla_teacher(args: argparse.Namespace, topics) -> Path:
 
     def write(directory: Path) -> None:
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=4) + "\n")
-        write_processors(directory, config, stats)
-        save_file(lerobot_weights(policy.model), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        recipe.write_processors(directory, config, stats, vlm_dir)
+        save_file(recipe.lerobot_weights(policy.model), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
         copy_vlm_processor(vlm_dir, directory / VLM_PROCESSOR_DIR)
         (directory / CARD_FILE).write_text(json.dumps(sidecar, indent=2) + "\n")
         (directory / "train_summary.json").write_text(json.dumps(
-            {**metrics, "trained_by": "actdistill train-teacher --family smolvla", "size": size,
+            {**metrics, "trained_by": f"actdistill train-teacher {recipe.flag}", "size": size,
              "data": [str(d) for d in args.data], "episodes": demos.bags, "train": vars(train_config)},
             indent=2) + "\n")
 
@@ -311,5 +359,5 @@ def train_smolvla_teacher(args: argparse.Namespace, topics) -> Path:
     atomic_write(out / "summary.json", lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"))
     Checkpointer(out / "checkpoints", "teacher").clear()
     run_log.close()
-    log.info("SmolVLA teacher written to %s (%s)", teacher_dir, metrics)
+    log.info("%s teacher written to %s (%s)", recipe.label, teacher_dir, metrics)
     return teacher_dir
