@@ -68,13 +68,35 @@ def test_the_teacher_is_a_lerobot_pi0_directory_the_loader_reproduces(trained):
     assert json.loads((trained / "summary.json").read_text())["held_out_action_mse"] > 0
 
 
-def test_the_trained_teacher_distils_into_a_served_student(trained, demos, tmp_path):
-    config = tmp_path / "distill.yaml"
+@pytest.fixture(scope="module")
+def student(trained, demos, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pi0_distill")
+    config = out / "distill.yaml"
     config.write_text("graph_width: 32\nlog_every: 2\nprobe: {warmup_steps: 1}\ndistill: {warmup_steps: 1}\n")
-    assert cli(["distill", "--teacher", str(trained / "teacher"), "--data", str(demos), "--out", str(tmp_path / "d"),
+    assert cli(["distill", "--teacher", str(trained / "teacher"), "--data", str(demos), "--out", str(out / "d"),
                 "--config", str(config), "--probe-steps", "2", "--distill-steps", "2", "--batch-size", "4"]) == 0
-    student = Policy.load(tmp_path / "d" / "student")
-    assert student.card.family == "pi0" and student.card.kind == "student"
+    return out / "d" / "student"
+
+
+def test_the_trained_teacher_distils_into_a_served_student(student):
+    served = Policy.load(student)
+    assert served.card.family == "pi0" and served.card.kind == "student"
+
+
+@pytest.mark.sim
+def test_a_keep_sweep_evaluates_the_pi0_teacher_whole_and_the_student_at_each_keep(trained, student, tmp_path):
+    from sim_harness import require_simulator
+
+    require_simulator()
+    out = tmp_path / "sweep"
+    assert cli(["eval-sim", "--policy", str(student), "--teacher", str(trained / "teacher"),
+                "--sweep-keep", "0.34", "1.0", "--tasks", "reach", "--episodes", "1", "--horizon", "4",
+                "--image-size", "32", "--out", str(out)]) == 0
+    methods = json.loads((out / "sweep_keep.json").read_text())["methods"]
+    assert list(methods) == ["student", "teacher"]  # no static-route baselines for a pi0 teacher
+    assert [(p["keep"], p["k"]) for p in methods["student"]] == [(0.34, 1), (1.0, 3)]  # of the 3 routed layers
+    gflops = [p["overall"]["backbone_gflops_per_call"] for p in methods["student"] + methods["teacher"]]
+    assert gflops[0] < gflops[1] == pytest.approx(gflops[2])
 
 
 def test_bad_flags_get_one_line(demos, tmp_path, capsys):

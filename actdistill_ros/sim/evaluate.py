@@ -21,6 +21,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from ..policies.flow_family import family_named
 from .metaworld_env import EVAL_SEED_BASE, MetaWorldTask, check_camera_count, parse_task_list
 from .report import (EpisodeOutcome, episode_dict, eval_markdown, plot_methods_vs_gflops, plot_success_per_task,
                      plot_success_vs_gflops, plot_sweep_per_task, summarise, sweep_keep_markdown, sweep_markdown,
@@ -371,9 +372,9 @@ def sweep_keep(
     check_camera_count(camera, int(_card_value(teacher, "num_cameras", 1)))
     original_keep, original_route = student.keep_fraction, teacher.static_route
     cache = _TaskCache(image_size, horizon, camera, student)
-    # A SmolVLA teacher takes no static routes (it runs every layer): the baselines are left out and
-    # the teacher itself is one point, at k = L, on the same seeds.
-    routes = () if getattr(teacher, "family", None) == "smolvla" else BASELINE_ROUTES
+    # A SmolVLA / pi0 teacher takes no static routes (it runs every layer): the baselines are left out
+    # and the teacher itself is one point, at k = L, on the same seeds.
+    routes = () if family_named(getattr(teacher, "family", None) or "") else BASELINE_ROUTES
     methods: dict[str, list[dict[str, Any]]] = {name: [] for name in ("student", *routes)}
     if not routes:
         methods["teacher"] = []
