@@ -137,3 +137,35 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(demos, tm
     assert expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("kind, kept_layers", [("first", [0, 1]), ("even", [0, 2])])
+def test_a_static_student_trains_exports_and_runs_only_its_layers(trained, demos, tmp_path, kind, kept_layers):
+    config = tmp_path / "distill.yaml"
+    config.write_text("graph_width: 32\nlog_every: 2\nprobe: {warmup_steps: 1}\ndistill: {warmup_steps: 1}\n")
+    out = tmp_path / "static"
+    assert cli(["distill", "--teacher", str(trained / "teacher"), "--data", str(demos), "--out", str(out),
+                "--config", str(config), "--probe-steps", "2", "--distill-steps", "3", "--batch-size", "4",
+                "--static-layers", kind, "--target-keep", "0.5"]) == 0
+    card = json.loads((out / "student" / "card.json").read_text())
+    assert card["vla_config"]["routing"]["static_layers"] == kept_layers  # 2 of the 3 routed layers
+    flops = card["metrics"]["chunk_flops"]
+    assert set(flops) == {"teacher", "static"} and flops["static"]["total"] < flops["teacher"]["total"]
+    teacher = load_file(str(trained / "teacher" / "model.safetensors"))
+    weights = load_file(str(out / "student" / "model.safetensors"))
+    layer = "model.paligemma_with_expert.paligemma.model.language_model.layers.{}.mlp.down_proj.weight"
+    assert not torch.equal(weights[layer.format(kept_layers[0])], teacher[layer.format(kept_layers[0])])  # trained
+    served = Policy.load(out / "student")
+    student = served.policy  # the routed policy the adapter serves
+    batch = {"observation.images.camera": torch.rand(2, 3, 32, 32), "observation.state": torch.randn(2, 4)}
+    for keep in (1.0, 0.34):  # the dial does not move a fixed route
+        student.keep_fraction = keep
+        assert student.route(batch, "reach the goal")[1] == [[i in kept_layers for i in range(3)]] * 2
+    noise = student.start_noise(2, torch.Generator().manual_seed(0))
+    before = student.predict_action_chunk(batch, "reach the goal", noise)
+    skipped = next(i for i in range(3) if i not in kept_layers)
+    with torch.no_grad():  # a skipped layer's MLP never runs; a kept layer's does
+        student.model.vlm.layers[skipped].mlp.down_proj.weight.add_(1.0)
+        torch.testing.assert_close(student.predict_action_chunk(batch, "reach the goal", noise), before, rtol=0, atol=0)
+        student.model.vlm.layers[kept_layers[0]].mlp.down_proj.weight.add_(1.0)
+        assert not torch.allclose(student.predict_action_chunk(batch, "reach the goal", noise), before)

@@ -54,6 +54,10 @@ class DistillConfig:
     # With keep_range: this fraction of the hard-gate steps trains the threshold routes instead, at
     # the same drawn budget, so that threshold routing also runs routes it was trained on.
     threshold_route_fraction: float = 0.2
+    # --- the static recipe (flow-matching teachers): "first" or "even" trains a student with a fixed
+    # route of num_kept_layers(target_keep) routed layers (the first ones, or evenly spaced), same
+    # steps and losses less the router's; None: the routed student.
+    static_layers: str | None = None
     # --- stages ---
     probe: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(steps=300, lr=1e-3))
     distill: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(steps=600, lr=1e-4))
@@ -87,6 +91,8 @@ class DistillConfig:
             if not self.keep_range[0] <= self.target_keep <= self.keep_range[1]:
                 raise ValueError(f"target_keep {self.target_keep} (the card's default keep) must lie in "
                                  f"keep_range {self.keep_range}")
+        if self.static_layers not in (None, "first", "even"):
+            raise ValueError(f"static_layers must be 'first', 'even' or null, got {self.static_layers!r}")
         if not 0.0 <= self.threshold_route_fraction <= 1.0:
             raise ValueError(f"threshold_route_fraction must be in [0, 1], got {self.threshold_route_fraction}")
         if not 0.0 <= self.soft_gate_fraction <= 1.0:

@@ -287,6 +287,9 @@ def run_distillation(teacher_path: Path, data: list[Path], out_dir: Path, config
         from actdistill_ros.policies.smolvla.distill_smolvla import run_flow_distillation
         return run_flow_distillation(teacher_path, data, out_dir, config, topics, stage, resume, device,
                                      vlm_processor)
+    if config.static_layers is not None:
+        raise ValueError(f"--static-layers: a SmolVLA / pi0 teacher's recipe; {teacher_path} is a reference VLA "
+                         "teacher, whose fixed-route baselines are eval-sim's static routes")
     ctx = init_distributed(device)
     out_dir = Path(out_dir)
     teacher_policy = Policy.load(teacher_path, device="cpu")
@@ -409,6 +412,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--keep-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
                    help="train one student for every keep fraction in [LOW, HIGH] (YAML keep_range: null "
                         "trains for the single threshold instead)")
+    p.add_argument("--static-layers", choices=["first", "even"],
+                   help="SmolVLA / pi0 teacher: the static recipe, a student with a fixed route of the first or "
+                        "evenly spaced round(--target-keep x routed layers) layers (same steps and losses, no router)")
     p.add_argument("--lambda-budget", type=float)
     p.add_argument("--teacher-targets", choices=["cache", "on_the_fly"])
     p.add_argument("--checkpoint-every", type=int)
@@ -422,7 +428,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = {"probe.steps": args.probe_steps, "distill.steps": args.distill_steps,
                  "probe.batch_size": args.batch_size, "distill.batch_size": args.batch_size,
                  "target_keep": args.target_keep, "lambda_budget": args.lambda_budget,
-                 "keep_range": args.keep_range,
+                 "keep_range": args.keep_range, "static_layers": args.static_layers,
                  "teacher_targets": args.teacher_targets, "checkpoint_every": args.checkpoint_every,
                  "seed": args.seed, "fsdp": args.fsdp}
     config = DistillConfig.from_yaml(args.config, overrides)

@@ -47,6 +47,7 @@ from actdistill_ros.distill.losses import (balance_loss, budget_loss, depth_weig
 from actdistill_ros.distill.runtime import Checkpointer, DistContext, RunLog, init_distributed
 from actdistill_ros.distill.training import to_device, train_stage
 from actdistill_ros.policies.actdistill import RouterConfig, num_kept_layers
+from actdistill_ros.policies.actdistill.modeling_actdistill import TrainRoutes
 from actdistill_ros.policies.flow_family import FamilyHooks, family_named, family_of_dir
 from actdistill_ros.policies.smolvla.configuration_smolvla import ACTION_KEY, IMAGE_PREFIX, STATE_KEY
 from actdistill_ros.policies.smolvla.modeling_smolvla import LEROBOT_PREFIXES, LM_HEAD, Prefix
@@ -54,7 +55,7 @@ from actdistill_ros.policies.smolvla.policy_smolvla import CONFIG_FILE, WEIGHTS_
 from actdistill_ros.policies.smolvla.processor_smolvla import POSTPROCESSOR_FILE, PREPROCESSOR_FILE
 from actdistill_ros.policies.smolvla.routing_smolvla import (CARD_FILE, CARD_FORMAT, KV_PROJECT, ROUTER_FILE,
                                                             VLM_PROCESSOR_DIR, RoutedFlowStudent, prefix_observation,
-                                                            student_family)
+                                                            static_plan, student_family)
 from actdistill_ros.weights import atomic_write, write_directory
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,9 @@ def student_card(teacher, student: RoutedFlowStudent, demos: Demonstrations, met
                        "action_dim": config.action_dim, "state_dim": config.state_dim,
                        "num_layers": student.model.num_vlm_layers,
                        "image_features": {k: list(config.image_features[k].shape) for k in cameras},
-                       "routing": {"kv_mode": student.kv_mode, "routed_layers": student.num_routed_layers}},
+                       "routing": {"kv_mode": student.kv_mode, "routed_layers": student.num_routed_layers,
+                                   **({"static_layers": [i for i, run in enumerate(student.static_plan) if run]}
+                                      if student.static_plan is not None else {})}},
         # Units unknown: the node then commands nothing until action.scale says what a unit is.
         "action_space": {"kind": "joint", "names": list(demos.action_names), "units": ["unknown"] * config.action_dim,
                          "low": [float(v) for v in low], "high": [float(v) for v in high], "gripper_index": None},
@@ -204,7 +207,11 @@ class StudentWithHeads(nn.Module):
         self.student, self.heads = student, heads
 
     def forward(self, prefix: Prefix, x_t: Tensor, time: Tensor, gate_mode: str, keep: float) -> dict[str, Tensor]:
-        routes = self.student.train_routes(prefix_observation(prefix), gate_mode, keep)
+        if self.student.static_plan is not None:  # the static recipe: its fixed route, no router
+            masks = self.student.fixed_masks(x_t.shape[0], x_t.device)
+            routes = TrainRoutes(masks, masks, masks)
+        else:
+            routes = self.student.train_routes(prefix_observation(prefix), gate_mode, keep)
         cache, hiddens = self.student.gated_prefix(prefix, routes.masks)
         velocity = self.student.model.denoise_step(x_t, time, cache)
         semantic, probes = self.heads(hiddens, prefix.pad_masks)
@@ -314,6 +321,12 @@ def distill_student(teacher, teacher_heads: LayerHeads, batches: DemoBatches, de
     hooks = hooks_of(teacher)
     student = hooks.routed.derive_from(teacher.model, router_config, KV_PROJECT)
     hooks.freeze_prefix_embedding(student.model)
+    static = config.static_layers is not None
+    if static:
+        layers = student.num_routed_layers
+        student.static_plan = static_plan(config.static_layers, layers, num_kept_layers(config.target_keep, layers))
+        log.info("static student: routed layers %s of %d kept (%s)",
+                 [i for i, run in enumerate(student.static_plan) if run], layers, config.static_layers)
     student_heads = copy.deepcopy(teacher_heads).requires_grad_(True)
     combined = StudentWithHeads(student, student_heads)
     probed_teacher = ProbedTeacher(teacher, teacher_heads.requires_grad_(False)).eval()
@@ -345,19 +358,23 @@ def distill_student(teacher, teacher_heads: LayerHeads, batches: DemoBatches, de
         layers = (weights * (config.alpha * semantic + config.beta * action)).sum()
         budgeted = out["masks"] if gate_mode == "soft" else out["threshold_masks"]
         balance, budget = balance_loss(out["gates"]), budget_loss(budgeted, keep)
-        total = (task + velocity_distill + layers + config.lambda_balance * balance + config.lambda_budget * budget)
+        total = task + velocity_distill + layers
+        if not static:  # a fixed route has no router to balance or budget
+            total = total + config.lambda_balance * balance + config.lambda_budget * budget
         return total, {"task": task.detach(), "velocity_distill": velocity_distill.detach(),
                        "distill": layers.detach(), "budget": budget.detach(), "balance": balance.detach(),
                        "keep": out["threshold_masks"].detach().mean(), "target": out["gates"].new_tensor(keep)}
 
     router_params = list(student.router.parameters())
     other_params = [p for p in combined.parameters() if p.requires_grad and not any(p is r for r in router_params)]
+    groups = [{"params": other_params}] + ([] if static else [{"params": router_params,
+                                                                "lr_scale": config.router_lr_scale}])
     train_stage(stage="distill", model=combined, checkpoint_modules={"student": student, "heads": student_heads},
-                parameters=[{"params": other_params}, {"params": router_params, "lr_scale": config.router_lr_scale}],
+                parameters=groups,
                 loss_fn=loss_fn, dataset=demos.train, config=config.distill, ctx=ctx, out_dir=out_dir,
                 run_log=run_log, resume=resume, seed=config.seed + 1, checkpoint_every=config.checkpoint_every,
                 log_every=config.log_every, amp_bf16=False)
-    student.keep_fraction = config.target_keep if config.keep_range is not None else 0.0
+    student.keep_fraction = config.target_keep if config.keep_range is not None or static else 0.0
     return student.eval()
 
 
@@ -407,6 +424,9 @@ def flops_summary(student: RoutedFlowStudent, batches: DemoBatches, sample: dict
     model, layers = student.model, student.num_routed_layers
     costs = hooks_of(batches.policy).route_costs(model, prefix, images)
     rows = {"teacher": costs.total(None)}
+    if student.static_plan is not None:  # one route, whatever the dial
+        rows["static"] = costs.total(student.static_plan, student.kv_mode)
+        return rows
     for keep in KEEP_SWEEP:
         kept = num_kept_layers(keep, layers)
         plan = [i >= layers - kept for i in range(layers)]  # which k layers run does not change the count
@@ -450,7 +470,10 @@ def export_student(student_dir: Path, student: RoutedFlowStudent, teacher, demos
     teacher_path = Path(teacher_path)
     batches = DemoBatches(teacher, demos.camera_names)
     held_out = demos.val or demos.train
-    sweep = action_error_vs_teacher(teacher, student, batches, held_out, seed=config.seed)
+    static = student.static_plan is not None  # its one route: one row
+    sweep = action_error_vs_teacher(teacher, student, batches, held_out,
+                                    keep_fractions=(student.keep_fraction,) if static else KEEP_SWEEP,
+                                    threshold_too=not static, seed=config.seed)
     sample = to_device(collate_samples([held_out[0]]), teacher.device)
     flops = flops_summary(student, batches, sample)
     metrics = {"held_out_split": "val" if demos.val else "train",

@@ -122,6 +122,9 @@ class RoutedFlowStudent(RoutedStudent):
     """
 
     ops: SimpleNamespace
+    # A static student's fixed route over the routed layers (``distill --static-layers``): every
+    # observation runs it, whatever the dial; None routes by the router.
+    static_plan: list[bool] | None = None
 
     def __init__(self, model: nn.Module, router_config: RouterConfig, kv_mode: str = KV_PROJECT):
         super().__init__(FlowBackbone(model), router_config)
@@ -162,8 +165,15 @@ class RoutedFlowStudent(RoutedStudent):
     def route(self, prefix, threshold: float | None = None, keep_fraction: float | None = None
               ) -> tuple[Tensor, list[list[bool]]]:
         """Gates (B, L - 1) and the route as host booleans (the one device read of routing)."""
+        if self.static_plan is not None:
+            batch = prefix.embeddings.shape[0]
+            return self.fixed_masks(batch, prefix.embeddings.device), [list(self.static_plan)] * batch
         gates, execute = self.execute_mask(prefix_observation(prefix), threshold, keep_fraction)
         return gates, execute.to("cpu").tolist()
+
+    def fixed_masks(self, batch: int, device) -> Tensor:
+        """The static route as masks (batch, L - 1)."""
+        return torch.tensor(self.static_plan, dtype=torch.float32, device=device).expand(batch, -1)
 
     def run_prefix(self, prefix, plan: list[list[bool]] | None):
         """The prefix cache with routed layer i run only for the rows whose ``plan[row][i]`` is
@@ -304,6 +314,18 @@ def evenly_spaced_plan(num_layers: int, kept: int) -> list[bool]:
         raise ValueError(f"kept layers must be in 1..{num_layers}, got {kept}")
     chosen = set(torch.linspace(num_layers - 1, 0, kept).round().long().tolist()) if kept > 1 else {num_layers - 1}
     return [layer in chosen for layer in range(num_layers)]
+
+
+STATIC_LAYERS = ("first", "even")
+
+
+def static_plan(kind: str, num_layers: int, kept: int) -> list[bool]:
+    """A static student's route: the first ``kept`` routed layers, or ``kept`` evenly spaced ones."""
+    if kind not in STATIC_LAYERS:
+        raise ValueError(f"static layers must be one of {list(STATIC_LAYERS)}, got {kind!r}")
+    if kind == "first":
+        return [layer < kept for layer in range(num_layers)]
+    return evenly_spaced_plan(num_layers, kept)
 
 
 # ---- compute, counted as executed --------------------------------------------------------------
@@ -527,6 +549,14 @@ def load_student(directory: str | Path, vlm_processor: str | Path | None = None,
         raise ProcessorError(f"{router_path}: does not match the card's router_config "
                              f"({str(err).splitlines()[0]})") from None
     routed.keep_fraction, routed.threshold = float(card["default_keep_fraction"]), float(card["default_threshold"])
+    static = routing.get("static_layers")
+    if static is not None:
+        layers = routed.num_routed_layers
+        if (not isinstance(static, list) or not static
+                or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < layers for i in static)):
+            raise ProcessorError(f"{directory / CARD_FILE}: vla_config.routing.static_layers must list routed layer "
+                                 f"indices in 0..{layers - 1}, got {static!r}")
+        routed.static_plan = [layer in static for layer in range(layers)]
     return hooks.routed_policy(routed.to(device), base, card)
 
 
