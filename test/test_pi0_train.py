@@ -84,19 +84,29 @@ def test_the_trained_teacher_distils_into_a_served_student(student):
 
 
 @pytest.mark.sim
-def test_a_keep_sweep_evaluates_the_pi0_teacher_whole_and_the_student_at_each_keep(trained, student, tmp_path):
+def test_a_keep_sweep_evaluates_the_pi0_teacher_whole_the_student_at_each_keep_and_a_static_student(trained, student,
+                                                                                                    demos, tmp_path):
     from sim_harness import require_simulator
 
     require_simulator()
+    config = tmp_path / "distill.yaml"
+    config.write_text("graph_width: 32\nlog_every: 2\nprobe: {warmup_steps: 1}\ndistill: {warmup_steps: 1}\n")
+    assert cli(["distill", "--teacher", str(trained / "teacher"), "--data", str(demos), "--out", str(tmp_path / "s"),
+                "--config", str(config), "--probe-steps", "2", "--distill-steps", "2", "--batch-size", "4",
+                "--static-layers", "even", "--target-keep", "0.34"]) == 0
     out = tmp_path / "sweep"
     assert cli(["eval-sim", "--policy", str(student), "--teacher", str(trained / "teacher"),
+                "--static-student", str(tmp_path / "s" / "student"),
                 "--sweep-keep", "0.34", "1.0", "--tasks", "reach", "--episodes", "1", "--horizon", "4",
                 "--image-size", "32", "--out", str(out)]) == 0
     methods = json.loads((out / "sweep_keep.json").read_text())["methods"]
-    assert list(methods) == ["student", "teacher"]  # no static-route baselines for a pi0 teacher
+    assert list(methods) == ["student", "teacher", "static-even"]  # no static-route baselines for a pi0 teacher
     assert [(p["keep"], p["k"]) for p in methods["student"]] == [(0.34, 1), (1.0, 3)]  # of the 3 routed layers
-    gflops = [p["overall"]["backbone_gflops_per_call"] for p in methods["student"] + methods["teacher"]]
-    assert gflops[0] < gflops[1] == pytest.approx(gflops[2])
+    assert [(p["keep"], p["k"]) for p in methods["static-even"]] == [(0.34, 1)]
+    points = methods["student"] + methods["teacher"] + methods["static-even"]
+    gflops = [p["overall"]["backbone_gflops_per_call"] for p in points]
+    assert gflops[0] < gflops[1] == pytest.approx(gflops[2]) and gflops[3] == pytest.approx(gflops[0])
+    assert points[3]["overall"]["executed_fraction"] == pytest.approx(1 / 3)
 
 
 def test_bad_flags_get_one_line(demos, tmp_path, capsys):

@@ -333,6 +333,7 @@ def sweep_keep(
     camera: str = "corner4",
     route_seed: int = 0,
     finetuned_truncated=None,
+    static_students: Sequence = (),
     out_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -345,6 +346,8 @@ def sweep_keep(
     teacher runs every layer (no static routes): then the teacher is evaluated once instead.
     ``finetuned_truncated``: the teacher's first k layers fine-tuned on the demos (``train-teacher
     --init-from``), evaluated once at its own k as the method "finetuned-truncated".
+    ``static_students``: students of ``distill --static-layers first|even`` from the same teacher, each
+    evaluated once at its own k as the method "static-first" / "static-even".
     With ``out_dir``: sweep_keep.json, sweep_keep.md and sweep_keep.png (one curve per method), and
     after every point sweep_keep.partial.json, from which ``resume`` skips the points already done
     by a killed run of the same weights and settings. Both policies' settings are restored afterwards.
@@ -364,6 +367,13 @@ def sweep_keep(
         if finetuned_truncated.card.is_student or truncated_config != teacher.card.vla_config:
             raise ValueError("keep sweep: --finetuned-truncated must be the teacher's architecture with fewer layers "
                              "(actdistill train-teacher --init-from <teacher> --layers k)")
+    static_methods = []
+    for static in static_students:
+        routing = (static.card.vla_config or {}).get("routing", {})
+        if not static.card.is_student or "static_layers" not in routing or static.num_layers != student.num_layers:
+            raise ValueError("keep sweep: --static-student takes a student of `actdistill distill --static-layers` "
+                             f"with the student's {student.num_layers} routed layers")
+        static_methods.append(f"static-{static.card.provenance['distill_config']['static_layers']}")
     keeps = parse_keep_values(keeps)
     task_names = parse_task_list(tasks)
     seeds = check_eval_seeds(seed_base, episodes_per_task)
@@ -380,13 +390,14 @@ def sweep_keep(
         methods["teacher"] = []
     if finetuned_truncated is not None:
         methods["finetuned-truncated"] = []
+    methods.update({name: [] for name in static_methods})
     result = {**_run_info(student, task_names, seeds, horizon, image_size, camera), "route_seed": route_seed,
               "execute_steps": execute_steps, "methods": methods}
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     partial = out / "sweep_keep.partial.json" if out is not None else None
-    identity = _sweep_identity(result, student, teacher, finetuned_truncated)
+    identity = _sweep_identity(result, student, teacher, finetuned_truncated, *static_students)
     done = _finished_points(partial, identity) if resume and partial is not None else {}
 
     def evaluate_point(policy, method: str, keep: float) -> None:
@@ -420,6 +431,8 @@ def sweep_keep(
         if finetuned_truncated is not None:
             own_keep = finetuned_truncated.num_layers / teacher.num_layers
             evaluate_point(finetuned_truncated, "finetuned-truncated", own_keep)
+        for static, name in zip(static_students, static_methods):
+            evaluate_point(static, name, static.keep_fraction)
     finally:
         student.keep_fraction = original_keep
         teacher.static_route = original_route
@@ -501,6 +514,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         f"(no values: {' '.join(map(str, DEFAULT_KEEPS))}); a SmolVLA teacher is evaluated whole instead "
                         "of the baselines")
     parser.add_argument("--teacher", default=None, help="with --sweep-keep: the teacher weights directory")
+    parser.add_argument("--static-student", action="append", default=[], metavar="WEIGHTS",
+                        help="with --sweep-keep (repeatable): a student of `actdistill distill --static-layers`, "
+                        "evaluated at its own k as the method static-first / static-even")
     parser.add_argument("--finetuned-truncated", default=None, metavar="WEIGHTS",
                         help="with --sweep-keep: the teacher's first k layers fine-tuned on the demos "
                         "(actdistill train-teacher --init-from TEACHER --layers k), one point at its own k")
@@ -548,7 +564,9 @@ def run(args: argparse.Namespace) -> int:
             teacher = Policy.load(args.teacher, device=args.device, dtype=args.dtype)
             truncated = (None if args.finetuned_truncated is None
                          else Policy.load(args.finetuned_truncated, device=args.device, dtype=args.dtype))
-            result = sweep_keep(policy, teacher, keeps, finetuned_truncated=truncated, resume=args.resume, **common)
+            statics = [Policy.load(d, device=args.device, dtype=args.dtype) for d in args.static_student]
+            result = sweep_keep(policy, teacher, keeps, finetuned_truncated=truncated, static_students=statics,
+                                resume=args.resume, **common)
             print(sweep_keep_markdown(result))
             print(f"wrote {Path(args.out) / 'sweep_keep.json'}")
         elif args.sweep_threshold is not None:
