@@ -6,6 +6,7 @@
 # the first k or evenly spaced k VLM + expert layers (same steps and losses), closed loop and timed.
 # Re-running skips finished work; a killed step resumes.
 #   bash scripts/benchmark_metaworld_pi0.sh [OUT_DIR]     (default: runs/pi0_mt10)
+# Smaller runs: TEACHER_STEPS, PROBE_STEPS, DISTILL_STEPS, EPISODES, TASKS, HORIZON, BENCH_ITERS.
 # Reuses the 128 px demos of scripts/benchmark_metaworld.sh (collected when missing).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -15,27 +16,57 @@ OUT="${1:-runs/pi0_mt10}"
 DEMOS="${DEMOS:-runs/metaworld/demos128}"
 ACT=".venv/bin/actdistill"
 EPISODES="${EPISODES:-20}"
+TASKS="${TASKS:-mt10}"
+HORIZON="${HORIZON:-200}"
+ITERS="${BENCH_ITERS:-100}"
 export MUJOCO_GL=egl HF_HUB_OFFLINE=1
 
-# 1. Scripted-expert demos (the reference benchmark's 128 px set).
-$ACT collect --tasks mt10 --episodes 50 --out "$DEMOS" --image-size 128 --horizon 200 --noise 0.1 --workers 2
+# 1. Scripted-expert demos (the reference benchmark's 128 px set), collected only when missing: an
+#    existing set is only read.
+[[ -d "$DEMOS" ]] || \
+  $ACT collect --tasks mt10 --episodes 50 --out "$DEMOS" --image-size 128 --horizon 200 --noise 0.1 --workers 2
 
 # 2. Teacher: SigLIP 4 x 128 (16 px patches at 96 px: 36 image tokens), Gemma VLM 8 x 192 and expert
 #    8 x 128 (head_dim 48, one key/value head), 16 prompt tokens, chunk 8, 10 flow steps.
 [[ -f "$OUT/teacher_run/teacher/model.safetensors" ]] || \
   $ACT train-teacher --family pi0 --size metaworld --data "$DEMOS" --out "$OUT/teacher_run" \
     --steps "${TEACHER_STEPS:-4000}" --batch-size 32 --action-space metaworld --resume
+TEACHER="$OUT/teacher_run/teacher"
+STEPS=(--probe-steps "${PROBE_STEPS:-100}" --distill-steps "${DISTILL_STEPS:-600}" --batch-size 32)
 
-# 3. ActDistill, one student for every keep in [0.25, 1] (config/distill.yaml); card default keep 0.5.
+# 3. ActDistill, one routed student for every keep in [0.25, 1] (config/distill.yaml); card default keep 0.5.
 [[ -f "$OUT/distill/student/card.json" ]] || \
-  $ACT distill --teacher "$OUT/teacher_run/teacher" --data "$DEMOS" --out "$OUT/distill" --config config/distill.yaml \
-    --probe-steps "${PROBE_STEPS:-100}" --distill-steps "${DISTILL_STEPS:-600}" --batch-size 32 --resume
+  $ACT distill --teacher "$TEACHER" --data "$DEMOS" --out "$OUT/distill" --config config/distill.yaml "${STEPS[@]}" \
+    --resume
 
-# 4. Speed and FLOPs: per part per keep, then teacher and student end to end, interleaved.
-$ACT bench --teacher "$OUT/teacher_run/teacher" --keep-fractions 1.0 0.5 0.3 --iters 20 --json | tee "$OUT/bench_parts.json"
-$ACT bench --teacher "$OUT/teacher_run/teacher" --student "$OUT/distill/student" --keep-fraction 0.5 --iters 100 \
-  --json | tee "$OUT/bench.json"
+# 4. The static recipe: the first k / evenly spaced k of the 7 routed VLM layers (k = 4 at 0.5, 2 at 0.3),
+#    same config, steps and losses (less the router's). Stage 1 (probe heads on the frozen teacher,
+#    same seed and steps) is the routed run's, copied.
+STATIC=()
+for kind in first even; do
+  for keep in 0.5 0.3; do
+    dir="$OUT/static_${kind}_${keep}"
+    mkdir -p "$dir"
+    [[ -f "$dir/teacher_heads.safetensors" ]] || cp "$OUT/distill/teacher_heads.safetensors" "$dir/"
+    [[ -f "$dir/student/card.json" ]] || \
+      $ACT distill --teacher "$TEACHER" --data "$DEMOS" --out "$dir" --config config/distill.yaml "${STEPS[@]}" \
+        --static-layers "$kind" --target-keep "$keep" --resume
+    STATIC+=(--static-student "$dir/student")
+  done
+done
 
-# 5. Closed loop on unseen seeds (10000+): the teacher whole, the routed student at keep 0.5 and 0.3.
-$ACT eval-sim --policy "$OUT/distill/student" --teacher "$OUT/teacher_run/teacher" --sweep-keep 0.5 0.3 \
-  --tasks mt10 --episodes "$EPISODES" --horizon 200 --image-size 128 --out "$OUT/sweep_keep" --resume
+# 5. Speed and FLOPs: per part per keep; then each student against the teacher end to end, interleaved.
+$ACT bench --teacher "$TEACHER" --keep-fractions 1.0 0.5 0.3 --iters 20 --json | tee "$OUT/bench_parts.json"
+for keep in 0.5 0.3; do
+  $ACT bench --teacher "$TEACHER" --student "$OUT/distill/student" --keep-fraction "$keep" --iters "$ITERS" --json \
+    | tee "$OUT/bench_routed_${keep}.json"
+  for kind in first even; do
+    $ACT bench --teacher "$TEACHER" --student "$OUT/static_${kind}_${keep}/student" --keep-fraction "$keep" \
+      --iters "$ITERS" --json | tee "$OUT/bench_static_${kind}_${keep}.json"
+  done
+done
+
+# 6. Closed loop on unseen seeds (10000+), all on the same seeds: the teacher whole, the routed
+#    student at keep 0.5 and 0.3, the four static students at their own k.
+$ACT eval-sim --policy "$OUT/distill/student" --teacher "$TEACHER" --sweep-keep 0.5 0.3 "${STATIC[@]}" \
+  --tasks "$TASKS" --episodes "$EPISODES" --horizon "$HORIZON" --image-size 128 --out "$OUT/sweep_keep" --resume
