@@ -61,7 +61,8 @@ def test_the_teacher_is_a_lerobot_pi0_directory_the_loader_reproduces(trained):
     assert (policy.model.sizes.vlm.depth, policy.model.sizes.expert.depth, policy.model.sizes.vlm.width) == (4, 4, 32)
     torch.testing.assert_close(policy.model.state_proj.weight, tensors["model.state_proj.weight"], rtol=0, atol=0)
     batch = {"observation.images.camera": torch.rand(2, 3, 32, 32), "observation.state": torch.randn(2, 4)}
-    actions = policy.predict_action_chunk(batch, "reach the goal", policy.start_noise(2, torch.Generator().manual_seed(0)))
+    noise = policy.start_noise(2, torch.Generator().manual_seed(0))
+    actions = policy.predict_action_chunk(batch, "reach the goal", noise)
     assert actions.shape == (2, 4, len(ACTION_NAMES)) and torch.isfinite(actions).all()
     served = Policy.load(teacher)  # the node's and eval-sim's adapter, tokenizer from vlm_processor/
     assert served.card.family == "pi0" and served.card.chunk_size == 4 and served.card.state_names == STATE_NAMES
@@ -143,7 +144,8 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(demos, tm
     resumed = subprocess.run(command(killed, "--resume"), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming at step" in resumed.stderr
-    expected, got = load_file(reference / "teacher" / "model.safetensors"), load_file(killed / "teacher" / "model.safetensors")
+    expected = load_file(reference / "teacher" / "model.safetensors")
+    got = load_file(killed / "teacher" / "model.safetensors")
     assert expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)

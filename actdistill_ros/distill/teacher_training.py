@@ -244,7 +244,8 @@ def train_teacher(args: argparse.Namespace) -> Path:
 
         return train_pi0_teacher(args, topics)
     if args.size == "metaworld":
-        raise ValueError("--size metaworld: a --family smolvla / pi0 size; the reference VLA's are tiny, default, bench")
+        raise ValueError("--size metaworld: a --family smolvla / pi0 size; the reference VLA's are tiny, default, "
+                         "bench")
     ctx = init_distributed(args.device)
     torch.manual_seed(args.seed)
     if args.init_from and args.backbone:

@@ -511,8 +511,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--sweep-keep", nargs="*", default=None, metavar="KEEP",
                         help="compute dial sweep: the student (--policy) at these keep fractions and the training-free "
                         "baselines (first / even / random k layers) on --teacher at the same k "
-                        f"(no values: {' '.join(map(str, DEFAULT_KEEPS))}); a SmolVLA teacher is evaluated whole instead "
-                        "of the baselines")
+                        f"(no values: {' '.join(map(str, DEFAULT_KEEPS))}); a SmolVLA / pi0 teacher is evaluated whole "
+                        "instead of the baselines")
     parser.add_argument("--teacher", default=None, help="with --sweep-keep: the teacher weights directory")
     parser.add_argument("--static-student", action="append", default=[], metavar="WEIGHTS",
                         help="with --sweep-keep (repeatable): a student of `actdistill distill --static-layers`, "

@@ -13,7 +13,6 @@ that directory; the policy directory carries a copy in vlm_processor/) and LeRob
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from actdistill_ros.policies.pi0.policy_pi0 import PI0Policy
 from actdistill_ros.policies.pi0.processor_pi0 import NEW_LINE
 from actdistill_ros.policies.pi0.routing_pi0 import lerobot_state
 from actdistill_ros.policies.smolvla.configuration_smolvla import ACTION_KEY, STATE_KEY
-from actdistill_ros.policies.smolvla.train_smolvla import TeacherRecipe, camera_key, write_processors
+from actdistill_ros.policies.smolvla.train_smolvla import TeacherRecipe, camera_key, save_tokenizer, write_processors
 
 NORM_MAP = {"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"}  # pi0's defaults
 INIT_STD = 0.02  # transformers' Gemma initializer_range
@@ -52,12 +51,7 @@ def write_tokenizer_dir(directory: Path, size: str, layers: int | None = None, i
     if image_size % preset["patch_size"]:
         raise ValueError(f"--image-size {image_size}: expected a multiple of {preset['patch_size']} (the patch size)")
     directory.mkdir(parents=True, exist_ok=True)
-    build_tokenizer().save_pretrained(directory)
-    settings_file = directory / "tokenizer_config.json"
-    settings = json.loads(settings_file.read_text())
-    settings.pop("backend", None)
-    settings["tokenizer_class"] = "PreTrainedTokenizerFast"
-    settings_file.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    save_tokenizer(build_tokenizer(), directory)
     return directory
 
 
@@ -91,8 +85,9 @@ def policy_config(demos, vlm_dir: Path, size: str, layers: int, image_size: int,
 def model_sizes(size: str, layers: int, image_size: int, vocab: int) -> PI0Sizes:
     preset = SIZES[size]
     gemma = dict(depth=layers, num_kv_heads=NUM_KV_HEADS, head_dim=preset["head_dim"])
-    return PI0Sizes(vocab=vocab, vlm=GemmaSizes(**preset["vlm"], **gemma), expert=GemmaSizes(**preset["expert"], **gemma),
-                    **preset["vision"], patch_size=preset["patch_size"], image_size=image_size)
+    return PI0Sizes(vocab=vocab, vlm=GemmaSizes(**preset["vlm"], **gemma),
+                    expert=GemmaSizes(**preset["expert"], **gemma), **preset["vision"],
+                    patch_size=preset["patch_size"], image_size=image_size)
 
 
 def build_model(config_file: Path, vlm_dir: Path, size: str, layers: int, seed: int) -> PI0Model:

@@ -108,21 +108,25 @@ def write_vlm_dir(directory: Path, size: str, layers: int | None = None, image_s
     config.save_pretrained(directory)
     image_processor = SmolVLMImageProcessor(do_image_splitting=False, size={"longest_edge": image_size},
                                             max_image_size={"longest_edge": image_size})
-    tokenizer.save_pretrained(directory)
-    # The tokenizer settings in the layout transformers 4.x reads too (LeRobot 0.4.x runs on 4.x):
-    # its fast-tokenizer class and the special tokens by attribute.
-    settings_file = directory / "tokenizer_config.json"
-    settings = json.loads(settings_file.read_text())
-    settings.pop("backend", None)
-    settings.update(tokenizer_class="PreTrainedTokenizerFast", processor_class="SmolVLMProcessor",
-                    extra_special_tokens={"image_token": "<image>", **SMOLVLM_TOKENS})
-    settings_file.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    save_tokenizer(tokenizer, directory, processor_class="SmolVLMProcessor",
+                   extra_special_tokens={"image_token": "<image>", **SMOLVLM_TOKENS})
     image_processor.save_pretrained(directory)
     # SmolVLMProcessor's own file, written directly: building the processor object needs torchvision
     # (its video processor), which nothing here uses.
     (directory / "processor_config.json").write_text(json.dumps(
         {"image_seq_len": (patches // SCALE_FACTOR) ** 2, "processor_class": "SmolVLMProcessor"}, indent=2) + "\n")
     return directory
+
+
+def save_tokenizer(tokenizer, directory: Path, **settings) -> None:
+    """The tokenizer's files, its settings in the layout transformers 4.x reads too (LeRobot 0.4.x
+    runs on 4.x): the fast-tokenizer class, plus ``settings`` (e.g. special tokens by attribute)."""
+    tokenizer.save_pretrained(directory)
+    settings_file = directory / "tokenizer_config.json"
+    saved = json.loads(settings_file.read_text())
+    saved.pop("backend", None)
+    saved.update(tokenizer_class="PreTrainedTokenizerFast", **settings)
+    settings_file.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
 
 def camera_key(topic: str) -> str:
