@@ -18,8 +18,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from actdistill_ros.policies.lerobot_processor import ACTION_KEY, NORMALIZATION_MODES
-from actdistill_ros.policies.smolvla.configuration_smolvla import FEATURE_TYPES, IMAGE_PREFIX, STATE_KEY, Feature
+from actdistill_ros.policies.lerobot_config import (IMAGE_PREFIX, STATE_KEY, Feature, check_features,
+                                                    check_normalization_mapping)
+from actdistill_ros.policies.lerobot_processor import ACTION_KEY
 
 VARIANTS = ("pi0", "pi05")
 GEMMA_VARIANTS = ("gemma_300m", "gemma_2b")
@@ -101,42 +102,9 @@ class PI0Config:
         self.image_resolution = (int(size[0]), int(size[1]))
         if not isinstance(self.empty_cameras, int) or self.empty_cameras < 0:
             raise PI0ConfigError(f"{where}: empty_cameras must be an integer >= 0, got {self.empty_cameras!r}")
-        for kind, mode in self.normalization_mapping.items():
-            if mode not in NORMALIZATION_MODES:
-                raise PI0ConfigError(f"{where}: normalization_mapping[{kind!r}] must be one of "
-                                     f"{list(NORMALIZATION_MODES)}, got {mode!r}")
-        self._check_features()
-
-    def _check_features(self) -> None:
-        where = self.source
-        for group in ("input_features", "output_features"):
-            for key, feature in getattr(self, group).items():
-                if feature.type not in FEATURE_TYPES:
-                    raise PI0ConfigError(f"{where}: {group}[{key!r}] has type {feature.type!r}; pi0 features are "
-                                         f"{list(FEATURE_TYPES)}")
-        if not self.image_features:
-            raise PI0ConfigError(f"{where}: input_features has no VISUAL feature (observation.images.<camera>)")
-        for key, feature in self.image_features.items():
-            if len(feature.shape) != 3 or feature.shape[0] != 3:
-                raise PI0ConfigError(f"{where}: input_features[{key!r}] shape {list(feature.shape)}: "
-                                     f"expected [3, H, W]")
-        state = self.input_features.get(STATE_KEY)
-        if state is None or state.type != "STATE" or len(state.shape) != 1:
-            raise PI0ConfigError(f"{where}: input_features needs {STATE_KEY!r} of type STATE with shape [S]")
-        if state.shape[0] > self.max_state_dim:
-            raise PI0ConfigError(f"{where}: {STATE_KEY} has {state.shape[0]} values, more than max_state_dim "
-                                 f"{self.max_state_dim}")
-        other = sorted(k for k, f in self.input_features.items() if f.type != "VISUAL" and k != STATE_KEY)
-        if other:
-            raise PI0ConfigError(f"{where}: unsupported input feature(s) {other}: pi0 reads {IMAGE_PREFIX}<camera> "
-                                 f"and {STATE_KEY}")
-        action = self.output_features.get(ACTION_KEY)
-        if set(self.output_features) != {ACTION_KEY} or action.type != "ACTION" or len(action.shape) != 1:
-            raise PI0ConfigError(f"{where}: output_features must be exactly {ACTION_KEY!r} of type ACTION with "
-                                 f"shape [D], got {sorted(self.output_features)}")
-        if action.shape[0] > self.max_action_dim:
-            raise PI0ConfigError(f"{where}: action has {action.shape[0]} values, more than max_action_dim "
-                                 f"{self.max_action_dim}")
+        check_normalization_mapping(self.normalization_mapping, where, PI0ConfigError)
+        check_features(self.input_features, self.output_features, self.max_state_dim, self.max_action_dim, where,
+                       "pi0", PI0ConfigError)
 
     # ---- derived -----------------------------------------------------------------------------
     @property

@@ -14,13 +14,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from actdistill_ros.policies.lerobot_config import (  # noqa: F401 - re-exported
+    FEATURE_TYPES, IMAGE_PREFIX, STATE_KEY, Feature, check_features, check_normalization_mapping)
 from actdistill_ros.policies.lerobot_processor import ACTION_KEY, NORMALIZATION_MODES  # noqa: F401 - re-exported
 
-FEATURE_TYPES = ("VISUAL", "STATE", "ACTION")
 ATTENTION_MODES = ("cross_attn", "self_attn")
 PAD_LANGUAGE = ("longest", "max_length")
-STATE_KEY = "observation.state"
-IMAGE_PREFIX = "observation.images."
 
 # Fields that only steer training, hub upload or compilation: accepted, never used at inference.
 TRAINING_ONLY = frozenset({
@@ -33,12 +32,6 @@ TRAINING_ONLY = frozenset({
 
 class SmolVLAConfigError(ValueError):
     """One line naming the config.json field and what was expected."""
-
-
-@dataclass(frozen=True)
-class Feature:
-    type: str  # VISUAL | STATE | ACTION
-    shape: tuple[int, ...]
 
 
 @dataclass
@@ -126,43 +119,9 @@ class SmolVLAConfig:
                 raise SmolVLAConfigError(f"{where}: resize_imgs_with_padding must be [width, height] or null, "
                                          f"got {size!r}")
             self.resize_imgs_with_padding = (int(size[0]), int(size[1]))
-        for mode_of in (self.normalization_mapping,):
-            for kind, mode in mode_of.items():
-                if mode not in NORMALIZATION_MODES:
-                    raise SmolVLAConfigError(f"{where}: normalization_mapping[{kind!r}] must be one of "
-                                             f"{list(NORMALIZATION_MODES)}, got {mode!r}")
-        self._check_features()
-
-    def _check_features(self) -> None:
-        where = self.source
-        for group in ("input_features", "output_features"):
-            for key, feature in getattr(self, group).items():
-                if feature.type not in FEATURE_TYPES:
-                    raise SmolVLAConfigError(f"{where}: {group}[{key!r}] has type {feature.type!r}; SmolVLA "
-                                             f"features are {list(FEATURE_TYPES)}")
-        if not self.image_features:
-            raise SmolVLAConfigError(f"{where}: input_features has no VISUAL feature (observation.images.<camera>)")
-        for key, feature in self.image_features.items():
-            if len(feature.shape) != 3 or feature.shape[0] != 3:
-                raise SmolVLAConfigError(f"{where}: input_features[{key!r}] shape {list(feature.shape)}: "
-                                         f"expected [3, H, W]")
-        state = self.input_features.get(STATE_KEY)
-        if state is None or state.type != "STATE" or len(state.shape) != 1:
-            raise SmolVLAConfigError(f"{where}: input_features needs {STATE_KEY!r} of type STATE with shape [S]")
-        if state.shape[0] > self.max_state_dim:
-            raise SmolVLAConfigError(f"{where}: {STATE_KEY} has {state.shape[0]} values, more than max_state_dim "
-                                     f"{self.max_state_dim}")
-        other_inputs = sorted(k for k, f in self.input_features.items() if f.type != "VISUAL" and k != STATE_KEY)
-        if other_inputs:
-            raise SmolVLAConfigError(f"{where}: unsupported input feature(s) {other_inputs}: SmolVLA reads "
-                                     f"{IMAGE_PREFIX}<camera> and {STATE_KEY}")
-        action = self.output_features.get(ACTION_KEY)
-        if set(self.output_features) != {ACTION_KEY} or action.type != "ACTION" or len(action.shape) != 1:
-            raise SmolVLAConfigError(f"{where}: output_features must be exactly {ACTION_KEY!r} of type ACTION "
-                                     f"with shape [D], got {sorted(self.output_features)}")
-        if action.shape[0] > self.max_action_dim:
-            raise SmolVLAConfigError(f"{where}: action has {action.shape[0]} values, more than max_action_dim "
-                                     f"{self.max_action_dim}")
+        check_normalization_mapping(self.normalization_mapping, where, SmolVLAConfigError)
+        check_features(self.input_features, self.output_features, self.max_state_dim, self.max_action_dim, where,
+                       "SmolVLA", SmolVLAConfigError)
 
     # ---- derived -----------------------------------------------------------------------------
     @property
