@@ -9,54 +9,35 @@ the tokenizer step saved, offline). ``predict_action_chunk`` reproduces LeRobot'
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor
 
-from actdistill_ros.policies.lerobot_processor import (Postprocessor, ProcessorError, TokenizerSettings,
-                                                       load_tokenizer, read_postprocessor, resolve_vlm_dir, tokenize,
-                                                       unnormalize_actions)
+from actdistill_ros.policies.lerobot_policy import (CONFIG_FILE, LeRobotFlowPolicy, is_lerobot_dir, read_weights,
+                                                    weights_file)
+from actdistill_ros.policies.lerobot_processor import (ProcessorError, TokenizerSettings, load_tokenizer,
+                                                       read_postprocessor, resolve_vlm_dir, tokenize)
 from actdistill_ros.policies.pi0.configuration_pi0 import EMPTY_CAMERA_PREFIX, VARIANTS, PI0Config
 from actdistill_ros.policies.pi0.modeling_pi0 import PI0Model, Prefix, infer_sizes, resize_with_pad
 from actdistill_ros.policies.pi0.processor_pi0 import PI0Preprocessor, read_preprocessor, run_preprocessor
 from actdistill_ros.policies.smolvla.configuration_smolvla import STATE_KEY
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-
 
 def is_pi0_dir(path: str | Path) -> bool:
     """Whether ``path`` is a directory whose config.json says "type": "pi0" or "pi05"."""
-    config = Path(path) / CONFIG_FILE
-    try:
-        return Path(path).is_dir() and json.loads(config.read_text()).get("type") in VARIANTS
-    except (OSError, ValueError, AttributeError):
-        return False
+    return is_lerobot_dir(path, VARIANTS)
 
 
-class PI0Policy:
+class PI0Policy(LeRobotFlowPolicy):
     family = "pi0"
-
-    def __init__(self, model: PI0Model, config: PI0Config, preprocessor: PI0Preprocessor,
-                 postprocessor: Postprocessor, tokenizer, directory: Path | None = None):
-        self.model = model.eval()
-        self.config = config
-        self.preprocessor = preprocessor
-        self.postprocessor = postprocessor
-        self.tokenizer = tokenizer
-        self.directory = directory
+    model: PI0Model
+    config: PI0Config
+    preprocessor: PI0Preprocessor
 
     @property
     def device(self) -> torch.device:
         return self.model.action_in_proj.weight.device
-
-    def to(self, device: str | torch.device) -> "PI0Policy":
-        self.model.to(device)
-        return self
 
     @classmethod
     def load(cls, directory: str | Path, vlm_processor: str | Path | None = None,
@@ -69,17 +50,10 @@ class PI0Policy:
         config.check_dtype(float32)
         preprocessor = read_preprocessor(directory, config.variant)
         postprocessor = read_postprocessor(directory)
-        weights = directory / WEIGHTS_FILE
-        if not weights.is_file():
-            pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt*")]
-            hint = f" ({', '.join(pickled)} are pickle files, which are never loaded)" if pickled else ""
-            raise ProcessorError(f"{weights}: missing; {config.variant} weights are read from safetensors only{hint}")
+        weights = weights_file(directory, config.variant)
         tokenizer_name = preprocessor.tokenizer.tokenizer_name or "google/paligemma-3b-pt-224"
         tokenizer = load_tokenizer(resolve_vlm_dir(tokenizer_name, vlm_processor, need_config=False))
-        try:
-            tensors = {k: v.to(torch.float32) for k, v in load_file(str(weights)).items()}
-        except (SafetensorError, OSError) as err:
-            raise ProcessorError(f"{weights}: not a readable safetensors file ({err})") from None
+        tensors = {k: v.to(torch.float32) for k, v in read_weights(weights).items()}
         model = PI0Model(config, infer_sizes(tensors, config, str(weights)))
         model.load_lerobot_state(tensors, str(weights))
         if len(tokenizer) > model.sizes.vocab:
@@ -142,24 +116,3 @@ class PI0Policy:
             images.append(torch.full_like(images[-1], -1.0))
             masks.append(torch.zeros_like(masks[-1]))
         return images, masks
-
-    # ---- inference -------------------------------------------------------------------------------
-    def start_noise(self, size: int, generator: torch.Generator | None = None) -> Tensor:
-        shape = (size, self.config.chunk_size, self.config.max_action_dim)
-        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
-
-    def check_noise(self, noise: Tensor, size: int) -> Tensor:
-        shape = (size, self.config.chunk_size, self.config.max_action_dim)
-        if tuple(noise.shape) != shape:
-            raise ProcessorError(f"noise: expected shape {list(shape)} [B, chunk_size, max_action_dim], "
-                                 f"got {list(noise.shape)}")
-        return noise.to(self.device, torch.float32)
-
-    @torch.inference_mode()
-    def predict_action_chunk(self, batch: dict[str, Tensor], tasks: list[str] | str,
-                             noise: Tensor | None = None) -> Tensor:
-        """Un-normalised action chunk (B, chunk_size, action_dim), float32 on the CPU."""
-        prefix, size = self.preprocess(batch, tasks)
-        noise = self.start_noise(size) if noise is None else self.check_noise(noise, size)
-        actions = self.model.sample_actions(prefix, noise)[:, :, :self.config.action_dim]
-        return unnormalize_actions(self.postprocessor, actions).float().cpu()

@@ -13,52 +13,35 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor
 
+from actdistill_ros.policies.lerobot_policy import (CONFIG_FILE, WEIGHTS_FILE,  # noqa: F401 - re-exported
+                                                    LeRobotFlowPolicy, is_lerobot_dir, read_weights, weights_file)
 from actdistill_ros.policies.lerobot_processor import tokenize
 from actdistill_ros.policies.smolvla.configuration_smolvla import (IMAGE_PREFIX, STATE_KEY, SmolVLAConfig,
                                                                    SmolVLAConfigError)
 from actdistill_ros.policies.smolvla.modeling_smolvla import Prefix, SmolVLAModel, lerobot_dtypes, resize_with_pad
-from actdistill_ros.policies.smolvla.processor_smolvla import (Postprocessor, Preprocessor, ProcessorError,
+from actdistill_ros.policies.smolvla.processor_smolvla import (Preprocessor, ProcessorError,
                                                                load_vlm_config_and_tokenizer, read_postprocessor,
-                                                               read_preprocessor, resolve_vlm_dir,
-                                                               unnormalize_actions)
+                                                               read_preprocessor, resolve_vlm_dir)
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 EMPTY_CAMERA_PREFIX = IMAGE_PREFIX + "empty_camera_"  # cameras LeRobot adds for empty_cameras > 0
 
 
 def is_smolvla_dir(path: str | Path) -> bool:
     """Whether ``path`` is a directory whose config.json says "type": "smolvla"."""
-    config = Path(path) / CONFIG_FILE
-    try:
-        return Path(path).is_dir() and json.loads(config.read_text()).get("type") == "smolvla"
-    except (OSError, ValueError, AttributeError):
-        return False
+    return is_lerobot_dir(path, ("smolvla",))
 
 
-class SmolVLAPolicy:
+class SmolVLAPolicy(LeRobotFlowPolicy):
     family = "smolvla"
-
-    def __init__(self, model: SmolVLAModel, config: SmolVLAConfig, preprocessor: Preprocessor,
-                 postprocessor: Postprocessor, tokenizer, directory: Path | None = None):
-        self.model = model.eval()
-        self.config = config
-        self.preprocessor = preprocessor
-        self.postprocessor = postprocessor
-        self.tokenizer = tokenizer
-        self.directory = directory
+    model: SmolVLAModel
+    config: SmolVLAConfig
+    preprocessor: Preprocessor
 
     @property
     def device(self) -> torch.device:
         return self.model.state_proj.weight.device
-
-    def to(self, device: str | torch.device) -> "SmolVLAPolicy":
-        self.model.to(device)
-        return self
 
     # ---- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -71,11 +54,7 @@ class SmolVLAPolicy:
             raise ProcessorError(f"{directory}: not a directory (a LeRobot SmolVLA policy directory is expected)")
         config = SmolVLAConfig.from_file(directory / CONFIG_FILE)
         preprocessor, postprocessor = read_preprocessor(directory), read_postprocessor(directory)
-        weights = directory / WEIGHTS_FILE
-        if not weights.is_file():
-            pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt*")]
-            hint = f" ({', '.join(pickled)} are pickle files, which are never loaded)" if pickled else ""
-            raise ProcessorError(f"{weights}: missing; SmolVLA weights are read from safetensors only{hint}")
+        weights = weights_file(directory, "SmolVLA")
         vlm_dir = resolve_vlm_dir(config.vlm_model_name, vlm_processor)
         vlm_config, tokenizer = load_vlm_config_and_tokenizer(vlm_dir)
         special = None
@@ -85,10 +64,7 @@ class SmolVLAPolicy:
                                                        ("global_image_token", "<global-img>")))
         dtypes = None if float32 else lerobot_dtypes(config, json.loads((vlm_dir / "config.json").read_text()))
         model = SmolVLAModel(config, vlm_config, special, dtypes)
-        try:
-            tensors = load_file(str(weights))
-        except (SafetensorError, OSError) as err:
-            raise ProcessorError(f"{weights}: not a readable safetensors file ({err})") from None
+        tensors = read_weights(weights)
         model.load_lerobot_state({k: v.to(torch.float32) for k, v in tensors.items()}, str(weights))
         return cls(model.to(device), config, preprocessor, postprocessor, tokenizer, directory)
 
@@ -154,28 +130,6 @@ class SmolVLAPolicy:
             images.append(torch.full_like(images[-1], -1.0))
             masks.append(torch.zeros_like(masks[-1]))
         return images, masks
-
-    # ---- inference -------------------------------------------------------------------------------
-    def start_noise(self, size: int, generator: torch.Generator | None = None) -> Tensor:
-        shape = (size, self.config.chunk_size, self.config.max_action_dim)
-        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
-
-    def check_noise(self, noise: Tensor, size: int) -> Tensor:
-        shape = (size, self.config.chunk_size, self.config.max_action_dim)
-        if tuple(noise.shape) != shape:
-            raise ProcessorError(f"noise: expected shape {list(shape)} [B, chunk_size, max_action_dim], "
-                                 f"got {list(noise.shape)}")
-        return noise.to(self.device, torch.float32)
-
-    @torch.inference_mode()
-    def predict_action_chunk(self, batch: dict[str, Tensor], tasks: list[str] | str,
-                             noise: Tensor | None = None) -> Tensor:
-        """Un-normalised action chunk (B, chunk_size, action_dim), float32 on the CPU."""
-        prefix, size = self.preprocess(batch, tasks)
-        noise = self.start_noise(size) if noise is None else self.check_noise(noise, size)
-        actions = self.model.sample_actions(prefix, noise)[:, :, :self.config.action_dim]
-        return unnormalize_actions(self.postprocessor, actions).float().cpu()
-
 
 def _token_id(tokenizer, token: str, directory: Path) -> int:
     token_id = tokenizer.convert_tokens_to_ids(token)
