@@ -31,9 +31,8 @@ from actdistill_ros.policies.flow_family import FamilyHooks
 from actdistill_ros.policies.pi0.modeling_pi0 import (LEROBOT_PREFIXES, TIED_EMBEDDING, UNUSED, PI0Model, Prefix,
                                                       PrefixCache, PrefixContext, Rotary, SuffixContext)
 from actdistill_ros.policies.pi0.policy_pi0 import PI0Policy
-from actdistill_ros.policies.smolvla.modeling_smolvla import LayerKV
-from actdistill_ros.policies.smolvla.routing_smolvla import (KV_PROJECT, KV_REUSE, KV_SKIP_EXPERT, RoutedFlowStudent,
-                                                            RoutedPolicyMixin, _merge, _rows)
+from actdistill_ros.policies.smolvla.routing_smolvla import (KV_PROJECT, RoutedFlowStudent, RoutedPolicyMixin, _rows,
+                                                            route_layers)
 
 
 class RoutedPI0(RoutedFlowStudent):
@@ -75,54 +74,9 @@ def routed_prefix(model: PI0Model, prefix: Prefix, plan: list[list[bool]] | None
     expert layer (None otherwise)."""
     if plan is None:
         return model.run_prefix(prefix), None
-    context = prefix.context(model.sizes.vlm.head_dim)
-    hidden = prefix.embeddings
-    batch, last = hidden.shape[0], model.num_vlm_layers - 1
-    if len(plan) != batch or any(len(row) != last for row in plan):
-        raise ValueError(f"route: expected {batch} rows of {last} layer decisions")
-    device = hidden.device
-    layers: list[LayerKV | None] = []
-    expert_skip = [[False] * model.num_vlm_layers for _ in range(batch)] if kv_mode == KV_SKIP_EXPERT else None
-    for index in range(last):
-        run = [b for b in range(batch) if plan[b][index]]
-        skip = [b for b in range(batch) if not plan[b][index]]
-        run_rows = None if len(run) == batch else torch.tensor(run, dtype=torch.long, device=device)
-        skip_rows = None if len(skip) == batch else torch.tensor(skip, dtype=torch.long, device=device)
-        key = value = None
-        new_hidden = hidden
-        if run:
-            part = hidden if run_rows is None else _rows(hidden, run_rows)
-            part_context = context if run_rows is None else _context_rows(context, run_rows)
-            output, kv = model.vlm_layer(index, part, part_context)
-            new_hidden = output if run_rows is None else hidden.index_copy(0, run_rows, output)
-            key, value = _merge(None, kv.key, run_rows, batch), _merge(None, kv.value, run_rows, batch)
-        if skip:
-            mode = KV_PROJECT if kv_mode == KV_REUSE and index == 0 else kv_mode
-            kv = None
-            if mode == KV_PROJECT:  # from the input the skipped layer would have received
-                part = hidden if skip_rows is None else _rows(hidden, skip_rows)
-                part_context = context if skip_rows is None else _context_rows(context, skip_rows)
-                _, kv = model.vlm_layer(index, part, part_context, need_output=False)
-            elif mode == KV_REUSE:  # the previous layer's (itself run, projected or reused)
-                kv = layers[index - 1] if skip_rows is None else _rows(layers[index - 1], skip_rows)
-            else:  # skip_expert: these rows skip expert layer ``index``; their keys/values are never read
-                for b in skip:
-                    expert_skip[b][index] = True
-            if kv is not None:
-                key, value = _merge(key, kv.key, skip_rows, batch), _merge(value, kv.value, skip_rows, batch)
-            elif key is not None:  # zeros for the skipping rows of a mixed batch (computed, then discarded)
-                key, value = _zero_rows(key, skip), _zero_rows(value, skip)
-        layers.append(None if key is None else LayerKV(key, value))
-        hidden = new_hidden
-    _, kv = model.vlm_layer(last, hidden, context, need_output=False)
-    layers.append(kv)
+    layers, expert_skip = route_layers(model, prefix.embeddings, prefix.context(model.sizes.vlm.head_dim), plan,
+                                       kv_mode, _context_rows)
     return PrefixCache(layers, prefix.pad_masks, prefix.state), expert_skip
-
-
-def _zero_rows(tensor: Tensor, rows: list[int]) -> Tensor:
-    keep = torch.ones(tensor.shape[0], dtype=torch.bool, device=tensor.device)
-    keep[rows] = False
-    return tensor * keep.view(-1, *([1] * (tensor.ndim - 1))).to(tensor.dtype)
 
 
 def routed_denoise_step(model: PI0Model, noisy_actions: Tensor, time: Tensor, cache: PrefixCache,

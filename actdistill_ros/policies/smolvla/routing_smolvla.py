@@ -216,12 +216,12 @@ def gated_prefix(model: SmolVLAModel, prefix: Prefix, masks: Tensor | None) -> t
     return PrefixCache(layers, cross, prefix.pad_masks), hiddens
 
 
-def routed_prefix(model: SmolVLAModel, prefix: Prefix, plan: list[list[bool]] | None, kv_mode: str = KV_PROJECT
-                  ) -> tuple[PrefixCache, list[list[bool]] | None]:
-    if plan is None:
-        return model.run_prefix(prefix), None
-    context = prefix.context(model.head_dim)
-    hidden = prefix.embeddings
+def route_layers(model, hidden: Tensor, context, plan: list[list[bool]], kv_mode: str, context_rows=_rows
+                 ) -> tuple[list[LayerKV | None], list[list[bool]] | None]:
+    """Every VLM layer's keys/values with routed layer i run only for the rows whose ``plan[row][i]``
+    is True (any family's model with ``vlm_layer`` and ``num_vlm_layers``; ``context_rows`` takes the
+    batch rows of its prefix context); and, for ``skip_expert``, which rows skip which expert layer.
+    A layer that every row skips in ``skip_expert`` mode has None: nothing reads it."""
     batch, last = hidden.shape[0], model.num_vlm_layers - 1
     if len(plan) != batch or any(len(row) != last for row in plan):
         raise ValueError(f"route: expected {batch} rows of {last} layer decisions")
@@ -237,7 +237,7 @@ def routed_prefix(model: SmolVLAModel, prefix: Prefix, plan: list[list[bool]] | 
         new_hidden = hidden
         if run:
             part_hidden = hidden if run_rows is None else _rows(hidden, run_rows)
-            part_context = context if run_rows is None else _rows(context, run_rows)
+            part_context = context if run_rows is None else context_rows(context, run_rows)
             output, kv = model.vlm_layer(index, part_hidden, part_context)
             new_hidden = output if run_rows is None else hidden.index_copy(0, run_rows, output)
             kv_key, kv_value = _merge(None, kv.key, run_rows, batch), _merge(None, kv.value, run_rows, batch)
@@ -245,12 +245,13 @@ def routed_prefix(model: SmolVLAModel, prefix: Prefix, plan: list[list[bool]] | 
             mode = KV_PROJECT if kv_mode == KV_REUSE and index == 0 else kv_mode
             if mode == KV_PROJECT:  # from the input the skipped layer would have received
                 part_hidden = hidden if skip_rows is None else _rows(hidden, skip_rows)
-                part_context = context if skip_rows is None else _rows(context, skip_rows)
+                part_context = context if skip_rows is None else context_rows(context, skip_rows)
                 _, kv = model.vlm_layer(index, part_hidden, part_context, need_output=False)
             elif mode == KV_REUSE:  # the previous layer's (itself run, projected or reused)
                 previous = layers[index - 1]
                 kv = previous if skip_rows is None else _rows(previous, skip_rows)
-            else:  # skip_expert: nothing to compute; these rows skip the paired expert layer
+            else:  # skip_expert: nothing to compute; these rows skip the paired expert layer (their
+                # rows of a mixed batch's keys/values stay _merge's zeros: computed, then discarded)
                 for b in skip:
                     expert_skip[b][index] = True
                 kv = None
@@ -260,6 +261,14 @@ def routed_prefix(model: SmolVLAModel, prefix: Prefix, plan: list[list[bool]] | 
         hidden = new_hidden
     _, kv = model.vlm_layer(last, hidden, context, need_output=False)
     layers.append(kv)
+    return layers, expert_skip
+
+
+def routed_prefix(model: SmolVLAModel, prefix: Prefix, plan: list[list[bool]] | None, kv_mode: str = KV_PROJECT
+                  ) -> tuple[PrefixCache, list[list[bool]] | None]:
+    if plan is None:
+        return model.run_prefix(prefix), None
+    layers, expert_skip = route_layers(model, prefix.embeddings, prefix.context(model.head_dim), plan, kv_mode)
     cross = []
     for index, kv in enumerate(layers):
         if kv is None:  # every row skips this expert layer: neither keys/values nor their projection
