@@ -5,6 +5,7 @@ Takes a LeRobot-made fixture policy (test/fixtures/lerobot/) and points its feat
 dataset's (cameras, state and action widths): SmolVLA's and pi0's weights do not depend on them
 (state and actions are padded to max_state_dim / max_action_dim), only config.json and the normalizer
 statistics do, which are rewritten from the dataset's meta/stats.json in LeRobot's layout.
+Also the parity check of a predicted action chunk against a fixture's LeRobot output.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lerobot"
 STATS = ("mean", "std", "min", "max")
@@ -50,3 +51,16 @@ def make_smolvla_teacher(out: Path, dataset_root: Path, case: str = "cross_attn"
                 save_file(_stats_tensors(stats, keys), str(out / step["state_file"]))
         (out / pipeline).write_text(json.dumps(data, indent=2))
     return out
+
+
+def assert_actions_match_lerobot(case: str, actions_file: Path, expected_file: Path, tolerance: float) -> None:
+    """``predict``'s action chunk equals LeRobot's (expected_file) within ``tolerance``."""
+    expected = load_file(str(expected_file))["action"]
+    actions = load_file(str(actions_file))["action"]
+    assert actions.dtype == torch.float32 and actions.shape == expected.shape
+    error = (actions - expected).abs().max().item()
+    print(f"{case}: max abs error vs LeRobot {error:.3g} over {tuple(expected.shape)} (|a| <= "
+          f"{expected.abs().max():.2f})")
+    assert error < tolerance
+    # The fixtures' actions span several units: a wrong normalisation or layout cannot hide under 1e-4.
+    assert expected.std() > 0.5

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from actdistill_ros.cli import main as cli
+from smolvla_teacher import assert_actions_match_lerobot
 from actdistill_ros.policies.smolvla import ProcessorError, SmolVLAConfigError, SmolVLAPolicy
 from actdistill_ros.policies.smolvla.modeling_smolvla import PrefixContext
 
@@ -69,15 +70,7 @@ def test_predict_matches_lerobot(case, tmp_path, capsys):
     code = predict_cli(case, out, "--noise", str(FIXTURES / case / "noise.safetensors"),
                        "--vlm-processor", str(case_processor(case)))
     assert code == 0, capsys.readouterr().err
-    expected = load_file(str(FIXTURES / case / "expected.safetensors"))["action"]
-    actions = load_file(str(out))["action"]
-    assert actions.dtype == torch.float32 and actions.shape == expected.shape
-    error = (actions - expected).abs().max().item()
-    print(f"{case}: max abs error vs LeRobot {error:.3g} over {tuple(expected.shape)} (|a| <= "
-          f"{expected.abs().max():.2f})")
-    assert error < TOLERANCE
-    # The fixtures' actions span several units: a wrong normalisation or layout cannot hide under 1e-4.
-    assert expected.std() > 0.5
+    assert_actions_match_lerobot(case, out, FIXTURES / case / "expected.safetensors", TOLERANCE)
 
 
 @pytest.mark.parametrize("case", CASES)
