@@ -23,6 +23,21 @@ class Feature:
     shape: tuple[int, ...]
 
 
+def read_features(values: dict, source: str, error: type[Exception]) -> None:
+    """config.json's feature groups as :class:`Feature` s, in place in ``values``; the
+    normalization mapping must be an object."""
+    for group in ("input_features", "output_features"):
+        raw = values.get(group, {})
+        if not isinstance(raw, dict):
+            raise error(f"{source}: {group} must be an object")
+        try:
+            values[group] = {k: Feature(str(f["type"]), tuple(int(s) for s in f["shape"])) for k, f in raw.items()}
+        except (KeyError, TypeError, ValueError):
+            raise error(f"{source}: {group} entries need \"type\" and an integer \"shape\"") from None
+    if "normalization_mapping" in values and not isinstance(values["normalization_mapping"], dict):
+        raise error(f"{source}: normalization_mapping must be an object")
+
+
 def check_normalization_mapping(mapping: Mapping[str, str], where: str, error: type[Exception]) -> None:
     for kind, mode in mapping.items():
         if mode not in NORMALIZATION_MODES:

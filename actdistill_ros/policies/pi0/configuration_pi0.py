@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from actdistill_ros.policies.lerobot_config import (IMAGE_PREFIX, STATE_KEY, Feature, check_features,
-                                                    check_normalization_mapping)
+                                                    check_normalization_mapping, read_features)
 from actdistill_ros.policies.lerobot_processor import ACTION_KEY
 
 VARIANTS = ("pi0", "pi05")
@@ -147,16 +147,7 @@ class PI0Config:
         if unknown:
             raise PI0ConfigError(f"{source}: unsupported {variant} field(s) {unknown}")
         values = {k: v for k, v in data.items() if k in known}
-        for group in ("input_features", "output_features"):
-            raw = values.get(group, {})
-            if not isinstance(raw, dict):
-                raise PI0ConfigError(f"{source}: {group} must be an object")
-            try:
-                values[group] = {k: Feature(str(f["type"]), tuple(int(s) for s in f["shape"])) for k, f in raw.items()}
-            except (KeyError, TypeError, ValueError):
-                raise PI0ConfigError(f"{source}: {group} entries need \"type\" and an integer \"shape\"") from None
-        if "normalization_mapping" in values and not isinstance(values["normalization_mapping"], dict):
-            raise PI0ConfigError(f"{source}: normalization_mapping must be an object")
+        read_features(values, source, PI0ConfigError)
         try:
             return cls(variant=variant, **values, source=source)
         except TypeError as err:

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from actdistill_ros.policies.lerobot_config import (  # noqa: F401 - re-exported
-    FEATURE_TYPES, IMAGE_PREFIX, STATE_KEY, Feature, check_features, check_normalization_mapping)
+    FEATURE_TYPES, IMAGE_PREFIX, STATE_KEY, Feature, check_features, check_normalization_mapping,
+    read_features)
 from actdistill_ros.policies.lerobot_processor import ACTION_KEY, NORMALIZATION_MODES  # noqa: F401 - re-exported
 
 ATTENTION_MODES = ("cross_attn", "self_attn")
@@ -162,16 +163,7 @@ class SmolVLAConfig:
         if unknown:
             raise SmolVLAConfigError(f"{source}: unsupported SmolVLA field(s) {unknown}")
         values = {k: v for k, v in data.items() if k in known}
-        for group in ("input_features", "output_features"):
-            raw = values.get(group, {})
-            if not isinstance(raw, dict):
-                raise SmolVLAConfigError(f"{source}: {group} must be an object")
-            try:
-                values[group] = {k: Feature(str(f["type"]), tuple(int(s) for s in f["shape"])) for k, f in raw.items()}
-            except (KeyError, TypeError, ValueError):
-                raise SmolVLAConfigError(f"{source}: {group} entries need \"type\" and an integer \"shape\"") from None
-        if "normalization_mapping" in values and not isinstance(values["normalization_mapping"], dict):
-            raise SmolVLAConfigError(f"{source}: normalization_mapping must be an object")
+        read_features(values, source, SmolVLAConfigError)
         try:
             return cls(**values, source=source)
         except TypeError as err:
