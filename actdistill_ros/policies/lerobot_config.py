@@ -7,8 +7,10 @@ configuration calls these with its name and error class, so a message names the 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from actdistill_ros.policies.lerobot_processor import ACTION_KEY, NORMALIZATION_MODES
 
@@ -21,6 +23,16 @@ IMAGE_PREFIX = "observation.images."
 class Feature:
     type: str  # VISUAL | STATE | ACTION
     shape: tuple[int, ...]
+
+
+def read_config_json(path: Path, error: type[Exception]) -> dict:
+    """A config.json's object; an unreadable file or bad JSON is one ``error`` line naming the file."""
+    try:
+        return json.loads(path.read_text())
+    except OSError as err:
+        raise error(f"{path}: cannot read ({err.strerror or err})") from None
+    except ValueError as err:
+        raise error(f"{path}: not valid JSON ({err})") from None
 
 
 def read_features(values: dict, source: str, error: type[Exception]) -> None:

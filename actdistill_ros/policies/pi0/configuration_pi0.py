@@ -14,12 +14,12 @@ whose variants were shrunk (test fixtures) loads like a published one.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from actdistill_ros.policies.lerobot_config import (IMAGE_PREFIX, STATE_KEY, Feature, check_features,
-                                                    check_normalization_mapping, read_features)
+                                                    check_normalization_mapping, read_config_json,
+                                                    read_features)
 from actdistill_ros.policies.lerobot_processor import ACTION_KEY
 
 VARIANTS = ("pi0", "pi05")
@@ -156,10 +156,4 @@ class PI0Config:
     @classmethod
     def from_file(cls, path: str | Path) -> "PI0Config":
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except OSError as err:
-            raise PI0ConfigError(f"{path}: cannot read ({err.strerror or err})") from None
-        except ValueError as err:
-            raise PI0ConfigError(f"{path}: not valid JSON ({err})") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_config_json(path, PI0ConfigError), str(path))

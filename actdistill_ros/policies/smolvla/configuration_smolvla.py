@@ -10,13 +10,12 @@ rather than silently running a different model.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from actdistill_ros.policies.lerobot_config import (  # noqa: F401 - re-exported
     FEATURE_TYPES, IMAGE_PREFIX, STATE_KEY, Feature, check_features, check_normalization_mapping,
-    read_features)
+    read_config_json, read_features)
 from actdistill_ros.policies.lerobot_processor import ACTION_KEY, NORMALIZATION_MODES  # noqa: F401 - re-exported
 
 ATTENTION_MODES = ("cross_attn", "self_attn")
@@ -172,10 +171,4 @@ class SmolVLAConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "SmolVLAConfig":
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except OSError as err:
-            raise SmolVLAConfigError(f"{path}: cannot read ({err.strerror or err})") from None
-        except ValueError as err:
-            raise SmolVLAConfigError(f"{path}: not valid JSON ({err})") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_config_json(path, SmolVLAConfigError), str(path))
