@@ -886,6 +886,29 @@ def _signal_handled(pid: int, signum: int) -> bool:
     return bool(caught >> (signum - 1) & 1)
 
 
+@pytest.mark.parametrize("raised", ["stop", "stop inside an import", "other error"])
+def test_a_stop_that_an_import_turned_into_an_import_error_is_still_a_clean_stop(monkeypatch, tmp_path, raised):
+    """A SIGTERM landing while rclpy's C extension is imported comes back as an ImportError chained to the
+    stop: still a clean exit (0), where any other error still fails the run."""
+    def run(_args):
+        if raised == "other error":
+            raise ImportError("initialization failed")
+        try:
+            replay_cli._raise_stopped(signal.SIGTERM, None)
+        except replay_cli.Stopped as stop:
+            if raised == "stop":
+                raise
+            raise ImportError("initialization failed") from stop
+
+    monkeypatch.setattr(replay_cli, "run", run)
+    argv = [str(tmp_path / "bag"), "--weights", str(tmp_path / "weights")]
+    if raised == "other error":
+        with pytest.raises(ImportError):
+            replay_cli.main(argv)
+    else:
+        assert replay_cli.main(argv) == 0
+
+
 def test_a_re_executed_replay_passes_the_stop_on_to_its_child(policies, tmp_path):
     """Without the built messages on the paths replay_eval runs itself again as a child with them; a stop
     for the parent (what launch signals) reaches the child, which exits cleanly, and so does the parent."""

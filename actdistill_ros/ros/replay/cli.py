@@ -178,6 +178,18 @@ def _raise_stopped(signum: int, _frame) -> None:
     raise Stopped(signum)
 
 
+def _stop_behind(err: BaseException) -> Stopped | None:
+    """The Stopped that ``err`` was raised from, if any: a stop that lands inside an import (rclpy's C
+    extension loader) comes back as an ImportError chained to it."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, Stopped):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def _ros_messages_importable() -> bool:
     try:
         return importlib.util.find_spec("actdistill_ros.msg") is not None
@@ -453,13 +465,16 @@ def main(argv: list[str] | None = None) -> int:
     previous = {signum: signal.signal(signum, _raise_stopped) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         return run(args)
-    except KeyboardInterrupt as stop:
-        name = stop.args[0] if isinstance(stop, Stopped) else "SIGINT"
-        log.info("stopped by %s before the end of the replay; no report written", name)
-        return 0
     except (ValueError, FileNotFoundError, FileExistsError) as err:  # bad input: one line, no traceback
         print(f"replay_eval: error: {err}", file=sys.stderr)
         return 2
+    except BaseException as err:  # a stop, also one that an import turned into another error
+        stop = err if isinstance(err, KeyboardInterrupt) else _stop_behind(err)
+        if stop is None:
+            raise
+        name = stop.args[0] if isinstance(stop, Stopped) else "SIGINT"
+        log.info("stopped by %s before the end of the replay; no report written", name)
+        return 0
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
