@@ -3,7 +3,8 @@
 # layout (SigLIP vision tower, Gemma VLM, Gemma action expert attending jointly over every VLM
 # layer's keys/values, flow matching) at a CPU size, trained from scratch into a LeRobot pi0
 # directory; the routed student (keep 0.5 and 0.3 from one run) against static students that keep
-# the first k or evenly spaced k VLM + expert layers (same steps and losses), closed loop and timed.
+# the first k or evenly spaced k VLM + expert layer pairs at equal chunk FLOPs (same steps and losses),
+# closed loop and timed.
 # Re-running skips finished work; a killed step resumes.
 #   bash scripts/benchmark_metaworld_pi0.sh [OUT_DIR]     (default: runs/pi0_mt10)
 # Smaller runs: TEACHER_STEPS, PROBE_STEPS, DISTILL_STEPS, EPISODES, TASKS, HORIZON, BENCH_ITERS.
@@ -39,9 +40,10 @@ STEPS=(--probe-steps "${PROBE_STEPS:-100}" --distill-steps "${DISTILL_STEPS:-600
   $ACT distill --teacher "$TEACHER" --data "$DEMOS" --out "$OUT/distill" --config config/distill.yaml "${STEPS[@]}" \
     --resume
 
-# 4. The static recipe: the first k / evenly spaced k of the 7 routed VLM layers (k = 4 at 0.5, 2 at 0.3),
-#    same config, steps and losses (less the router's). Stage 1 (probe heads on the frozen teacher,
-#    same seed and steps) is the routed run's, copied.
+# 4. The static recipe: the first k / evenly spaced k of the 7 routed VLM layers, each with its paired
+#    expert layer, k chosen so that a chunk costs what the routed student's does at keep 0.5 / 0.3
+#    (--static-drop-expert); same config, steps and losses (less the router's). Stage 1 (probe heads
+#    on the frozen teacher, same seed and steps) is the routed run's, copied.
 STATIC=()
 for kind in first even; do
   for keep in 0.5 0.3; do
@@ -50,7 +52,7 @@ for kind in first even; do
     [[ -f "$dir/teacher_heads.safetensors" ]] || cp "$OUT/distill/teacher_heads.safetensors" "$dir/"
     [[ -f "$dir/student/card.json" ]] || \
       $ACT distill --teacher "$TEACHER" --data "$DEMOS" --out "$dir" --config config/distill.yaml "${STEPS[@]}" \
-        --static-layers "$kind" --target-keep "$keep" --resume
+        --static-layers "$kind" --static-drop-expert --target-keep "$keep" --resume
     STATIC+=(--static-student "$dir/student")
   done
 done
@@ -67,6 +69,6 @@ for keep in 0.5 0.3; do
 done
 
 # 6. Closed loop on unseen seeds (10000+), all on the same seeds: the teacher whole, the routed
-#    student at keep 0.5 and 0.3, the four static students at their own k.
+#    student at keep 0.5 and 0.3, the four static students at their own k (chunk GFLOPs per point).
 $ACT eval-sim --policy "$OUT/distill/student" --teacher "$TEACHER" --sweep-keep 0.5 0.3 "${STATIC[@]}" \
   --tasks "$TASKS" --episodes "$EPISODES" --horizon "$HORIZON" --image-size 128 --out "$OUT/sweep_keep" --resume

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -103,11 +104,40 @@ def test_a_keep_sweep_evaluates_the_pi0_teacher_whole_the_student_at_each_keep_a
     methods = json.loads((out / "sweep_keep.json").read_text())["methods"]
     assert list(methods) == ["student", "teacher", "static-even"]  # no static-route baselines for a pi0 teacher
     assert [(p["keep"], p["k"]) for p in methods["student"]] == [(0.34, 1), (1.0, 3)]  # of the 3 routed layers
-    assert [(p["keep"], p["k"]) for p in methods["static-even"]] == [(0.34, 1)]
+    assert [(p["keep"], p["k"]) for p in methods["static-even"]] == [(pytest.approx(1 / 3), 1)]  # what it runs
     points = methods["student"] + methods["teacher"] + methods["static-even"]
     gflops = [p["overall"]["backbone_gflops_per_call"] for p in points]
     assert gflops[0] < gflops[1] == pytest.approx(gflops[2]) and gflops[3] == pytest.approx(gflops[0])
     assert points[3]["overall"]["executed_fraction"] == pytest.approx(1 / 3)
+
+
+def test_the_static_recipe_with_expert_layers_drops_them_and_keeps_as_many_pairs_as_equal_flops_allow(
+        trained, demos, tmp_path):
+    config = tmp_path / "distill.yaml"
+    config.write_text("graph_width: 32\nlog_every: 2\nprobe: {warmup_steps: 1}\ndistill: {warmup_steps: 1}\n")
+    out = tmp_path / "pairs"
+    assert cli(["distill", "--teacher", str(trained / "teacher"), "--data", str(demos), "--out", str(out),
+                "--config", str(config), "--probe-steps", "2", "--distill-steps", "3", "--batch-size", "4",
+                "--static-layers", "first", "--static-drop-expert", "--target-keep", "0.34"]) == 0
+    card = json.loads((out / "student" / "card.json").read_text())
+    routing, flops = card["vla_config"]["routing"], card["metrics"]["chunk_flops"]
+    kept = routing["static_layers"]
+    assert routing["kv_mode"] == "skip_expert" and kept == list(range(len(kept)))
+    # Equal compute: the routed student at keep 0.34 runs 1 of the 3 routed layers and every expert
+    # layer; dropping pairs saves more per layer, so the nearest count keeps more layers.
+    teacher, static, routed = (flops[key]["total"] for key in ("teacher", "static", "routed_keep_0.34"))
+    per_pair = (teacher - static) / (3 - len(kept))
+    assert len(kept) == 2 and abs(static - routed) <= per_pair / 2
+    assert flops["static"]["expert"] < flops["teacher"]["expert"]
+    # Training never ran the dropped expert layer: its weights are the teacher's, a kept one's moved.
+    teacher_weights = load_file(str(trained / "teacher" / "model.safetensors"))
+    weights = load_file(str(out / "student" / "model.safetensors"))
+    expert = "model.paligemma_with_expert.gemma_expert.model.layers.{}.mlp.down_proj.weight"
+    assert torch.equal(weights[expert.format(2)], teacher_weights[expert.format(2)])
+    assert not torch.equal(weights[expert.format(0)], teacher_weights[expert.format(0)])
+    served = Policy.load(out / "student")
+    out = served.predict([np.zeros((32, 32, 3), np.uint8)], "reach the goal", np.zeros(4, np.float32))
+    assert out.executed_layers == kept and out.chunk_gflops == pytest.approx(static / 1e9)
 
 
 def test_bad_flags_get_one_line(demos, tmp_path, capsys):
@@ -162,7 +192,8 @@ def test_a_static_student_trains_exports_and_runs_only_its_layers(trained, demos
     card = json.loads((out / "student" / "card.json").read_text())
     assert card["vla_config"]["routing"]["static_layers"] == kept_layers  # 2 of the 3 routed layers
     flops = card["metrics"]["chunk_flops"]
-    assert set(flops) == {"teacher", "static"} and flops["static"]["total"] < flops["teacher"]["total"]
+    assert set(flops) == {"teacher", "static", "routed_keep_0.5"} and flops["static"]["total"] < flops["teacher"]["total"]
+    assert flops["static"]["total"] == pytest.approx(flops["routed_keep_0.5"]["total"])  # the same k: equal FLOPs
     teacher = load_file(str(trained / "teacher" / "model.safetensors"))
     weights = load_file(str(out / "student" / "model.safetensors"))
     layer = "model.paligemma_with_expert.paligemma.model.language_model.layers.{}.mlp.down_proj.weight"

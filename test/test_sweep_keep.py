@@ -225,6 +225,26 @@ def test_train_teacher_init_from_at_a_higher_resolution_resamples_positions(tiny
     assert err.count("\n") == 0 and "--image-size 50" in err and "multiple of 8" in err, err
 
 
+def test_train_teacher_init_from_on_demos_read_without_a_state_drops_the_state_token(tiny_weights, tmp_path):
+    from safetensors.torch import load_file
+
+    from actdistill_ros.cli import main as cli
+    from actdistill_ros.data.synthetic import write_synthetic_demos
+
+    demos = write_synthetic_demos(tmp_path / "bags", episodes=4, length=8)
+    assert cli(["train-teacher", "--data", str(demos), "--state-topic", "", "--out", str(tmp_path / "blind"),
+                "--init-from", str(tiny_weights[1]), "--steps", "2", "--batch-size", "4", "--lr", "1e-7",
+                "--val-fraction", "0", "--action-space", "metaworld", "--device", "cpu"]) == 0
+    card = json.loads((tmp_path / "blind" / "teacher" / "card.json").read_text())
+    assert card["vla_config"]["state_dim"] == 0 and card["state_names"] == []
+    teacher = load_file(str(tiny_weights[1] / "model.safetensors"))
+    blind = load_file(str(tmp_path / "blind" / "teacher" / "model.safetensors"))
+    assert set(blind) == {name for name in teacher if not name.startswith("state_embed.")}
+    torch.testing.assert_close(blind["layers.0.fc1.weight"], teacher["layers.0.fc1.weight"], atol=1e-4, rtol=0)
+    policy = Policy.load(tmp_path / "blind" / "teacher", device="cpu")
+    assert np.isfinite(policy.predict(np.zeros((32, 32, 3), np.uint8), "push").actions).all()  # no state asked
+
+
 @pytest.mark.sim
 def test_sweep_keep_writes_one_curve_per_method_with_intervals(simulator, tmp_path, tiny_weights, truncated_weights):
     from actdistill_ros.sim import evaluate as evaluate_mod

@@ -58,6 +58,10 @@ class DistillConfig:
     # route of num_kept_layers(target_keep) routed layers (the first ones, or evenly spaced), same
     # steps and losses less the router's; None: the routed student.
     static_layers: str | None = None
+    # With static_layers: a dropped VLM layer takes its paired expert layer with it (the published
+    # static recipe; kv_mode skip_expert), and the number of kept pairs is the one whose chunk FLOPs
+    # come nearest to the routed student's at target_keep (equal compute, not equal layer count).
+    static_drop_expert: bool = False
     # --- stages ---
     probe: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(steps=300, lr=1e-3))
     distill: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(steps=600, lr=1e-4))
@@ -93,6 +97,8 @@ class DistillConfig:
                                  f"keep_range {self.keep_range}")
         if self.static_layers not in (None, "first", "even"):
             raise ValueError(f"static_layers must be 'first', 'even' or null, got {self.static_layers!r}")
+        if self.static_drop_expert and self.static_layers is None:
+            raise ValueError("static_drop_expert needs static_layers ('first' or 'even'): it is the static recipe's")
         if not 0.0 <= self.threshold_route_fraction <= 1.0:
             raise ValueError(f"threshold_route_fraction must be in [0, 1], got {self.threshold_route_fraction}")
         if not 0.0 <= self.soft_gate_fraction <= 1.0:

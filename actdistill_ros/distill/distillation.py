@@ -415,6 +415,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--static-layers", choices=["first", "even"],
                    help="SmolVLA / pi0 teacher: the static recipe, a student with a fixed route of the first or "
                         "evenly spaced round(--target-keep x routed layers) layers (same steps and losses, no router)")
+    p.add_argument("--static-drop-expert", action="store_true", default=None,
+                   help="--static-layers: drop each dropped VLM layer's paired expert layer too (the published "
+                        "recipe), keeping as many layer pairs as come nearest to the routed student's FLOPs at "
+                        "--target-keep")
     p.add_argument("--lambda-budget", type=float)
     p.add_argument("--teacher-targets", choices=["cache", "on_the_fly"])
     p.add_argument("--checkpoint-every", type=int)
@@ -429,6 +433,7 @@ def run(args: argparse.Namespace) -> int:
                  "probe.batch_size": args.batch_size, "distill.batch_size": args.batch_size,
                  "target_keep": args.target_keep, "lambda_budget": args.lambda_budget,
                  "keep_range": args.keep_range, "static_layers": args.static_layers,
+                 "static_drop_expert": args.static_drop_expert,
                  "teacher_targets": args.teacher_targets, "checkpoint_every": args.checkpoint_every,
                  "seed": args.seed, "fsdp": args.fsdp}
     config = DistillConfig.from_yaml(args.config, overrides)

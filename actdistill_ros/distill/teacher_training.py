@@ -140,11 +140,18 @@ def _teacher_from(args, topics, ctx):
     demos = load_demonstrations(args.data, topics, config.image_size, config.chunk_size, args.val_fraction, args.seed,
                                 progress=ctx.is_main)
     found = (len(demos.action_names), len(demos.state_names) if demos.stats.state_dim else 0)
-    if found != (config.action_dim, config.state_dim):
+    drop_state = found == (config.action_dim, 0) and config.state_dim > 0
+    if drop_state:
+        # Demos read without a state (--state-topic ''): the teacher's state token goes, so the new
+        # policy has to find in its images what the state told it (the hand's position, say).
+        config = VLAConfig.from_dict({**config.to_dict(), "state_dim": 0})
+        log.info("--init-from %s: its state token dropped (the demos are read without a state)", args.init_from)
+    elif found != (config.action_dim, config.state_dim):
         raise ValueError(f"--init-from {args.init_from}: the demos give (actions, state) = {found}, "
                          f"its teacher takes {(config.action_dim, config.state_dim)}")
     model = ReferenceVLA(config)
-    dropped = tuple(f"layers.{index}." for index in range(layers, full.num_layers))
+    dropped = tuple(f"layers.{index}." for index in range(layers, full.num_layers)) + (
+        ("state_embed.",) if drop_state else ())
     tensors = {name: t for name, t in read_weights(weights_file).items() if not name.startswith(dropped)}
     if new_encoder:
         # The patch embedding gives way to ImageNet MobileNetV2 and a fresh projection; the backbone,

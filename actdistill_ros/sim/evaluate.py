@@ -79,6 +79,7 @@ def run_episode(
     predict_ms: list[float] = []
     fractions: list[float] = []
     gflops: list[float] = []
+    chunk_gflops: list[float | None] = []
     full_gflops = 0.0
     success = False
     while task.steps < task.horizon and not success:
@@ -90,6 +91,7 @@ def run_episode(
         predict_ms.append((time.perf_counter() - start) * 1e3)
         fractions.append(float(out.executed_fraction))
         gflops.append(float(out.backbone_gflops))
+        chunk_gflops.append(getattr(out, "chunk_gflops", None))
         full_gflops = float(out.full_backbone_gflops)
         chunk = np.asarray(out.actions, dtype=np.float32)
         if chunk.ndim != 2 or chunk.shape[1] != 4:
@@ -115,6 +117,7 @@ def run_episode(
             executed_fraction=float(np.mean(fractions)) if fractions else 0.0,
             backbone_gflops=float(np.mean(gflops)) if gflops else 0.0,
             full_backbone_gflops=full_gflops,
+            chunk_gflops=(float(np.mean(chunk_gflops)) if chunk_gflops and None not in chunk_gflops else None),
         ),
         frames,
     )
@@ -373,7 +376,9 @@ def sweep_keep(
         if not static.card.is_student or "static_layers" not in routing or static.num_layers != student.num_layers:
             raise ValueError("keep sweep: --static-student takes a student of `actdistill distill --static-layers` "
                              f"with the student's {student.num_layers} routed layers")
-        static_methods.append(f"static-{static.card.provenance['distill_config']['static_layers']}")
+        # "-pairs": the published recipe, each dropped VLM layer's expert layer dropped with it.
+        pairs = "-pairs" if routing.get("kv_mode") == "skip_expert" else ""
+        static_methods.append(f"static-{static.card.provenance['distill_config']['static_layers']}{pairs}")
     keeps = parse_keep_values(keeps)
     task_names = parse_task_list(tasks)
     seeds = check_eval_seeds(seed_base, episodes_per_task)

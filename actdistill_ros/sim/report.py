@@ -30,6 +30,9 @@ class EpisodeOutcome:
     executed_fraction: float = 1.0  # mean over calls
     backbone_gflops: float = 0.0  # mean per call
     full_backbone_gflops: float = 0.0
+    # Mean per call of the whole chunk (vision, prefix and every expert step), for the policies that
+    # count it (SmolVLA / pi0 families, whose expert is half a chunk at small sizes); else None.
+    chunk_gflops: float | None = None
 
 
 def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
@@ -71,6 +74,8 @@ def summarise(outcomes: list[EpisodeOutcome], execute_steps: int) -> dict[str, A
         "executed_fraction": weighted([o.executed_fraction for o in outcomes]),
         "backbone_gflops_per_call": weighted([o.backbone_gflops for o in outcomes]),
         "full_backbone_gflops_per_call": max((o.full_backbone_gflops for o in outcomes), default=0.0),
+        "chunk_gflops_per_call": (weighted([o.chunk_gflops for o in outcomes])
+                                  if outcomes and all(o.chunk_gflops is not None for o in outcomes) else None),
         "execute_steps": execute_steps,
     }
 
@@ -145,18 +150,19 @@ def sweep_keep_markdown(result: dict[str, Any]) -> str:
         f"horizon {result['horizon']}, {result['image_size']} px, device {result['device']}. "
         "Success with its 95% Wilson interval.",
         "",
-        "| method | keep | layers run (k / L) | executed layers | backbone GFLOPs / call | success | 95% interval "
-        "| episodes |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | keep | layers run (k / L) | executed layers | backbone GFLOPs / call | chunk GFLOPs / call "
+        "| success | 95% interval | episodes |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for method, points in result["methods"].items():
         for p in points:
             s = p["overall"]
             low, high = s["success_ci95"]
+            chunk = s.get("chunk_gflops_per_call")
             lines.append(
                 f"| {method} | {p['keep']:.2f} | {p['k']} / {result['num_layers']} | {s['executed_fraction']:.2f} "
-                f"| {s['backbone_gflops_per_call']:.3f} | {s['success_rate']:.2f} | [{low:.2f}, {high:.2f}] "
-                f"| {s['episodes']} |"
+                f"| {s['backbone_gflops_per_call']:.3f} | {'-' if chunk is None else f'{chunk:.3f}'} "
+                f"| {s['success_rate']:.2f} | [{low:.2f}, {high:.2f}] | {s['episodes']} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -217,22 +223,27 @@ def plot_success_vs_gflops(result: dict[str, Any], path: str | Path) -> None:
 
 
 def plot_methods_vs_gflops(result: dict[str, Any], path: str | Path) -> None:
-    """Success vs backbone GFLOPs, one curve per method, error bars = the 95% Wilson interval."""
+    """Success vs GFLOPs per call, one curve per method, error bars = the 95% Wilson interval: the
+    whole chunk's where every point counts it (flow-matching families: an expert layer dropped
+    with its VLM layer saves expert FLOPs), else the backbone's."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 4.0))
-    full = max((p["overall"]["full_backbone_gflops_per_call"] for ps in result["methods"].values() for p in ps),
-               default=0.0)
+    points_all = [p["overall"] for ps in result["methods"].values() for p in ps]
+    key = ("chunk_gflops_per_call" if points_all and all(s.get("chunk_gflops_per_call") is not None
+                                                          for s in points_all) else "backbone_gflops_per_call")
+    full = max((s[key] for s in points_all), default=0.0)
     for index, (method, points) in enumerate(result["methods"].items()):
         # Methods share their x values (equal FLOPs); a small per-method offset keeps the bars apart.
-        gflops = [p["overall"]["backbone_gflops_per_call"] + 0.006 * full * index for p in points]
+        gflops = [p["overall"][key] + 0.006 * full * index for p in points]
         success = np.array([p["overall"]["success_rate"] for p in points])
         interval = np.array([p["overall"]["success_ci95"] for p in points]).reshape(-1, 2)
         ax.errorbar(gflops, success, yerr=[success - interval[:, 0], interval[:, 1] - success], fmt="o-",
                     capsize=3, ms=4, label=method)
-    ax.set_xlabel("backbone GFLOPs per policy call")
+    what = "chunk" if key == "chunk_gflops_per_call" else "backbone"
+    ax.set_xlabel(f"{what} GFLOPs per policy call")
     ax.set_ylabel("success rate (95% Wilson interval)")
     ax.set_ylim(0, 1.05)
-    ax.set_title("Success vs backbone compute at equal keep (x offset per method)", fontsize=10)
+    ax.set_title(f"Success vs {what} compute (x offset per method)", fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     save_figure(fig, Path(path))

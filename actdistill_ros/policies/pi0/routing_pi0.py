@@ -82,9 +82,12 @@ def routed_prefix(model: PI0Model, prefix: Prefix, plan: list[list[bool]] | None
 def routed_denoise_step(model: PI0Model, noisy_actions: Tensor, time: Tensor, cache: PrefixCache,
                         context: SuffixContext, expert_skip: list[list[bool]] | None) -> Tensor:
     """``PI0Model.denoise_step`` with expert layer i the identity for the rows in
-    ``expert_skip[row][i]`` (``skip_expert``); None is exactly the teacher's step."""
+    ``expert_skip[row][i]`` (``skip_expert``); None is exactly the teacher's step. ``context`` None
+    is made from the cache."""
     if expert_skip is None:
         return model.denoise_step(noisy_actions, time, cache, context)
+    if context is None:
+        context = model.suffix_context(cache)
     hidden, cond = model.embed_suffix(noisy_actions, time, context)
     batch = hidden.shape[0]
     for index in range(model.sizes.expert.depth):

@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from actdistill_ros.data.dataset import collate_samples
 from actdistill_ros.distill.config import DistillConfig
 from actdistill_ros.distill.demos import (Demonstrations, check_policy_takes_demos, demo_cameras,
                                           load_demonstrations)
@@ -53,7 +54,8 @@ from actdistill_ros.policies.smolvla.configuration_smolvla import ACTION_KEY, IM
 from actdistill_ros.policies.smolvla.modeling_smolvla import LEROBOT_PREFIXES, LM_HEAD, Prefix
 from actdistill_ros.policies.smolvla.policy_smolvla import CONFIG_FILE, WEIGHTS_FILE
 from actdistill_ros.policies.smolvla.processor_smolvla import POSTPROCESSOR_FILE, PREPROCESSOR_FILE
-from actdistill_ros.policies.smolvla.routing_smolvla import (CARD_FILE, CARD_FORMAT, KV_PROJECT, ROUTER_FILE,
+from actdistill_ros.policies.smolvla.routing_smolvla import (CARD_FILE, CARD_FORMAT, KV_PROJECT, KV_SKIP_EXPERT,
+                                                            ROUTER_FILE,
                                                             VLM_PROCESSOR_DIR, RoutedFlowStudent, prefix_observation,
                                                             static_plan, student_family)
 from actdistill_ros.weights import atomic_write, write_directory
@@ -213,7 +215,11 @@ class StudentWithHeads(nn.Module):
         else:
             routes = self.student.train_routes(prefix_observation(prefix), gate_mode, keep)
         cache, hiddens = self.student.gated_prefix(prefix, routes.masks)
-        velocity = self.student.model.denoise_step(x_t, time, cache)
+        if self.student.kv_mode == KV_SKIP_EXPERT:  # the static recipe: dropped layers' expert layers too
+            skip = [not run for run in self.student.static_plan] + [False]  # the last layer is never routed
+            velocity = self.student.denoise_step(x_t, time, cache, None, [skip] * x_t.shape[0])
+        else:
+            velocity = self.student.model.denoise_step(x_t, time, cache)
         semantic, probes = self.heads(hiddens, prefix.pad_masks)
         return {"velocity": velocity, "semantic": semantic, "probes": probes, "gates": routes.gates,
                 "masks": routes.masks, "threshold_masks": routes.threshold_masks}
@@ -238,6 +244,10 @@ def run_flow_distillation(teacher_path: Path, data: list[Path], out_dir: Path, c
     if family is None:
         raise ValueError(f"{teacher_path}: not a LeRobot SmolVLA, pi0 or pi0.5 directory (config.json \"type\")")
     hooks = family.hooks()
+    if config.static_drop_expert and family.name == "smolvla":
+        # Serving counts a SmolVLA chunk's FLOPs analytically, with every expert layer run.
+        raise ValueError(f"{teacher_path}: --static-drop-expert takes a pi0 / pi0.5 teacher (the recipe published "
+                         "for them); a SmolVLA static student keeps its expert layers (omit the flag)")
     ctx = init_distributed(device)
     if ctx.distributed:
         raise ValueError(f"{teacher_path}: {family.label} distillation runs in one process (torchrun with several "
@@ -319,14 +329,20 @@ def distill_student(teacher, teacher_heads: LayerHeads, batches: DemoBatches, de
     router_config = RouterConfig(default_threshold=config.threshold, dropout=config.router_dropout,
                                  budget_conditioned=config.keep_range is not None, threshold_keep=config.target_keep)
     hooks = hooks_of(teacher)
-    student = hooks.routed.derive_from(teacher.model, router_config, KV_PROJECT)
-    hooks.freeze_prefix_embedding(student.model)
     static = config.static_layers is not None
+    kv_mode = KV_SKIP_EXPERT if config.static_drop_expert else KV_PROJECT
+    student = hooks.routed.derive_from(teacher.model, router_config, kv_mode)
+    hooks.freeze_prefix_embedding(student.model)
     if static:
         layers = student.num_routed_layers
-        student.static_plan = static_plan(config.static_layers, layers, num_kept_layers(config.target_keep, layers))
-        log.info("static student: routed layers %s of %d kept (%s)",
-                 [i for i, run in enumerate(student.static_plan) if run], layers, config.static_layers)
+        kept = num_kept_layers(config.target_keep, layers)
+        if config.static_drop_expert:
+            sample = to_device(collate_samples([demos.train[0]]), teacher.device)
+            kept = pairs_at_equal_flops(teacher.model, batches, sample, kept, layers)
+        student.static_plan = static_plan(config.static_layers, layers, kept)
+        log.info("static student: routed layers %s of %d kept (%s%s)",
+                 [i for i, run in enumerate(student.static_plan) if run], layers, config.static_layers,
+                 ", with their expert layers" if config.static_drop_expert else "")
     student_heads = copy.deepcopy(teacher_heads).requires_grad_(True)
     combined = StudentWithHeads(student, student_heads)
     probed_teacher = ProbedTeacher(teacher, teacher_heads.requires_grad_(False)).eval()
@@ -374,7 +390,10 @@ def distill_student(teacher, teacher_heads: LayerHeads, batches: DemoBatches, de
                 loss_fn=loss_fn, dataset=demos.train, config=config.distill, ctx=ctx, out_dir=out_dir,
                 run_log=run_log, resume=resume, seed=config.seed + 1, checkpoint_every=config.checkpoint_every,
                 log_every=config.log_every, amp_bf16=False)
-    student.keep_fraction = config.target_keep if config.keep_range is not None or static else 0.0
+    if static:  # its card's keep is the fraction of routed layers it runs
+        student.keep_fraction = sum(student.static_plan) / num_layers
+    else:
+        student.keep_fraction = config.target_keep if config.keep_range is not None else 0.0
     return student.eval()
 
 
@@ -385,8 +404,6 @@ def action_error_vs_teacher(teacher, student: RoutedFlowStudent, batches: DemoBa
                             max_samples: int = MAX_EVAL_SAMPLES) -> list[dict]:
     """Per routing: MSE of the student's normalised chunk against the teacher's from the same start
     noise, and the fraction of routed layers executed; on up to ``max_samples`` held-out samples."""
-    from actdistill_ros.data.dataset import collate_samples
-
     count = min(len(dataset), max_samples)
     indices = np.random.default_rng(seed).permutation(len(dataset))[:count]
     settings = [("keep", k) for k in keep_fractions] + ([("threshold", student.threshold)] if threshold_too else [])
@@ -414,18 +431,40 @@ def action_error_vs_teacher(teacher, student: RoutedFlowStudent, batches: DemoBa
              "executed_layer_fraction": sums[(kind, value)][1] / count} for kind, value in settings]
 
 
-def flops_summary(student: RoutedFlowStudent, batches: DemoBatches, sample: dict) -> dict:
-    """Per-chunk FLOPs of one observation: the teacher (every layer) and the student at the card's
-    keep fractions, vision per camera, prefix and expert counted apart (the family's route costs,
-    counted on what runs)."""
+def route_costs(model, batches: DemoBatches, sample: dict):
+    """The family's per-piece FLOPs of one chunk for the one observation in ``sample``."""
     prefix = batches.prefix(sample)
     # The vision tower's cost depends only on the resized image shape, so the raw pixels do.
     images = batches.policy._prepare_images(batches.raw(sample)[0], 1)[0]
+    return hooks_of(batches.policy).route_costs(model, prefix, images)
+
+
+def pairs_at_equal_flops(model, batches: DemoBatches, sample: dict, routed_kept: int, layers: int) -> int:
+    """How many routed layers a static ``skip_expert`` student keeps (each with its expert layer):
+    the count whose chunk FLOPs come nearest to those of a routed student (``project``) running
+    ``routed_kept`` of the ``layers`` routed layers; a tie goes to the cheaper. Which layers run does
+    not change a count (the layers of a stack cost the same)."""
+    costs = route_costs(model, batches, sample)
+
+    def total(kept: int, kv_mode: str) -> float:
+        return costs.total([layer < kept for layer in range(layers)], kv_mode)["total"]
+
+    target = total(routed_kept, KV_PROJECT)
+    return min(range(1, layers + 1), key=lambda kept: (abs(total(kept, KV_SKIP_EXPERT) - target), kept))
+
+
+def flops_summary(student: RoutedFlowStudent, batches: DemoBatches, sample: dict, target_keep: float) -> dict:
+    """Per-chunk FLOPs of one observation: the teacher (every layer) and the student at the card's
+    keep fractions, vision per camera, prefix and expert counted apart (the family's route costs,
+    counted on what runs). A static student has its one route, and the routed student's at
+    ``target_keep`` (what it is compared with)."""
     model, layers = student.model, student.num_routed_layers
-    costs = hooks_of(batches.policy).route_costs(model, prefix, images)
+    costs = route_costs(model, batches, sample)
     rows = {"teacher": costs.total(None)}
     if student.static_plan is not None:  # one route, whatever the dial
         rows["static"] = costs.total(student.static_plan, student.kv_mode)
+        kept = num_kept_layers(target_keep, layers)
+        rows[f"routed_keep_{target_keep:g}"] = costs.total([i < kept for i in range(layers)], KV_PROJECT)
         return rows
     for keep in KEEP_SWEEP:
         kept = num_kept_layers(keep, layers)
@@ -465,8 +504,6 @@ def copy_vlm_processor(source: Path, target: Path) -> None:
 def export_student(student_dir: Path, student: RoutedFlowStudent, teacher, demos: Demonstrations,
                    config: DistillConfig, teacher_path: Path, data: list[Path], run_log: RunLog | None = None) -> Path:
     """Write the student directory atomically (a staging sibling that replaces it)."""
-    from actdistill_ros.data.dataset import collate_samples
-
     teacher_path = Path(teacher_path)
     batches = DemoBatches(teacher, demos.camera_names)
     held_out = demos.val or demos.train
@@ -475,7 +512,7 @@ def export_student(student_dir: Path, student: RoutedFlowStudent, teacher, demos
                                     keep_fractions=(student.keep_fraction,) if static else KEEP_SWEEP,
                                     threshold_too=not static, seed=config.seed)
     sample = to_device(collate_samples([held_out[0]]), teacher.device)
-    flops = flops_summary(student, batches, sample)
+    flops = flops_summary(student, batches, sample, config.target_keep)
     metrics = {"held_out_split": "val" if demos.val else "train",
                "held_out_samples": min(len(held_out), MAX_EVAL_SAMPLES),
                "routing_sweep": sweep, "chunk_flops": flops,

@@ -156,9 +156,10 @@ class RoutedFlowStudent(RoutedStudent):
         """The prefix cache and the hidden state after each routed layer, with h <- h + m (F(h) - h)
         (``masks`` (B, L - 1); None runs every layer, the teacher's function). Keys/values of every
         layer come from its input, as in ``project`` mode (the mode trained here)."""
-        if self.kv_mode != KV_PROJECT and masks is not None:
-            raise ValueError(f"kv_mode {self.kv_mode!r} is an inference-time comparison; students are trained "
-                             f"with kv_mode 'project'")
+        if self.kv_mode != KV_PROJECT and masks is not None and not (
+                self.kv_mode == KV_SKIP_EXPERT and self.static_plan is not None):
+            raise ValueError(f"kv_mode {self.kv_mode!r} is an inference-time comparison; routed students are "
+                             f"trained with kv_mode 'project' (static ones also with 'skip_expert')")
         return self.ops.gated_prefix(self.model, prefix, masks)
 
     # ---- inference: skipped layers not run -----------------------------------------------------
@@ -281,9 +282,12 @@ def routed_prefix(model: SmolVLAModel, prefix: Prefix, plan: list[list[bool]] | 
 def routed_denoise_step(model: SmolVLAModel, noisy_actions: Tensor, time: Tensor, cache: PrefixCache,
                         context: SuffixContext, expert_skip: list[list[bool]] | None) -> Tensor:
     """``SmolVLAModel.denoise_step`` with expert layer i the identity for the rows in
-    ``expert_skip[row][i]`` (``skip_expert`` mode); None is exactly the teacher's step."""
+    ``expert_skip[row][i]`` (``skip_expert`` mode); None is exactly the teacher's step. ``context``
+    None is made from the cache (sampling makes it once per chunk)."""
     if expert_skip is None:
         return model.denoise_step(noisy_actions, time, cache, context)
+    if context is None:
+        context = model.suffix_context(cache, model.config.chunk_size)
     hidden = model.embed_suffix(noisy_actions, time)
     batch = hidden.shape[0]
     for index in range(model.num_vlm_layers):
