@@ -79,6 +79,14 @@ def build_model(card: ModelCard, weights_dir: str | Path | None = None,
     return vla
 
 
+def evenly_spaced_layers(k: int, num_layers: int) -> list[int]:
+    """k of num_layers layers, evenly spaced and always the last (it feeds the action head): layer
+    i*L/k - 1 for i = 1..k, rounded half up; the spacing L/k >= 1 makes them distinct."""
+    if not 1 <= k <= num_layers:
+        raise ValueError(f"evenly spaced layers: k = {k} must be in 1..{num_layers}")
+    return (np.floor(np.arange(1, k + 1) * num_layers / k + 0.5).astype(int) - 1).tolist()
+
+
 class StaticRoute:
     """A training-free baseline route: a teacher runs k = max(1, round(keep * L)) of its L layers.
 
@@ -95,9 +103,8 @@ class StaticRoute:
         self.kind, self.num_layers = kind, num_layers
         self.k = num_kept_layers(keep_fraction, num_layers)
         self.generator = torch.Generator().manual_seed(seed)
-        # Layer i*L/k - 1 for i = 1..k (rounded half up): spacing L/k >= 1, so the k are distinct.
-        spaced = np.floor(np.arange(1, self.k + 1) * num_layers / self.k + 0.5).astype(int) - 1
-        self.fixed_layers = list(range(self.k)) if kind == "first" else spaced.tolist() if kind == "even" else None
+        self.fixed_layers = (list(range(self.k)) if kind == "first" else evenly_spaced_layers(self.k, num_layers)
+                             if kind == "even" else None)
 
     def mask(self, batch: int) -> torch.Tensor:
         """(batch, L) bool execute mask, on the CPU."""

@@ -170,6 +170,39 @@ def truncated_weights(tiny_weights, tmp_path_factory):
     return out / "teacher"
 
 
+@pytest.fixture(scope="module")
+def even_truncated_weights(tiny_weights, tmp_path_factory):
+    """The tiny teacher's layers 1 and 3 of 0..3 (evenly spaced, the last kept), a few tiny steps."""
+    from actdistill_ros.cli import main as cli
+    from actdistill_ros.data.synthetic import write_synthetic_demos
+
+    demos = write_synthetic_demos(tmp_path_factory.mktemp("bags"), episodes=4, length=8)
+    out = tmp_path_factory.mktemp("even")
+    assert cli(["train-teacher", "--data", str(demos), "--out", str(out), "--init-from", str(tiny_weights[1]),
+                "--layers", "2", "--layer-choice", "even", "--steps", "2", "--batch-size", "4", "--lr", "1e-7",
+                "--val-fraction", "0", "--action-space", "metaworld", "--device", "cpu"]) == 0
+    return out / "teacher"
+
+
+def test_train_teacher_init_from_keeps_evenly_spaced_layers(tiny_weights, even_truncated_weights, capsys, tmp_path):
+    from safetensors.torch import load_file
+
+    from actdistill_ros.cli import main as cli
+
+    teacher = load_file(str(tiny_weights[1] / "model.safetensors"))
+    even = load_file(str(even_truncated_weights / "model.safetensors"))
+    for new, old in ((0, 1), (1, 3)):  # renumbered in order
+        torch.testing.assert_close(even[f"layers.{new}.fc1.weight"], teacher[f"layers.{old}.fc1.weight"],
+                                   atol=1e-4, rtol=0)
+    assert not any(name.startswith(("layers.2.", "layers.3.")) for name in even)
+    card = json.loads((even_truncated_weights / "card.json").read_text())
+    assert card["provenance"]["kept_layers"] == [1, 3] and card["vla_config"]["num_layers"] == 2
+    assert cli(["train-teacher", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--size", "tiny",
+                "--layer-choice", "even"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--layer-choice even" in err and "--init-from" in err, err
+
+
 def test_train_teacher_init_from_keeps_the_first_layers(tiny_weights, truncated_weights, capsys, tmp_path):
     from safetensors.torch import load_file
 
@@ -246,7 +279,8 @@ def test_train_teacher_init_from_on_demos_read_without_a_state_drops_the_state_t
 
 
 @pytest.mark.sim
-def test_sweep_keep_writes_one_curve_per_method_with_intervals(simulator, tmp_path, tiny_weights, truncated_weights):
+def test_sweep_keep_writes_one_curve_per_method_with_intervals(simulator, tmp_path, tiny_weights, truncated_weights,
+                                                               even_truncated_weights):
     from actdistill_ros.sim import evaluate as evaluate_mod
 
     student = Policy.load(tiny_weights[0], device="cpu")
@@ -255,12 +289,15 @@ def test_sweep_keep_writes_one_curve_per_method_with_intervals(simulator, tmp_pa
     chunk = student.card.vla_config["chunk_size"]
     keeps = [0.3, 0.5, 1.0]
     truncated = Policy.load(truncated_weights, device="cpu")
+    even_truncated = Policy.load(even_truncated_weights, device="cpu")
     result = evaluate_mod.sweep_keep(student, teacher, keeps, "reach", 2, horizon=8, execute_steps=chunk,
-                                     finetuned_truncated=truncated, out_dir=tmp_path / "sweep", progress=False)
-    assert list(result["methods"]) == ["student", "first", "even", "random", "finetuned-truncated"]
-    assert [p["k"] for p in result["methods"]["finetuned-truncated"]] == [2]  # at its own k
+                                     finetuned_truncated=[truncated, even_truncated], out_dir=tmp_path / "sweep",
+                                     progress=False)
+    assert list(result["methods"]) == ["student", "first", "even", "random", "finetuned-first", "finetuned-even"]
+    for method in ("finetuned-first", "finetuned-even"):
+        assert [p["k"] for p in result["methods"][method]] == [2]  # at its own k
     for method, points in result["methods"].items():
-        assert [p["keep"] for p in points] == (keeps if method != "finetuned-truncated" else [0.5])
+        assert [p["keep"] for p in points] == (keeps if not method.startswith("finetuned-") else [0.5])
         for p in points:
             s = p["overall"]
             k = max(1, round(p["keep"] * layers))
@@ -281,7 +318,7 @@ def test_sweep_keep_writes_one_curve_per_method_with_intervals(simulator, tmp_pa
     with pytest.raises(ValueError, match="--teacher must be teacher weights"):
         evaluate_mod.sweep_keep(student, student, [0.5], "reach", 1, horizon=4, progress=False)
     with pytest.raises(ValueError, match="fewer layers"):
-        evaluate_mod.sweep_keep(student, teacher, [0.5], "reach", 1, horizon=4, finetuned_truncated=student,
+        evaluate_mod.sweep_keep(student, teacher, [0.5], "reach", 1, horizon=4, finetuned_truncated=[student],
                                 progress=False)
 
 

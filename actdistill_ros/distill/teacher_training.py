@@ -9,14 +9,16 @@ backward pass; the projector, the whole decoder, the state/query tokens and the 
 (SmolVLA's choice). A from-scratch ``make-backbone`` model has nothing to keep: use --train-vision.
 
 ``--init-from TEACHER`` starts from a trained reference teacher. With ``--layers k`` it is cut to its
-first k layers: the fine-tuned truncated baseline ("train a smaller model") of the compute dial
-sweep. With ``--image-size`` it is fine-tuned at another resolution, same patch size: its position
+first k layers (``--layer-choice even``: k evenly spaced ones, the last included): the fine-tuned
+truncated baselines ("train a smaller model") of the compute dial sweep. With ``--image-size`` it is fine-tuned at another resolution, same patch size: its position
 embeddings are resampled to the new patch grid (the ViT recipe for fine-tuning at higher resolution),
 which is far cheaper than training the larger input from scratch.
 
 ``--image-encoder mobilenet_v2`` gives the reference VLA ImageNet MobileNetV2 features as its image
 tokens (frozen by default, ``--train-encoder`` fine-tunes them; the projection to the width always
 trains); with ``--init-from`` a patch teacher, only its patch embedding is replaced.
+``--image-encoder keypoints`` gives it ``--num-keypoints`` spatial soft-argmax keypoints of a conv
+encoder trained from scratch with the rest (policies/vla/keypoints.py): image locations as tokens.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from actdistill_ros.policies.vla import ReferenceVLA, VLAConfig
 from actdistill_ros.policies.vla.mobilenet_v2 import (DEFAULT_IMAGENET_WEIGHTS, TORCHVISION_FILE, encoder_geometry,
                                                      read_imagenet_weights)
 from actdistill_ros.policies.vla.modeling_vla import resample_visual_positions
-from actdistill_ros.policy import make_card, save_model
+from actdistill_ros.policy import evenly_spaced_layers, make_card, save_model
 from actdistill_ros.weights import atomic_write, load_state_into, read_card, read_weights, resolve_weights_path
 
 log = logging.getLogger(__name__)
@@ -74,10 +76,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--width", type=int, help="override the preset's model width")
     p.add_argument("--layers", type=int, help="override the preset's number of backbone layers")
     p.add_argument("--heads", type=int, help="override the preset's attention heads")
-    p.add_argument("--image-encoder", choices=["patch", "mobilenet_v2"],
-                   help="reference VLA image tokens: a patch embedding trained from scratch (default), or ImageNet "
-                        "MobileNetV2 features[:--encoder-blocks] (its stride is the patch size); with --init-from a "
-                        "patch teacher, its patch embedding is replaced and the rest kept")
+    p.add_argument("--image-encoder", choices=["patch", "mobilenet_v2", "keypoints"],
+                   help="reference VLA image tokens: a patch embedding trained from scratch (default), ImageNet "
+                        "MobileNetV2 features[:--encoder-blocks] (its stride is the patch size; with --init-from a "
+                        "patch teacher, its patch embedding is replaced and the rest kept), or --num-keypoints "
+                        "spatial soft-argmax keypoints of a conv encoder trained from scratch")
+    p.add_argument("--num-keypoints", type=int, default=32,
+                   help="--image-encoder keypoints: keypoints (image tokens) per camera")
     p.add_argument("--encoder-blocks", type=int, default=14,
                    help="MobileNetV2 blocks kept: 14 gives 96 x 8 x 8 at 128 px (stride 16), 7 gives 32 x 16 x 16")
     p.add_argument("--encoder-weights", type=Path, default=DEFAULT_IMAGENET_WEIGHTS,
@@ -88,6 +93,9 @@ def add_parser(subparsers) -> None:
                    help="start from these reference teacher weights: cut to their first --layers layers (the "
                    "fine-tuned truncated baseline of eval-sim --sweep-keep), at another --image-size, and/or, "
                    "from a one-camera teacher, with the demos' --camera-topic cameras")
+    p.add_argument("--layer-choice", choices=["first", "even"], default="first",
+                   help="--init-from with --layers k: keep the first k layers (default) or k evenly spaced ones, "
+                        "the last included (the static routes of eval-sim --sweep-keep)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -101,8 +109,9 @@ def add_parser(subparsers) -> None:
 
 
 def _teacher_from(args, topics, ctx):
-    """--init-from's teacher, cut to its first --layers layers, resampled to --image-size and/or given
-    the demos' extra cameras (its weights kept otherwise), and the demonstrations."""
+    """--init-from's teacher, cut to --layers of its layers (--layer-choice), resampled to --image-size and/or given
+    the demos' extra cameras (its weights kept otherwise), the demonstrations, and the card's provenance
+    of the start (the teacher, the layers kept)."""
     other = [flag for flag, value in (("--size", args.size), ("--chunk-size", args.chunk_size),
                                       ("--patch-size", args.patch_size), ("--width", args.width),
                                       ("--heads", args.heads)) if value]
@@ -133,6 +142,10 @@ def _teacher_from(args, topics, ctx):
                          f"features[:{full.encoder_blocks}]")
     if encoder.get("image_encoder") == "patch" and full.image_encoder != "patch":
         raise ValueError(f"--image-encoder patch: --init-from {args.init_from} has a {full.image_encoder} encoder")
+    if "keypoints" in (encoder.get("image_encoder"), full.image_encoder) and \
+            encoder.get("image_encoder", full.image_encoder) != full.image_encoder:
+        raise ValueError(f"--image-encoder {args.image_encoder}: --init-from {args.init_from} has a "
+                         f"{full.image_encoder} encoder; a keypoint teacher trains from scratch and keeps its encoder")
     new_encoder = encoder.get("image_encoder", full.image_encoder) != full.image_encoder
     config = VLAConfig.from_dict({**card.vla_config, "num_layers": layers, "image_size": image_size,
                                   "num_cameras": len(cameras), **(encoder if new_encoder else {})})
@@ -150,9 +163,17 @@ def _teacher_from(args, topics, ctx):
         raise ValueError(f"--init-from {args.init_from}: the demos give (actions, state) = {found}, "
                          f"its teacher takes {(config.action_dim, config.state_dim)}")
     model = ReferenceVLA(config)
-    dropped = tuple(f"layers.{index}." for index in range(layers, full.num_layers)) + (
-        ("state_embed.",) if drop_state else ())
-    tensors = {name: t for name, t in read_weights(weights_file).items() if not name.startswith(dropped)}
+    kept = kept_layers(args.layer_choice, layers, full.num_layers)
+    tensors = {}
+    for name, tensor in read_weights(weights_file).items():
+        if name.startswith("layers."):
+            _, index, rest = name.split(".", 2)
+            if int(index) not in kept:
+                continue
+            name = f"layers.{kept.index(int(index))}.{rest}"
+        elif drop_state and name.startswith("state_embed."):
+            continue
+        tensors[name] = tensor
     if new_encoder:
         # The patch embedding gives way to ImageNet MobileNetV2 and a fresh projection; the backbone,
         # the language/state/query tokens, the head and the position embeddings are kept.
@@ -162,7 +183,7 @@ def _teacher_from(args, topics, ctx):
         log.info("--init-from %s: patch embedding replaced by ImageNet MobileNetV2 features[:%d]", args.init_from,
                  config.encoder_blocks)
     grid = image_size // config.patch_size
-    if grid * grid != tensors["visual_pos"].shape[1]:
+    if config.image_encoder != "keypoints" and grid * grid != tensors["visual_pos"].shape[1]:
         tensors["visual_pos"] = resample_visual_positions(tensors["visual_pos"], grid)
         log.info("--init-from %s: position embeddings resampled from %d px to %d px (%d -> %d patches)",
                  args.init_from, full.image_size, image_size, full.num_patches, config.num_patches)
@@ -173,7 +194,14 @@ def _teacher_from(args, topics, ctx):
         log.info("--init-from %s: %d cameras (%s), camera embeddings start at zero", args.init_from,
                  config.num_cameras, ", ".join(cameras))
     load_state_into(model, tensors, weights_file)
-    return model, demos
+    return model, demos, {"init_from": str(args.init_from), "kept_layers": kept}
+
+
+def kept_layers(choice: str, layers: int, num_layers: int) -> list[int]:
+    """The teacher's layers an --init-from student keeps, in order: the first ``layers`` or evenly spaced."""
+    if choice == "first":
+        return list(range(layers))
+    return evenly_spaced_layers(layers, num_layers)
 
 
 def _encoder_overrides(args) -> dict:
@@ -182,6 +210,8 @@ def _encoder_overrides(args) -> dict:
         return {}
     if args.image_encoder == "patch":
         return {"image_encoder": "patch"}
+    if args.image_encoder == "keypoints":
+        return {"image_encoder": "keypoints", "num_keypoints": args.num_keypoints}
     try:
         stride = encoder_geometry(args.encoder_blocks)[1]
     except ValueError as error:
@@ -211,7 +241,7 @@ def _reference_teacher(args, topics, ctx):
     model = ReferenceVLA(config)
     if imagenet is not None:
         load_state_into(model.image_encoder, imagenet, args.encoder_weights)
-    return model, demos
+    return model, demos, {}
 
 
 def _backbone_teacher(args, topics, ctx):
@@ -237,7 +267,7 @@ def _backbone_teacher(args, topics, ctx):
     model = HFVLA(backbone, tokenizer, config, image_stats)
     if not args.train_vision:
         model.freeze_vision()
-    return model, demos
+    return model, demos, {}
 
 
 def train_teacher(args: argparse.Namespace) -> Path:
@@ -257,10 +287,13 @@ def train_teacher(args: argparse.Namespace) -> Path:
     torch.manual_seed(args.seed)
     if args.init_from and args.backbone:
         raise ValueError("--init-from and --backbone both choose the starting model; give one")
+    if args.layer_choice != "first" and not args.init_from:
+        raise ValueError(f"--layer-choice {args.layer_choice}: picks which of an --init-from teacher's layers "
+                         "--layers keeps; give --init-from")
     build = _teacher_from if args.init_from else _backbone_teacher if args.backbone else _reference_teacher
-    model, demos = build(args, topics, ctx)
+    model, demos, origin = build(args, topics, ctx)
     config = model.config
-    if getattr(model, "image_encoder", None) is not None and not args.train_encoder:
+    if getattr(config, "image_encoder", None) == "mobilenet_v2" and not args.train_encoder:
         model.image_encoder.requires_grad_(False)  # frozen ImageNet features; the projection trains
     model.set_normalization(demos.stats.to_dict())
     model.to(ctx.device)
@@ -291,11 +324,14 @@ def train_teacher(args: argparse.Namespace) -> Path:
                          camera_names=demos.camera_names,
                          provenance={"trained_by": "actdistill train-teacher", "bags": demos.bags,
                                      "data": [str(d) for d in args.data],
-                                     **({"init_from": str(args.init_from)} if args.init_from else {}),
+                                     **origin,
                                      **({"image_encoder": f"MobileNetV2 features[:{config.encoder_blocks}], ImageNet "
                                                           f"({TORCHVISION_FILE}), "
                                                           f"{'fine-tuned' if args.train_encoder else 'frozen'}"}
                                         if getattr(config, "image_encoder", "patch") == "mobilenet_v2" else {}),
+                                     **({"image_encoder": f"{config.num_keypoints} spatial soft-argmax keypoints, "
+                                                          "conv encoder trained from scratch"}
+                                        if getattr(config, "image_encoder", "patch") == "keypoints" else {}),
                                      "topics": topics.to_dict(), "train": vars(train_config),
                                      **({"backbone": str(args.backbone),
                                          "vision_tower": "trained" if args.train_vision else "frozen"}

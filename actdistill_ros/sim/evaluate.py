@@ -335,7 +335,7 @@ def sweep_keep(
     image_size: int | None = None,
     camera: str = "corner4",
     route_seed: int = 0,
-    finetuned_truncated=None,
+    finetuned_truncated: Sequence = (),
     static_students: Sequence = (),
     out_dir: str | Path | None = None,
     resume: bool = False,
@@ -347,8 +347,9 @@ def sweep_keep(
     teacher runs k layers on each ``BASELINE_ROUTES`` route (random ones drawn from ``route_seed``).
     At k = L every route is the whole teacher, so one evaluation serves all of them. A SmolVLA
     teacher runs every layer (no static routes): then the teacher is evaluated once instead.
-    ``finetuned_truncated``: the teacher's first k layers fine-tuned on the demos (``train-teacher
-    --init-from``), evaluated once at its own k as the method "finetuned-truncated".
+    ``finetuned_truncated``: k of the teacher's layers fine-tuned on the demos (``train-teacher --init-from
+    --layers k [--layer-choice even]``), each evaluated once at its own k as the method "finetuned-first"
+    or "finetuned-even" (models of the same method at other k make its curve).
     ``static_students``: students of ``distill --static-layers first|even`` from the same teacher, each
     evaluated once at its own k as the method "static-first" / "static-even".
     With ``out_dir``: sweep_keep.json, sweep_keep.md and sweep_keep.png (one curve per method), and
@@ -365,11 +366,13 @@ def sweep_keep(
     from actdistill_ros.policies.actdistill import num_kept_layers  # torch only when a sweep runs
     from actdistill_ros.policy import StaticRoute
 
-    if finetuned_truncated is not None:
-        truncated_config = dict(finetuned_truncated.card.vla_config, num_layers=teacher.num_layers)
-        if finetuned_truncated.card.is_student or truncated_config != teacher.card.vla_config:
+    truncated_methods = []
+    for truncated in finetuned_truncated:
+        truncated_config = dict(truncated.card.vla_config, num_layers=teacher.num_layers)
+        if truncated.card.is_student or truncated_config != teacher.card.vla_config:
             raise ValueError("keep sweep: --finetuned-truncated must be the teacher's architecture with fewer layers "
                              "(actdistill train-teacher --init-from <teacher> --layers k)")
+        truncated_methods.append(_truncation_method(truncated, teacher.num_layers))
     static_methods = []
     for static in static_students:
         routing = (static.card.vla_config or {}).get("routing", {})
@@ -393,16 +396,14 @@ def sweep_keep(
     methods: dict[str, list[dict[str, Any]]] = {name: [] for name in ("student", *routes)}
     if not routes:
         methods["teacher"] = []
-    if finetuned_truncated is not None:
-        methods["finetuned-truncated"] = []
-    methods.update({name: [] for name in static_methods})
+    methods.update({name: [] for name in (*truncated_methods, *static_methods)})
     result = {**_run_info(student, task_names, seeds, horizon, image_size, camera), "route_seed": route_seed,
               "execute_steps": execute_steps, "methods": methods}
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     partial = out / "sweep_keep.partial.json" if out is not None else None
-    identity = _sweep_identity(result, student, teacher, finetuned_truncated, *static_students)
+    identity = _sweep_identity(result, student, teacher, *finetuned_truncated, *static_students)
     done = _finished_points(partial, identity) if resume and partial is not None else {}
 
     def evaluate_point(policy, method: str, keep: float) -> None:
@@ -433,9 +434,8 @@ def sweep_keep(
                     continue
                 teacher.static_route = StaticRoute(route, keep, teacher.num_layers, seed=route_seed)
                 evaluate_point(teacher, route, keep)
-        if finetuned_truncated is not None:
-            own_keep = finetuned_truncated.num_layers / teacher.num_layers
-            evaluate_point(finetuned_truncated, "finetuned-truncated", own_keep)
+        for truncated, name in sorted(zip(finetuned_truncated, truncated_methods), key=lambda t: t[0].num_layers):
+            evaluate_point(truncated, name, truncated.num_layers / teacher.num_layers)
         for static, name in zip(static_students, static_methods):
             evaluate_point(static, name, static.keep_fraction)
     finally:
@@ -448,6 +448,20 @@ def sweep_keep(
         plot_methods_vs_gflops(result, out / "sweep_keep.png")
         partial.unlink(missing_ok=True)
     return result
+
+
+def _truncation_method(truncated, num_layers: int) -> str:
+    """"finetuned-first" or "finetuned-even": which of its teacher's layers a truncated model kept (its
+    card's provenance; weights from before the record kept the first k)."""
+    from actdistill_ros.policy import evenly_spaced_layers
+
+    k = truncated.num_layers
+    kept = list(truncated.card.provenance.get("kept_layers") or range(k))
+    for name, layers in (("first", list(range(k))), ("even", evenly_spaced_layers(k, num_layers))):
+        if kept == layers:
+            return f"finetuned-{name}"
+    raise ValueError(f"keep sweep: --finetuned-truncated kept layers {kept} of the teacher's {num_layers}: expected "
+                     "the first k or k evenly spaced (train-teacher --layer-choice first|even)")
 
 
 def _sweep_identity(run: dict[str, Any], *policies) -> str:
@@ -522,9 +536,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--static-student", action="append", default=[], metavar="WEIGHTS",
                         help="with --sweep-keep (repeatable): a student of `actdistill distill --static-layers`, "
                         "evaluated at its own k as the method static-first / static-even")
-    parser.add_argument("--finetuned-truncated", default=None, metavar="WEIGHTS",
-                        help="with --sweep-keep: the teacher's first k layers fine-tuned on the demos "
-                        "(actdistill train-teacher --init-from TEACHER --layers k), one point at its own k")
+    parser.add_argument("--finetuned-truncated", action="append", default=[], metavar="WEIGHTS",
+                        help="with --sweep-keep (repeatable): k of the teacher's layers fine-tuned on the demos "
+                        "(actdistill train-teacher --init-from TEACHER --layers k [--layer-choice even]), one point "
+                        "at its own k, as the method finetuned-first / finetuned-even")
     parser.add_argument("--resume", action="store_true",
                         help="with --sweep-keep: skip the points a killed sweep into the same --out already measured")
     parser.add_argument("--image-size", type=int, default=None,
@@ -567,8 +582,7 @@ def run(args: argparse.Namespace) -> int:
             if args.teacher is None:
                 raise ValueError("--sweep-keep needs --teacher <teacher weights> for the baselines")
             teacher = Policy.load(args.teacher, device=args.device, dtype=args.dtype)
-            truncated = (None if args.finetuned_truncated is None
-                         else Policy.load(args.finetuned_truncated, device=args.device, dtype=args.dtype))
+            truncated = [Policy.load(d, device=args.device, dtype=args.dtype) for d in args.finetuned_truncated]
             statics = [Policy.load(d, device=args.device, dtype=args.dtype) for d in args.static_student]
             result = sweep_keep(policy, teacher, keeps, finetuned_truncated=truncated, static_students=statics,
                                 resume=args.resume, **common)

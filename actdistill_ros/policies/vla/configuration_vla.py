@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-IMAGE_ENCODERS = ("patch", "mobilenet_v2")
+IMAGE_ENCODERS = ("patch", "mobilenet_v2", "keypoints")
 
 
 @dataclass
@@ -16,9 +16,13 @@ class VLAConfig:
     num_cameras: int = 1  # images per observation, in the card's camera order
     patch_size: int = 8  # with a MobileNetV2 encoder: its stride (8 for blocks 7, 16 for blocks 14)
     # "patch": a linear patch embedding trained with the model; "mobilenet_v2": ImageNet MobileNetV2
-    # features[:encoder_blocks] (mobilenet_v2.py), a 1x1 projection to the width per output cell.
+    # features[:encoder_blocks] (mobilenet_v2.py), a 1x1 projection to the width per output cell;
+    # "keypoints": a conv encoder trained from scratch, num_keypoints spatial soft-argmax keypoints
+    # (keypoints.py), one token each (patch_size is then unused).
     image_encoder: str = "patch"
     encoder_blocks: int = 14
+    num_keypoints: int = 32
+    encoder_channels: int = 32
     width: int = 128
     num_layers: int = 6
     num_heads: int = 4
@@ -32,7 +36,8 @@ class VLAConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        positive = ("image_size", "num_cameras", "patch_size", "width", "num_layers", "num_heads",
+        positive = ("image_size", "num_cameras", "patch_size", "num_keypoints", "encoder_channels", "width",
+                    "num_layers", "num_heads",
                     "text_vocab_size", "max_text_tokens", "action_dim", "chunk_size", "head_hidden")
         for name in positive:
             value = getattr(self, name)
@@ -47,7 +52,7 @@ class VLAConfig:
             if self.patch_size != stride:
                 raise ValueError(f"VLAConfig.patch_size ({self.patch_size}) must be the stride of MobileNetV2 "
                                  f"features[:{self.encoder_blocks}], {stride}")
-        if self.image_size % self.patch_size:
+        if self.image_encoder != "keypoints" and self.image_size % self.patch_size:
             raise ValueError(f"VLAConfig.image_size ({self.image_size}) must be a multiple of "
                              f"patch_size ({self.patch_size})")
         if self.width % self.num_heads:
@@ -65,7 +70,9 @@ class VLAConfig:
 
     @property
     def num_patches(self) -> int:
-        """Image tokens of one camera: patches, or the MobileNetV2 encoder's output cells."""
+        """Image tokens of one camera: patches, the MobileNetV2 encoder's output cells, or keypoints."""
+        if self.image_encoder == "keypoints":
+            return self.num_keypoints
         return (self.image_size // self.patch_size) ** 2
 
     @property

@@ -5,7 +5,9 @@ query's final hidden state as an H x D action chunk.
 The image tokens come from a linear patch embedding trained with the model, or, with
 ``image_encoder: mobilenet_v2``, from ImageNet MobileNetV2 features[:k] (one token per output cell,
 projected to the width): its convolutions run once per image, before and outside the routed
-backbone, and :meth:`ReferenceVLA.vision_flops` counts them apart from the backbone's FLOPs.
+backbone, and :meth:`ReferenceVLA.vision_flops` counts them apart from the backbone's FLOPs. With
+``image_encoder: keypoints`` they are K spatial soft-argmax keypoints of a conv encoder trained with the
+model (keypoints.py): one token per keypoint, its (x, y) through a small MLP plus which keypoint it is.
 
 With several cameras, each image is cut into patches by the same patch embedding and gets the same
 position embeddings, plus a learned embedding of its camera; the tokens of camera 0 come first.
@@ -25,6 +27,7 @@ from actdistill_ros.policies.common import NormalizationMixin, camera_batch, ful
 from actdistill_ros.policies.observation import (ACTION_QUERY, LANGUAGE, STATE, VISUAL, EncodedObservation,
                                                 segment_spans)
 from actdistill_ros.policies.vla.configuration_vla import VLAConfig
+from actdistill_ros.policies.vla.keypoints import SpatialKeypointEncoder
 from actdistill_ros.policies.vla.mobilenet_v2 import IMAGENET_MEAN, IMAGENET_STD, MobileNetV2Features
 from actdistill_ros.policies.vla.tokenizer import PAD_ID, tokenize_batch
 
@@ -87,6 +90,10 @@ class ReferenceVLA(NormalizationMixin, nn.Module):
             self.encoder_proj = nn.Linear(self.image_encoder.out_channels, c.width)
             self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
             self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        elif c.image_encoder == "keypoints":
+            self.patch_embed = None
+            self.image_encoder = SpatialKeypointEncoder(c.num_keypoints, c.encoder_channels)
+            self.encoder_proj = nn.Sequential(nn.Linear(2, c.width), nn.GELU(), nn.Linear(c.width, c.width))
         else:
             self.patch_embed = nn.Conv2d(3, c.width, kernel_size=c.patch_size, stride=c.patch_size)
             self.image_encoder = self.encoder_proj = None
@@ -107,6 +114,8 @@ class ReferenceVLA(NormalizationMixin, nn.Module):
         self.segment_spans = segment_spans(segments)
         self.register_normalization(c.action_dim, c.state_dim)
         self.apply(self._init_weights)
+        if c.image_encoder == "keypoints":
+            self.image_encoder.reset_parameters()
         for param in (self.visual_pos, self.text_pos, self.action_query):
             nn.init.normal_(param, std=0.02)
         if self.camera_embed is not None:
@@ -140,6 +149,8 @@ class ReferenceVLA(NormalizationMixin, nn.Module):
         c = self.config
         if self.image_encoder is None:
             per_camera = 2 * c.num_patches * (3 * c.patch_size ** 2) * c.width
+        elif c.image_encoder == "keypoints":
+            per_camera = self.image_encoder.flops(c.image_size) + 2 * c.num_patches * (2 + c.width) * c.width
         else:
             per_camera = self.image_encoder.flops(c.image_size) + 2 * c.num_patches * self.image_encoder.out_channels * c.width
         return float(c.num_cameras * per_camera)
@@ -150,7 +161,10 @@ class ReferenceVLA(NormalizationMixin, nn.Module):
             weight = self.patch_embed.weight.flatten(1)  # (W, 3 * p * p), a view
             return F.linear(self.patch_pixels(images), weight, self.patch_embed.bias)
         frames = camera_batch(images, self.config.num_cameras, self.config.image_size).flatten(0, 1)
-        pixels = frames.permute(0, 3, 1, 2).to(self.action_query.dtype).div_(255.0)
+        pixels = frames.permute(0, 3, 1, 2).to(self.action_query.dtype)
+        if self.config.image_encoder == "keypoints":
+            return self.encoder_proj(self.image_encoder(pixels.mul_(2.0 / 255.0).sub_(1.0)))
+        pixels = pixels.div_(255.0)
         features = self.image_encoder(pixels.sub_(self.pixel_mean).div_(self.pixel_std))  # ImageNet normalisation
         return self.encoder_proj(features.flatten(2).transpose(1, 2))
 
