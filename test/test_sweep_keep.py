@@ -323,6 +323,24 @@ def test_sweep_keep_writes_one_curve_per_method_with_intervals(simulator, tmp_pa
 
 
 @pytest.mark.sim
+def test_sweep_keep_without_training_free_baselines_evaluates_the_teacher_once(simulator, tmp_path, tiny_weights,
+                                                                               truncated_weights):
+    from actdistill_ros.sim import evaluate as evaluate_mod
+
+    student = Policy.load(tiny_weights[0], device="cpu")
+    teacher = Policy.load(tiny_weights[1], device="cpu")
+    truncated = Policy.load(truncated_weights, device="cpu")
+    result = evaluate_mod.sweep_keep(student, teacher, [0.25, 1.0], "reach", 1, horizon=4, baseline_routes=(),
+                                     finetuned_truncated=[truncated], progress=False)
+    assert list(result["methods"]) == ["student", "teacher", "finetuned-first"]
+    assert [p["k"] for p in result["methods"]["student"]] == [1, 4]
+    assert [p["k"] for p in result["methods"]["teacher"]] == [4]
+    with pytest.raises(ValueError, match="baseline routes \\['last'\\]"):
+        evaluate_mod.sweep_keep(student, teacher, [0.5], "reach", 1, horizon=4, baseline_routes=("first", "last"),
+                                progress=False)
+
+
+@pytest.mark.sim
 @pytest.mark.parametrize("keeps, expected", [(["0.5", "1.5"], "'1.5'"), (["0.5", "half"], "'half'"),
                                               (["0"], "'0'"), (["0.5"], "needs --teacher")])
 def test_sweep_keep_bad_input_is_one_line(simulator, tmp_path, tiny_weights, capsys, keeps, expected):

@@ -335,6 +335,7 @@ def sweep_keep(
     image_size: int | None = None,
     camera: str = "corner4",
     route_seed: int = 0,
+    baseline_routes: Sequence[str] = BASELINE_ROUTES,
     finetuned_truncated: Sequence = (),
     static_students: Sequence = (),
     out_dir: str | Path | None = None,
@@ -344,7 +345,8 @@ def sweep_keep(
     """The compute dial against static layer skipping at equal backbone FLOPs, on the same seeds.
 
     At each keep the student runs its top k = max(1, round(keep * L)) layers per observation, and the
-    teacher runs k layers on each ``BASELINE_ROUTES`` route (random ones drawn from ``route_seed``).
+    teacher runs k layers on each of ``baseline_routes`` (``BASELINE_ROUTES`` kinds; random ones drawn
+    from ``route_seed``; none: the training-free baselines are left out).
     At k = L every route is the whole teacher, so one evaluation serves all of them. A SmolVLA
     teacher runs every layer (no static routes): then the teacher is evaluated once instead.
     ``finetuned_truncated``: k of the teacher's layers fine-tuned on the demos (``train-teacher --init-from
@@ -392,7 +394,10 @@ def sweep_keep(
     cache = _TaskCache(image_size, horizon, camera, student)
     # A SmolVLA / pi0 teacher takes no static routes (it runs every layer): the baselines are left out
     # and the teacher itself is one point, at k = L, on the same seeds.
-    routes = () if family_named(getattr(teacher, "family", None) or "") else BASELINE_ROUTES
+    unknown = [route for route in baseline_routes if route not in BASELINE_ROUTES]
+    if unknown:
+        raise ValueError(f"keep sweep: baseline routes {unknown}: expected some of {', '.join(BASELINE_ROUTES)}")
+    routes = () if family_named(getattr(teacher, "family", None) or "") else tuple(baseline_routes)
     methods: dict[str, list[dict[str, Any]]] = {name: [] for name in ("student", *routes)}
     if not routes:
         methods["teacher"] = []
@@ -536,6 +541,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--static-student", action="append", default=[], metavar="WEIGHTS",
                         help="with --sweep-keep (repeatable): a student of `actdistill distill --static-layers`, "
                         "evaluated at its own k as the method static-first / static-even")
+    parser.add_argument("--baseline-routes", nargs="*", default=list(BASELINE_ROUTES), metavar="ROUTE",
+                        help="with --sweep-keep: the training-free baselines run on --teacher at every keep "
+                        f"(default: {' '.join(BASELINE_ROUTES)}; none given: left out)")
     parser.add_argument("--finetuned-truncated", action="append", default=[], metavar="WEIGHTS",
                         help="with --sweep-keep (repeatable): k of the teacher's layers fine-tuned on the demos "
                         "(actdistill train-teacher --init-from TEACHER --layers k [--layer-choice even]), one point "
@@ -584,7 +592,8 @@ def run(args: argparse.Namespace) -> int:
             teacher = Policy.load(args.teacher, device=args.device, dtype=args.dtype)
             truncated = [Policy.load(d, device=args.device, dtype=args.dtype) for d in args.finetuned_truncated]
             statics = [Policy.load(d, device=args.device, dtype=args.dtype) for d in args.static_student]
-            result = sweep_keep(policy, teacher, keeps, finetuned_truncated=truncated, static_students=statics,
+            result = sweep_keep(policy, teacher, keeps, baseline_routes=args.baseline_routes,
+                                finetuned_truncated=truncated, static_students=statics,
                                 resume=args.resume, **common)
             print(sweep_keep_markdown(result))
             print(f"wrote {Path(args.out) / 'sweep_keep.json'}")
