@@ -6,7 +6,7 @@ rendered, and on the same frame with the goal marker moved to the next seed's go
 A policy that reads the marker turns toward the goal shown; one that reads the goal from the hand's
 position keeps heading for the true goal.
 
-  python scripts/goal_swap.py WEIGHTS [--steps 10 30] [--seeds 20] [--seed-base 10000]
+  python scripts/goal_swap.py WEIGHTS [--steps 10 30] [--seeds 20] [--seed-base 10000] [--camera corner4,topview]
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 
-import mujoco
 import numpy as np
 
 from actdistill_ros.policy import Policy
-from actdistill_ros.sim.metaworld_env import MetaWorldTask
+from actdistill_ros.sim.metaworld_env import MetaWorldTask  # before mujoco: it picks the offscreen GL backend
+
+import mujoco  # noqa: E402
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -30,7 +31,7 @@ def motion(policy: Policy, task: MetaWorldTask) -> tuple[np.ndarray, np.ndarray]
     task._frames = None  # render again: the marker may have moved
     images, state = task.observe()
     actions = np.asarray(policy.predict(images, task.instruction, state).actions, np.float32)
-    return actions[:4, :3].mean(0), images[0]
+    return actions[:4, :3].mean(0), [image.copy() for image in images]
 
 
 def main() -> int:
@@ -39,9 +40,10 @@ def main() -> int:
     p.add_argument("--steps", type=int, nargs="+", default=[10, 30], help="expert steps before the test")
     p.add_argument("--seeds", type=int, default=20)
     p.add_argument("--seed-base", type=int, default=10000)
+    p.add_argument("--camera", default="corner4", help="one Meta-World camera per image the policy takes, in its order")
     args = p.parse_args()
     policy = Policy.load(args.weights, device="cpu")
-    task = MetaWorldTask("reach", image_size=policy.vla.config.image_size, horizon=200)
+    task = MetaWorldTask("reach", image_size=policy.vla.config.image_size, camera=args.camera, horizon=200)
     env, seeds = task._env, list(range(args.seed_base, args.seed_base + args.seeds))
     goals = {}
     for seed in seeds:
@@ -69,7 +71,7 @@ def main() -> int:
                          "swapped_cos_shown": cosine(swapped_motion, shown_goal - hand),
                          "motion_norm": float(np.linalg.norm(true_motion)),
                          "change": float(np.linalg.norm(swapped_motion - true_motion)),
-                         "pixels_changed": int((frame != swapped_frame).any(-1).sum())})
+                         "pixels_changed": int(sum((a != b).any(-1).sum() for a, b in zip(frame, swapped_frame)))})
         summary = {key: round(float(np.mean([r[key] for r in rows])), 3) for key in rows[0] if key != "seed"}
         summary["median_distance_to_goal"] = round(float(np.median([r["distance_to_goal"] for r in rows])), 3)
         report[f"after_{steps}_steps"] = summary

@@ -279,6 +279,39 @@ def test_hold_steps_record_the_expert_after_the_first_success(tmp_path):
         collect(["reach"], 1, tmp_path / "bad", image_size=SIZE, horizon=HORIZON, hold_steps=-1, progress=False)
 
 
+def test_start_jitter_moves_the_hands_start_within_the_workspace_and_only_for_that_episode(reach, tmp_path):
+    from actdistill_ros.data.bags import read_episode
+
+    reach.reset(5)
+    fixed = reach.state()[:3].copy()
+    reach.reset(5, hand_offset=[0.1, -0.08, 0.05])
+    np.testing.assert_allclose(reach.state()[:3] - fixed, [0.1, -0.08, 0.05], atol=5e-3)
+    reach.reset(5, hand_offset=[5.0, 0.0, -5.0])  # far outside: held 2 cm inside the workspace
+    env = reach._env
+    assert np.all(reach.state()[:3] <= np.asarray(env.hand_high) - 0.015)
+    assert np.all(reach.state()[:3] >= np.asarray(env.hand_low) + 0.015)
+    reach.reset(5)  # the next episode starts where it always did
+    np.testing.assert_allclose(reach.state()[:3], fixed, atol=1e-9)
+    with pytest.raises(ValueError, match="hand_offset"):
+        reach.reset(5, hand_offset=[0.1, np.nan, 0.0])
+
+    plain = collect(["reach"], 2, tmp_path / "plain", image_size=SIZE, horizon=HORIZON, workers=1, progress=False)
+    jittered = collect(["reach"], 2, tmp_path / "jitter", image_size=SIZE, horizon=HORIZON, start_jitter_m=0.1,
+                       workers=1, progress=False)
+    assert jittered["start_jitter_m"] == 0.1 and plain["start_jitter_m"] == 0.0
+    starts = []
+    for record, root in ((plain, tmp_path / "plain"), (jittered, tmp_path / "jitter")):
+        starts.append([read_episode(root / bag_name("reach", seed)).states[0, :3]
+                       for seed in record["per_task"]["reach"]["seeds"]])
+    np.testing.assert_allclose(starts[0][0], starts[0][1], atol=1e-6)  # one fixed start
+    offsets = [start - starts[0][0] for start in starts[1]]
+    assert all(0.01 < np.abs(o).max() <= 0.1 + 5e-3 for o in offsets) and not np.allclose(*offsets, atol=1e-3)
+    with pytest.raises(ValueError, match="start_jitter_m=0.1"):  # a resumed collection keeps its settings
+        collect(["reach"], 2, tmp_path / "jitter", image_size=SIZE, horizon=HORIZON, workers=1, progress=False)
+    with pytest.raises(ValueError, match="start_jitter_m 0.5"):
+        collect(["reach"], 1, tmp_path / "bad", image_size=SIZE, horizon=HORIZON, start_jitter_m=0.5, progress=False)
+
+
 def test_two_camera_collection_and_evaluation(tmp_path):
     from actdistill_ros.data.bags import read_episode
     from actdistill_ros.data.config import TopicConfig

@@ -39,7 +39,7 @@ COLLECTION_FILE = "collection.json"
 STORAGES = ("mcap", "sqlite3")
 # Settings that must match for bags of a resumed collection to be mixed with new ones.
 _RESUME_KEYS = ("image_size", "camera", "horizon", "action_noise", "storage", "image_format", "seed_base",
-                "hold_steps")
+                "hold_steps", "start_jitter_m")
 # rgb8 keeps frames exact (~2 MB per 96 px episode); png is lossless and smaller; jpeg is lossy.
 IMAGE_FORMATS = ("rgb8", "png", "jpeg")
 
@@ -60,6 +60,7 @@ class EpisodeSpec:
     bag_path: str
     image_format: str = "rgb8"
     hold_steps: int = 0  # expert steps recorded after the first success (within the horizon)
+    start_jitter_m: float = 0.0  # the hand starts up to this far from its default, per axis (metres)
 
 
 @dataclass
@@ -99,8 +100,10 @@ def run_episode(spec: EpisodeSpec) -> EpisodeResult:
         task = _worker_tasks[key] = MetaWorldTask(
             spec.task, image_size=spec.image_size, camera=spec.camera, horizon=spec.horizon, seed=spec.seed
         )
-    task.reset(spec.seed)
     rng = _noise_rng(spec.task, spec.seed)
+    # Drawn first, and only with a jitter, so that episodes without one keep their noise sequence.
+    offset = rng.uniform(-spec.start_jitter_m, spec.start_jitter_m, 3) if spec.start_jitter_m > 0 else None
+    task.reset(spec.seed, hand_offset=offset)
     per_camera, states, actions = [[] for _ in range(task.num_cameras)], [], []
     success_at: int | None = None
     for _ in range(spec.horizon):
@@ -226,9 +229,15 @@ def collect(
     max_attempts_per_task: int | None = None,
     image_format: str = "rgb8",
     hold_steps: int = 0,
+    start_jitter_m: float = 0.0,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Collect ``episodes_per_task`` successful expert episodes per task into ``out_dir``.
+
+    ``start_jitter_m``: each episode's hand starts at an offset drawn uniformly from +-this many metres
+    per axis (within the hand's workspace) instead of at the task's fixed start. From a fixed start the
+    hand's position along the expert's path already says where the goal is, and a policy cloned from
+    such demos reads the goal from the hand, not from the image (docs/BENCHMARKS.md, issue 22).
 
     Returns the collection record (also written to ``out_dir/collection.json``).
     """
@@ -249,6 +258,8 @@ def collect(
         raise ValueError(f"seed_base {seed_base}: expected >= 0")
     if isinstance(hold_steps, bool) or not isinstance(hold_steps, int) or hold_steps < 0:
         raise ValueError(f"hold_steps {hold_steps!r}: expected an integer >= 0")
+    if not (np.isfinite(start_jitter_m) and 0 <= start_jitter_m <= 0.3):
+        raise ValueError(f"start_jitter_m {start_jitter_m!r}: expected metres in [0, 0.3]")
     topics = camera_topics(camera)  # checks the camera list before any worker starts
     # Demonstration placements must never be evaluation placements.
     if seed_base + max_attempts_per_task > EVAL_SEED_BASE:
@@ -266,6 +277,7 @@ def collect(
         "action_noise": float(action_noise),
         "seed_base": int(seed_base),
         "hold_steps": int(hold_steps),
+        "start_jitter_m": float(start_jitter_m),
         "storage": storage,
         "image_format": image_format,
         "max_attempts_per_task": int(max_attempts_per_task),
@@ -293,7 +305,8 @@ def collect(
                         continue
                     state.in_flight += 1
                     yield EpisodeSpec(state.task, seed, int(image_size), camera, int(horizon),
-                                      float(action_noise), storage, str(path), image_format, int(hold_steps))
+                                      float(action_noise), storage, str(path), image_format, int(hold_steps),
+                                      float(start_jitter_m))
                     issued = True
                     break
             if not issued:
@@ -399,6 +412,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--hold-steps", type=int, default=0,
                         help="expert steps still recorded after the first success, within --horizon: demos that "
                              "show staying at the goal, not only arriving (default: 0)")
+    parser.add_argument("--start-jitter", type=float, default=0.0, metavar="METRES",
+                        help="start each episode's hand up to this far from the task's fixed start, per axis, in "
+                             "metres (within the workspace; unrecorded): demos from which the goal must be read "
+                             "from the image, not from where the hand is on the expert's path (default: 0)")
     parser.add_argument("--seed-base", type=int, default=COLLECTION_SEED_BASE, help="first seed per task (default: 0)")
     parser.add_argument("--max-attempts", type=int, default=None,
                         help="episodes tried per task before giving up (default: max(2N, N+10))")
@@ -412,7 +429,7 @@ def run(args: argparse.Namespace) -> int:
             args.tasks, args.episodes, args.out, image_size=args.image_size, horizon=args.horizon,
             action_noise=args.noise, seed_base=args.seed_base, workers=args.workers, storage=args.storage,
             camera=args.camera, max_attempts_per_task=args.max_attempts, image_format=args.image_format,
-            hold_steps=args.hold_steps,
+            hold_steps=args.hold_steps, start_jitter_m=args.start_jitter,
         )
     except ValueError as err:
         print(f"actdistill collect: {err}", file=sys.stderr)

@@ -208,8 +208,10 @@ class MetaWorldTask:
         if self._env is not None:
             self._env.max_path_length = self._horizon
 
-    def reset(self, seed: int | None = None) -> None:
-        """Start an episode; the same seed gives the same placement (and bit-identical frames)."""
+    def reset(self, seed: int | None = None, hand_offset=None) -> None:
+        """Start an episode; the same seed gives the same placement (and bit-identical frames).
+        ``hand_offset`` (x, y, z metres): the hand starts that far from the task's fixed start, clipped
+        to the hand's workspace (demonstrations only; evaluation always starts at the fixed start)."""
         import mujoco
 
         if seed is None:
@@ -221,7 +223,18 @@ class MetaWorldTask:
         env.seeded_rand_vec = True
         env._freeze_rand_vec = False
         env.seed(seed)
-        obs, _ = env.reset()
+        fixed_start = np.array(env.hand_init_pos, dtype=np.float64)
+        if hand_offset is not None:
+            offset = np.asarray(hand_offset, dtype=np.float64).reshape(-1)
+            if offset.shape != (3,) or not np.all(np.isfinite(offset)):
+                raise ValueError(f"hand_offset {np.asarray(hand_offset).tolist()}: expected 3 finite metres (x, y, z)")
+            # 2 cm inside the workspace bounds: the mocap weld cannot pull the hand onto them.
+            env.hand_init_pos = np.clip(fixed_start + offset, np.asarray(env.hand_low) + 0.02,
+                                        np.asarray(env.hand_high) - 0.02)
+        try:
+            obs, _ = env.reset()
+        finally:
+            env.hand_init_pos = fixed_start
         # reset() moves the goal site in the model without recomputing positions, so site_xpos
         # would keep values from the previous episode (frames would depend on episode history).
         mujoco.mj_forward(env.model, env.data)
