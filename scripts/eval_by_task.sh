@@ -4,6 +4,7 @@
 # seeds extends to the full evaluation without re-running them:
 #   bash scripts/eval_by_task.sh WEIGHTS OUT [SEED_BASE] [EPISODES] [TASKS]
 #   e.g. screen: ... 10000 5   then the rest of 20 per task: ... 10005 15
+#   CAMERA=corner4,topview bash scripts/eval_by_task.sh ...   for a policy that takes two cameras
 # Finally it prints the success per task and overall, with a 95% Wilson interval, over every
 # episode found under OUT (one per task and seed).
 set -euo pipefail
@@ -17,7 +18,7 @@ for task in $TASKS; do
   [[ -f "$run/eval.json" ]] && continue
   echo "[eval_by_task] $task: seeds $SEED_BASE..$((SEED_BASE + EPISODES - 1))"
   .venv/bin/actdistill eval-sim --policy "$WEIGHTS" --tasks "$task" --episodes "$EPISODES" --seed-base "$SEED_BASE" \
-    --horizon 200 --out "$run" > "$run.log" 2>&1 || { tail -3 "$run.log"; exit 1; }
+    --horizon 200 ${CAMERA:+--camera "$CAMERA"} --out "$run" > "$run.log" 2>&1 || { tail -3 "$run.log"; exit 1; }
 done
 .venv/bin/python - "$OUT" $TASKS <<'PY'
 import json, sys

@@ -1,6 +1,8 @@
 """Is the reach goal linearly readable from one frame? Ridge regression from frozen ImageNet MobileNetV2
 features (features[:7], features[:14]) or the pixels to the goal xyz, 5-fold cross-validated R^2,
-300 reach seeds from 20000 (outside the collection and evaluation seeds): python scripts/goal_probe.py"""
+300 reach seeds from 20000 (outside the collection and evaluation seeds): python scripts/goal_probe.py
+[TEACHER ...]: also from the keypoint coordinates of each keypoint teacher (--image-encoder keypoints)."""
+import sys
 import numpy as np, torch
 from actdistill_ros.sim.metaworld_env import MetaWorldTask
 from actdistill_ros.policies.vla.mobilenet_v2 import MobileNetV2Features, read_imagenet_weights, DEFAULT_IMAGENET_WEIGHTS, IMAGENET_MEAN, IMAGENET_STD
@@ -20,6 +22,12 @@ for size in (128,):
         enc = MobileNetV2Features(blocks).eval(); enc.load_state_dict(read_imagenet_weights(DEFAULT_IMAGENET_WEIGHTS, blocks))
         with torch.no_grad():
             feats[f"mnv2[:{blocks}]"] = enc(x).flatten(1).numpy()
+    from actdistill_ros.policy import Policy
+    for weights in sys.argv[1:]:
+        vla = Policy.load(weights, device="cpu").vla
+        with torch.no_grad():
+            pixels = torch.tensor(np.stack(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1
+            feats[f"keypoints({weights})"] = vla.image_encoder(pixels).flatten(1).numpy()
     for name, f in feats.items():
         f = (f - f.mean(0)) / (f.std(0) + 1e-6)
         for lam in (1e1, 1e2, 1e3, 1e4):

@@ -366,6 +366,7 @@ def sweep_keep(
         raise ValueError(f"keep sweep: the teacher has {teacher.num_layers} layers, the student {student.num_layers}; "
                          "expected the student's own teacher")
     from actdistill_ros.policies.actdistill import num_kept_layers  # torch only when a sweep runs
+    from actdistill_ros.policies.smolvla.routing_smolvla import KV_SKIP_EXPERT
     from actdistill_ros.policy import StaticRoute
 
     truncated_methods = []
@@ -382,7 +383,7 @@ def sweep_keep(
             raise ValueError("keep sweep: --static-student takes a student of `actdistill distill --static-layers` "
                              f"with the student's {student.num_layers} routed layers")
         # "-pairs": the published recipe, each dropped VLM layer's expert layer dropped with it.
-        pairs = "-pairs" if routing.get("kv_mode") == "skip_expert" else ""
+        pairs = "-pairs" if routing.get("kv_mode") == KV_SKIP_EXPERT else ""
         static_methods.append(f"static-{static.card.provenance['distill_config']['static_layers']}{pairs}")
     keeps = parse_keep_values(keeps)
     task_names = parse_task_list(tasks)
