@@ -155,33 +155,30 @@ def tiny_weights(tmp_path_factory):
             create_untrained_policy(root / "teacher", size="tiny", student=False))
 
 
-@pytest.fixture(scope="module")
-def truncated_weights(tiny_weights, tmp_path_factory):
-    """The tiny teacher's first 2 of 4 layers fine-tuned on generated demos (a few tiny steps)."""
+def _fine_tune_two_layers(teacher, tmp_path_factory, layer_choice: str):
+    """Two of the tiny teacher's 4 layers (--layer-choice), fine-tuned on generated demos for a few
+    tiny steps at a learning rate that barely moves them."""
     from actdistill_ros.cli import main as cli
     from actdistill_ros.data.synthetic import write_synthetic_demos
 
     demos = write_synthetic_demos(tmp_path_factory.mktemp("bags"), episodes=4, length=8)
-    out = tmp_path_factory.mktemp("truncated")
-    assert cli(["train-teacher", "--data", str(demos), "--out", str(out), "--init-from", str(tiny_weights[1]),
-                "--layers", "2", "--steps", "3", "--batch-size", "4", "--lr", "1e-7", "--val-fraction", "0",
-                "--seed", "1",
-                "--action-space", "metaworld", "--device", "cpu"]) == 0
+    out = tmp_path_factory.mktemp(layer_choice)
+    assert cli(["train-teacher", "--data", str(demos), "--out", str(out), "--init-from", str(teacher),
+                "--layers", "2", "--layer-choice", layer_choice, "--steps", "3", "--batch-size", "4", "--lr", "1e-7",
+                "--val-fraction", "0", "--seed", "1", "--action-space", "metaworld", "--device", "cpu"]) == 0
     return out / "teacher"
+
+
+@pytest.fixture(scope="module")
+def truncated_weights(tiny_weights, tmp_path_factory):
+    """The tiny teacher's first 2 of 4 layers, fine-tuned."""
+    return _fine_tune_two_layers(tiny_weights[1], tmp_path_factory, "first")
 
 
 @pytest.fixture(scope="module")
 def even_truncated_weights(tiny_weights, tmp_path_factory):
-    """The tiny teacher's layers 1 and 3 of 0..3 (evenly spaced, the last kept), a few tiny steps."""
-    from actdistill_ros.cli import main as cli
-    from actdistill_ros.data.synthetic import write_synthetic_demos
-
-    demos = write_synthetic_demos(tmp_path_factory.mktemp("bags"), episodes=4, length=8)
-    out = tmp_path_factory.mktemp("even")
-    assert cli(["train-teacher", "--data", str(demos), "--out", str(out), "--init-from", str(tiny_weights[1]),
-                "--layers", "2", "--layer-choice", "even", "--steps", "2", "--batch-size", "4", "--lr", "1e-7",
-                "--val-fraction", "0", "--action-space", "metaworld", "--device", "cpu"]) == 0
-    return out / "teacher"
+    """The tiny teacher's layers 1 and 3 of 0..3 (evenly spaced, the last kept), fine-tuned."""
+    return _fine_tune_two_layers(tiny_weights[1], tmp_path_factory, "even")
 
 
 def test_train_teacher_init_from_keeps_evenly_spaced_layers(tiny_weights, even_truncated_weights, capsys, tmp_path):
