@@ -10,9 +10,10 @@ backward pass; the projector, the whole decoder, the state/query tokens and the 
 
 ``--init-from TEACHER`` starts from a trained reference teacher. With ``--layers k`` it is cut to its
 first k layers (``--layer-choice even``: k evenly spaced ones, the last included): the fine-tuned
-truncated baselines ("train a smaller model") of the compute dial sweep. With ``--image-size`` it is fine-tuned at another resolution, same patch size: its position
-embeddings are resampled to the new patch grid (the ViT recipe for fine-tuning at higher resolution),
-which is far cheaper than training the larger input from scratch.
+truncated baselines ("train a smaller model") of the compute dial sweep. With ``--image-size`` it is
+fine-tuned at another resolution, same patch size: its position embeddings are resampled to the
+new patch grid (the ViT recipe for fine-tuning at higher resolution), which is far cheaper than
+training the larger input from scratch.
 
 ``--image-encoder mobilenet_v2`` gives the reference VLA ImageNet MobileNetV2 features as its image
 tokens (frozen by default, ``--train-encoder`` fine-tunes them; the projection to the width always
@@ -109,9 +110,9 @@ def add_parser(subparsers) -> None:
 
 
 def _teacher_from(args, topics, ctx):
-    """--init-from's teacher, cut to --layers of its layers (--layer-choice), resampled to --image-size and/or given
-    the demos' extra cameras (its weights kept otherwise), the demonstrations, and the card's provenance
-    of the start (the teacher, the layers kept)."""
+    """--init-from's teacher, cut to --layers of its layers (--layer-choice), resampled to --image-size
+    and/or given the demos' extra cameras (its weights kept otherwise), the demonstrations, and the
+    card's provenance of the start (the teacher, the layers kept)."""
     other = [flag for flag, value in (("--size", args.size), ("--chunk-size", args.chunk_size),
                                       ("--patch-size", args.patch_size), ("--width", args.width),
                                       ("--heads", args.heads)) if value]

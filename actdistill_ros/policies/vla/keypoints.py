@@ -5,10 +5,11 @@ embeddings and attention, and with tens of demos per task it does not: our MT10 
 from where the hand is, not from the 9 px goal marker. A spatial soft-argmax (Levine et al. 2016; the
 default image encoder of robomimic) makes location the output: each of K learned feature maps is turned
 into a probability over pixels and reduced to its expected (x, y). A channel that fires on the goal
-marker then gives the goal's image coordinates directly, to sub-cell precision.
+marker then gives the goal's image coordinates directly, to sub-cell precision. (On MT10, in 3,000
+steps from scratch, none did: docs/BENCHMARKS.md, issue 22.)
 
-Each keypoint becomes one image token of the reference VLA (its coordinates through a shared linear
-map, plus a learned embedding of which keypoint it is), so the routed backbone is unchanged.
+Each keypoint becomes one image token of the reference VLA (its coordinates through a small MLP, plus
+a learned embedding of which keypoint it is), so the routed backbone is unchanged.
 """
 
 from __future__ import annotations
